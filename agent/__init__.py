@@ -1,0 +1,1 @@
+"""The storage-node agent: inotify → typed events → the relay, losing nothing."""

@@ -1,0 +1,166 @@
+"""The agent's I/O shell around :class:`~.tree.Tree`: the inotify fd, watches and listings."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from inotify_simple import INotify
+
+from storage_events.wire import Event, display_path, flag_names
+
+from .outbox import Outbox
+from .tree import WATCH_MASK, Change, Output, Tree, Unwatch, WatchDir
+
+log = logging.getLogger("storage_events.agent")
+
+_IN_ONLYDIR, _IN_DONT_FOLLOW, _IN_EXCL_UNLINK = 0x01000000, 0x02000000, 0x04000000
+_ADD_FLAGS = WATCH_MASK | _IN_ONLYDIR | _IN_DONT_FOLLOW | _IN_EXCL_UNLINK
+_PROGRESS_EVERY = 5.0  # seconds between progress lines during a long initial watch set-up
+
+
+@dataclass(frozen=True, slots=True)
+class Root:
+    path: str  # local directory
+    prefix: str  # published in its place
+
+
+def _sysctl(name: str) -> str:
+    try:
+        with open(f"/proc/sys/fs/inotify/{name}") as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
+
+
+class Watcher:
+    """Reads kernel events, keeps the watches in step, and numbers changes into ``outbox``."""
+
+    def __init__(self, roots: list[Root], *, site: str, node: str, outbox: Outbox) -> None:
+        self.roots = roots
+        self.site = site
+        self.node = node
+        self.outbox = outbox
+        self.tree = Tree()
+        self.inotify = INotify()
+        self.watch_errors = 0
+        self._limit_reported = False
+
+    def fileno(self) -> int:
+        return self.inotify.fileno()
+
+    def close(self) -> None:
+        self.inotify.close()
+
+    def start(self) -> int:
+        """Watch every root recursively; returns how many roots could be watched at all."""
+        started = time.monotonic()
+        self._next_progress = started + _PROGRESS_EVERY
+        watched = 0
+        for root in self.roots:
+            before = self.tree.watch_count
+            self._run(self.tree.add_root(root.path, root.prefix))
+            if self.tree.watch_count > before:
+                watched += 1
+        log.info(
+            "watching %d directories under %s in %.2f s",
+            self.tree.watch_count,
+            ", ".join(r.path for r in self.roots),
+            time.monotonic() - started,
+        )
+        return watched
+
+    def read(self) -> None:
+        """Handle whatever the kernel has queued (never blocks)."""
+        now = time.monotonic()
+        for ev in self.inotify.read(timeout=0):
+            self._run(self.tree.handle(ev.wd, ev.mask, ev.cookie, ev.name, now))
+
+    def expire(self) -> None:
+        self._run(self.tree.expire(time.monotonic()))
+
+    def _run(self, outputs: list[Output]) -> None:
+        # Depth first, so a new directory's own event precedes those of its contents.
+        todo: deque[Output] = deque(outputs)
+        while todo:
+            out = todo.popleft()
+            if isinstance(out, Change):
+                self._publish(out)
+            elif isinstance(out, WatchDir):
+                todo.extendleft(reversed(self._watch(out)))
+            elif isinstance(out, Unwatch):
+                with contextlib.suppress(OSError):  # already gone with its directory
+                    self.inotify.rm_watch(out.wd)
+
+    def _watch(self, cmd: WatchDir) -> list[Output]:
+        try:
+            wd = self.inotify.add_watch(cmd.path, _ADD_FLAGS)
+        except OSError as e:
+            self._watch_failed(cmd.path, e)
+            return []
+        entries: list[tuple[str, bool]] = []
+        try:
+            with os.scandir(cmd.path) as it:
+                for entry in it:
+                    try:
+                        is_dir = entry.is_dir(follow_symlinks=False)
+                    except OSError:
+                        is_dir = False
+                    entries.append((entry.name, is_dir))
+        except (FileNotFoundError, NotADirectoryError):
+            pass  # removed again already; its parent's events say so
+        except OSError as e:
+            self._watch_failed(cmd.path, e)
+        now = time.monotonic()
+        if now >= self._next_progress:
+            self._next_progress = now + _PROGRESS_EVERY
+            log.info("still adding watches: %d directories so far", self.tree.watch_count)
+        return self.tree.watched(wd, cmd, entries, now)
+
+    def _watch_failed(self, path: str, e: OSError) -> None:
+        if e.errno in (errno.ENOENT, errno.ENOTDIR):
+            return  # vanished before we got to it; its removal is published by its parent
+        self.watch_errors += 1
+        if e.errno == errno.ENOSPC:
+            if not self._limit_reported:
+                self._limit_reported = True
+                limit = _sysctl("max_user_watches")
+                log.error(
+                    "inotify watch limit reached at %s (%d watches, fs.inotify.max_user_watches="
+                    "%s): directories from here on are NOT watched. Raise the limit, e.g. "
+                    "`sysctl -w fs.inotify.max_user_watches=%d`, and restart the agent.",
+                    path, self.tree.watch_count, limit, max(2 * self.tree.watch_count, 1048576),
+                )
+        elif e.errno in (errno.EACCES, errno.EPERM):
+            log.error("permission denied watching %s: it is not watched; run the agent as a "
+                      "user that can read it", path)
+        else:
+            log.error("cannot watch %s: %s", path, e.strerror or e)
+
+    def _publish(self, change: Change) -> None:
+        path, raw = display_path(change.path)
+        old_path, raw_old = (None, None)
+        if change.old_path is not None:
+            old_path, raw_old = display_path(change.old_path)
+        self.outbox.add(
+            Event(
+                site=self.site,
+                node=self.node,
+                path=path,
+                flags=flag_names(change.flags),
+                is_dir=change.is_dir,
+                cookie=change.cookie,
+                old_path=old_path,
+                ts=time.time_ns(),
+                stream="",
+                seq=0,
+                synthetic=change.synthetic,
+                raw_path=raw,
+                raw_old_path=raw_old,
+            )
+        )

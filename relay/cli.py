@@ -1,0 +1,64 @@
+"""``storage-events-relay``: the command line of the relay."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import click
+
+from storage_events.cliutil import load_config, setup_logging, version_option
+
+from .config import RelayConfig, check_secure
+
+
+@click.group()
+@version_option
+def main() -> None:
+    """Merge the events of storage agents into one Server-Sent Events feed."""
+
+
+@main.command()
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="TOML config file; flags override it.")
+@click.option("--listen", help="HOST:PORT to serve on (default 127.0.0.1:8808).")
+@click.option("--data", help="Directory of the embedded event log (SQLite).")
+@click.option("--insecure", is_flag=True, default=None,
+              help="Allow a non-loopback address without authentication.")
+@click.option("-v", "--verbose", count=True, help="More log output.")
+@version_option
+def serve(config_file: Path | None, listen: str | None, data: str | None,
+          insecure: bool | None, verbose: int) -> None:
+    """Run the relay: /ingest for agents, /events for subscribers."""
+    setup_logging(verbose)
+    cfg = load_config(config_file, RelayConfig,
+                      {"listen": listen, "data": data, "insecure": insecure})
+    try:
+        check_secure(cfg)
+        host, port = cfg.host_port()
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+
+    try:
+        import uvicorn
+
+        from .app import create_app
+    except ImportError as e:
+        raise click.ClickException(
+            f"the relay needs its extra dependencies ({e.name} is missing): "
+            "pip install 'storage-events[relay]'"
+        ) from None
+    try:
+        app = create_app(cfg)
+    except (OSError, sqlite3.Error) as e:
+        raise click.ClickException(f"cannot open the event log in {cfg.data}: {e}") from None
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        ws_max_size=cfg.max_frame,
+        ws_per_message_deflate=False,
+        log_level="debug" if verbose else "info",
+        timeout_graceful_shutdown=2,
+        access_log=bool(verbose),
+    )

@@ -1,0 +1,50 @@
+"""The relay's configuration file (TOML), as a typed struct."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Annotated
+
+import msgspec
+
+Positive = Annotated[float, msgspec.Meta(gt=0)]
+PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
+
+
+class RelayConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    listen: str = "127.0.0.1:8808"
+    data: str = "storage-events-data"  # directory of the embedded SQLite log
+    # Serving anonymous agents and readers on a non-loopback address needs this, explicitly.
+    insecure: bool = False
+    heartbeat: Positive = 15.0  # seconds between SSE heartbeat comments on an idle feed
+    max_frame: PositiveInt = 16 * 1024 * 1024  # largest ingest WebSocket message, bytes
+    max_batch: PositiveInt = 10_000  # most events in one ingest batch
+    subscriber_buffer: PositiveInt = 4 * 1024 * 1024  # bytes queued per subscriber before it
+    # falls back to reading the log
+    durability: Annotated[str, msgspec.Meta(pattern="^(normal|full)$")] = "normal"
+
+    def host_port(self) -> tuple[str, int]:
+        host, sep, port = self.listen.rpartition(":")
+        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"listen address {self.listen!r} must be HOST:PORT")
+        return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_secure(cfg: RelayConfig) -> None:
+    """Secure by default: with no authentication configured, serve loopback only."""
+    host, _ = cfg.host_port()
+    if not is_loopback(host) and not cfg.insecure:
+        raise ValueError(
+            f"refusing to listen on {host}: no authentication is configured, so anyone who can "
+            "reach this address could publish and read events. Listen on 127.0.0.1, configure "
+            "tokens, or pass --insecure if this network is trusted."
+        )

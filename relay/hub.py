@@ -1,0 +1,96 @@
+"""Live fan-out: each record's SSE bytes are rendered once and handed to every matching
+subscription. A subscription's buffer is bounded; when a reader falls behind it is marked
+overflowed (its buffer freed at once) and its feed goes back to reading the log, so a slow
+reader costs the others nothing and loses nothing."""
+
+from __future__ import annotations
+
+import asyncio
+
+from .filters import Filter
+from .log import Record
+
+
+class Subscription:
+    __slots__ = ("_items", "_ready", "_size", "closed", "filter", "max_bytes", "overflowed")
+
+    def __init__(self, filter: Filter, max_bytes: int) -> None:
+        self.filter = filter
+        self.max_bytes = max_bytes
+        self._items: list[tuple[int, bytes]] = []
+        self._size = 0
+        self._ready = asyncio.Event()
+        self.overflowed = False
+        self.closed = False
+
+    def push(self, items: list[tuple[int, bytes]], size: int) -> None:
+        if self.overflowed:
+            return
+        if self._size + size > self.max_bytes:
+            self.overflowed = True
+            self._items, self._size = [], 0
+        else:
+            self._items.extend(items)
+            self._size += size
+        self._ready.set()
+
+    def take(self) -> list[tuple[int, bytes]]:
+        items, self._items, self._size = self._items, [], 0
+        self._ready.clear()
+        return items
+
+    def reset(self) -> None:
+        """Start over after an overflow (the caller catches up from the log)."""
+        self.overflowed = False
+        self._items, self._size = [], 0
+        self._ready.clear()
+
+    async def wait(self, timeout: float) -> bool:
+        """True when there is something to take (or the subscription overflowed or closed)."""
+        if self._ready.is_set():
+            return True
+        try:
+            await asyncio.wait_for(self._ready.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def close(self) -> None:
+        self.closed = True
+        self._ready.set()
+
+
+class Hub:
+    def __init__(self) -> None:
+        self._subs: set[Subscription] = set()
+
+    def __len__(self) -> int:
+        return len(self._subs)
+
+    def subscribe(self, filter: Filter, max_bytes: int) -> Subscription:
+        sub = Subscription(filter, max_bytes)
+        self._subs.add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        self._subs.discard(sub)
+
+    def publish(self, records: list[Record]) -> None:
+        if not records or not self._subs:
+            return
+        everything: list[tuple[int, bytes]] | None = None
+        everything_size = 0
+        for sub in self._subs:
+            if sub.filter.matches_all:
+                if everything is None:
+                    everything = [(r.id, r.sse) for r in records]
+                    everything_size = sum(len(r.sse) for r in records)
+                sub.push(everything, everything_size)
+            else:
+                wanted = [(r.id, r.sse) for r in records if sub.filter.matches(r)]
+                if wanted:
+                    sub.push(wanted, sum(len(b) for _, b in wanted))
+
+    def close(self) -> None:
+        for sub in self._subs:
+            sub.close()

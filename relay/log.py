@@ -1,0 +1,53 @@
+"""The event log interface every backend implements, and the record it hands out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from storage_events import sse
+from storage_events.wire import Event, Flag
+
+
+@dataclass(slots=True)
+class Record:
+    """A stored event, with what filters need and its SSE bytes, rendered once."""
+
+    id: int
+    site: str
+    node: str
+    path: str
+    flags: int
+    sse: bytes
+
+
+def sse_type(flags: int) -> str:
+    """The SSE ``event:`` name: loss is announced under its own type, never as a change."""
+    return "overflow" if flags & Flag.Q_OVERFLOW else "inotify"
+
+
+def make_record(id: int, site: str, node: str, path: str, flags: int, data: bytes) -> Record:
+    return Record(id, site, node, path, flags, sse.render(data, event=sse_type(flags), id=id))
+
+
+class EventLog(Protocol):
+    """Durable, totally ordered store of events with global ids 1, 2, 3, …
+
+    Implementations drop an event whose (stream, seq) they already hold, so a batch sent twice
+    is stored once.
+    """
+
+    @property
+    def head(self) -> int:
+        """The newest id (0 when empty)."""
+
+    def position(self, stream: str) -> int:
+        """The highest ``seq`` held for ``stream`` (0 if none)."""
+
+    def append(self, events: list[Event]) -> list[Record]:
+        """Store new events, giving each its id; returns what was stored, in id order."""
+
+    def read(self, after: int, limit: int) -> list[Record]:
+        """Up to ``limit`` records with ids greater than ``after``, in id order."""
+
+    def close(self) -> None: ...

@@ -1,0 +1,163 @@
+"""The wire format, defined once: what travels between agent, relay and subscriber.
+
+Agent → relay and relay → relay frames are msgpack over a WebSocket; the subscriber sees the
+same :class:`Event` as JSON in the ``data:`` field of a Server-Sent Event.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+from typing import Literal
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+
+
+class Flag(enum.IntFlag):
+    """Kernel inotify mask bits, named as the kernel names them (``IN_`` prefix dropped)."""
+
+    ACCESS = 0x00000001
+    MODIFY = 0x00000002
+    ATTRIB = 0x00000004
+    CLOSE_WRITE = 0x00000008
+    CLOSE_NOWRITE = 0x00000010
+    OPEN = 0x00000020
+    MOVED_FROM = 0x00000040
+    MOVED_TO = 0x00000080
+    CREATE = 0x00000100
+    DELETE = 0x00000200
+    DELETE_SELF = 0x00000400
+    MOVE_SELF = 0x00000800
+    UNMOUNT = 0x00002000
+    Q_OVERFLOW = 0x00004000
+    IGNORED = 0x00008000
+    ISDIR = 0x40000000
+
+
+def flag_names(mask: int) -> list[str]:
+    """``IN_*`` names of the bits set in ``mask``, ISDIR excluded (it is ``is_dir``)."""
+    return list(_flag_names(mask))
+
+
+@functools.cache
+def _flag_names(mask: int) -> tuple[str, ...]:
+    return tuple(f"IN_{f.name}" for f in Flag if f is not Flag.ISDIR and mask & f)
+
+
+def parse_flag(name: str) -> Flag:
+    """``IN_CLOSE_WRITE``, ``close_write`` → :class:`Flag`; ``ValueError`` names the valid ones."""
+    key = name.strip().upper().removeprefix("IN_")
+    try:
+        return Flag[key]
+    except KeyError:
+        valid = ", ".join(f"IN_{f.name}" for f in Flag if f is not Flag.ISDIR)
+        raise ValueError(f"unknown inotify flag {name!r}; valid flags: {valid}") from None
+
+
+def flags_mask(names: list[str]) -> int:
+    mask = 0
+    for name in names:
+        mask |= parse_flag(name)
+    return mask
+
+
+class Event(msgspec.Struct, kw_only=True):
+    """One filesystem change as a subscriber sees it.
+
+    ``path`` is always valid UTF-8 for display; when the real name is not, the exact bytes are in
+    ``raw_path`` (base64 in JSON) and undecodable bytes show as U+FFFD in ``path``.
+    """
+
+    id: int = 0  # global id, given by the relay's log; 0 until then
+    site: str
+    node: str
+    path: str
+    flags: list[str]
+    is_dir: bool = False
+    cookie: int | None = None
+    old_path: str | None = None
+    ts: int  # nanoseconds since the epoch, taken by the agent when it read the event
+    stream: str
+    seq: int
+    synthetic: bool = False  # found by a directory scan rather than read from the kernel
+    raw_path: bytes | None = None
+    raw_old_path: bytes | None = None
+
+
+class Hello(msgspec.Struct, tag="hello", kw_only=True):
+    """First frame of an ingest connection: who is publishing which stream."""
+
+    role: Literal["agent"] = "agent"
+    site: str
+    node: str
+    stream: str
+    token: str | None = None
+    version: int = PROTOCOL_VERSION
+
+
+class Welcome(msgspec.Struct, tag="welcome", kw_only=True):
+    """The relay's answer to :class:`Hello`: the last ``seq`` of the stream it holds durably."""
+
+    stream: str
+    acked: int
+
+
+class Batch(msgspec.Struct, tag="batch"):
+    events: list[Event]
+
+
+class Ack(msgspec.Struct, tag="ack"):
+    """Cumulative: every event of ``stream`` up to and including ``seq`` is stored durably."""
+
+    stream: str
+    seq: int
+
+
+class Error(msgspec.Struct, tag="error"):
+    """Sent before the relay closes an ingest connection; ``message`` is for a human."""
+
+    message: str
+
+
+ToRelay = Hello | Batch
+ToAgent = Welcome | Ack | Error
+
+_msgpack_encoder = msgspec.msgpack.Encoder()
+_to_relay = msgspec.msgpack.Decoder(ToRelay)
+_to_agent = msgspec.msgpack.Decoder(ToAgent)
+_json_encoder = msgspec.json.Encoder()
+_json_event = msgspec.json.Decoder(Event)
+
+
+def encode_frame(msg: Hello | Batch | Welcome | Ack | Error) -> bytes:
+    return _msgpack_encoder.encode(msg)
+
+
+def decode_to_relay(frame: bytes) -> Hello | Batch:
+    """Raises ``msgspec.DecodeError`` / ``msgspec.ValidationError`` with a precise message."""
+    return _to_relay.decode(frame)
+
+
+def decode_to_agent(frame: bytes) -> Welcome | Ack | Error:
+    return _to_agent.decode(frame)
+
+
+def event_json(event: Event) -> bytes:
+    return _json_encoder.encode(event)
+
+
+def event_from_json(data: str | bytes) -> Event:
+    return _json_event.decode(data)
+
+
+def display_path(path: str) -> tuple[str, bytes | None]:
+    """Split a filesystem path (``os.fsdecode`` form) into a UTF-8 display form and, only when the
+    name is not valid UTF-8, its exact bytes."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        raw = path.encode("utf-8", "surrogateescape")
+        return raw.decode("utf-8", "replace"), raw
+    return path, None
