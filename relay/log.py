@@ -21,9 +21,12 @@ class Record:
     sse: bytes
 
 
+_OVERFLOW = int(Flag.Q_OVERFLOW)
+
+
 def sse_type(flags: int) -> str:
     """The SSE ``event:`` name: loss is announced under its own type, never as a change."""
-    return "overflow" if flags & Flag.Q_OVERFLOW else "inotify"
+    return "overflow" if flags & _OVERFLOW else "inotify"
 
 
 def make_record(id: int, site: str, node: str, path: str, flags: int, data: bytes) -> Record:

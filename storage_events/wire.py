@@ -56,10 +56,14 @@ def parse_flag(name: str) -> Flag:
         raise ValueError(f"unknown inotify flag {name!r}; valid flags: {valid}") from None
 
 
+_BITS = {f"IN_{f.name}": int(f) for f in Flag if f is not Flag.ISDIR}
+
+
 def flags_mask(names: list[str]) -> int:
     mask = 0
     for name in names:
-        mask |= parse_flag(name)
+        bit = _BITS.get(name)  # the exact kernel spelling is the hot path: no enum arithmetic
+        mask |= bit if bit is not None else int(parse_flag(name))
     return mask
 
 

@@ -10,7 +10,6 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import httpx
-
 from conftest import Proc, Relay, Tail, agents_connected, start_agent, wait_for
 
 
@@ -216,7 +215,7 @@ def test_non_utf8_and_odd_names_round_trip_exactly(tmp_path, procs, relay):
     start_agent(tmp_path, procs, relay.url, root)
     wait_for(lambda: agents_connected(relay), 10, "agent connection")
     tail = Tail(tmp_path, procs, relay.url, "--since", "earliest")
-    names = [b"caf\xe9.dat", "new\nline".encode(), "ünï 😀".encode(), b"x" * 255]
+    names = [b"caf\xe9.dat", b"new\nline", "ünï 😀".encode(), b"x" * 255]
     for name in names:
         write(os.path.join(os.fsencode(root), name))
     events = tail.wait_count(2 * len(names))

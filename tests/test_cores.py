@@ -1,0 +1,207 @@
+"""The other pure pieces: outbox, SSE framing, filters, resume points, ingest protocol, log."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from storage_events import sse
+from storage_events.agent.outbox import Outbox
+from storage_events.relay.feed import ResumeError, resume_point
+from storage_events.relay.filters import Filter, FilterError, normalize_prefix
+from storage_events.relay.ingest import IngestLimits, IngestSession, ProtocolError
+from storage_events.relay.log import make_record
+from storage_events.relay.sqlite_log import SQLiteLog
+from storage_events.wire import (
+    Batch,
+    Event,
+    Flag,
+    Hello,
+    display_path,
+    encode_frame,
+    event_from_json,
+    event_json,
+)
+
+
+def ev(seq: int = 0, path: str = "/d/f", stream: str = "n:1", **kw) -> Event:
+    return Event(**{"site": "s", "node": "n", "path": path, "flags": ["IN_CREATE"], "ts": 1,
+                    "stream": stream, "seq": seq, **kw})
+
+
+# -- outbox -------------------------------------------------------------------------------------
+
+def test_outbox_resends_exactly_what_the_relay_lacks():
+    box = Outbox("n:1", window=3)
+    for _ in range(5):
+        box.add(ev())
+    box.connected(0)
+    assert [e.seq for e in box.next_batch(10)] == [1, 2, 3]  # window
+    assert box.next_batch(10) == []
+    box.ack(2)
+    assert [e.seq for e in box.next_batch(10)] == [4, 5]
+    # Connection lost; the relay stored up to 4 (its ack for 3-4 never arrived).
+    box.connected(4)
+    assert [e.seq for e in box.next_batch(10)] == [5]
+    box.ack(5)
+    assert len(box) == 0 and box.acked == 5
+
+
+def test_outbox_rejects_a_relay_that_claims_the_future():
+    box = Outbox("n:1")
+    box.add(ev())
+    with pytest.raises(ValueError, match="only numbered up to 1"):
+        box.connected(7)
+
+
+@given(st.lists(st.tuples(st.sampled_from(["add", "send", "ack", "reconnect"]),
+                          st.integers(0, 5)), max_size=60))
+def test_outbox_never_loses_or_reorders(ops):
+    """Whatever the interleaving, the relay (simulated) ends up with 1..N exactly once."""
+    box = Outbox("n:1", window=4)
+    stored: list[int] = []
+    inflight: list[int] = []
+    box.connected(0)
+    for op, n in ops:
+        if op == "add":
+            box.add(ev())
+        elif op == "send":
+            inflight += [e.seq for e in box.next_batch(n + 1)]
+        elif op == "ack" and inflight:
+            k = min(n, len(inflight))
+            for seq in inflight[:k]:
+                if seq == len(stored) + 1:
+                    stored.append(seq)
+            inflight = inflight[k:]
+            box.ack(len(stored))
+        elif op == "reconnect":
+            inflight = []
+            box.connected(len(stored))
+    box.connected(len(stored))
+    while len(box):
+        for e in box.next_batch(100):
+            if e.seq == len(stored) + 1:
+                stored.append(e.seq)
+        box.ack(len(stored))
+    assert stored == list(range(1, box.last_seq + 1))
+
+
+# -- SSE framing --------------------------------------------------------------------------------
+
+def test_sse_parser_handles_split_chunks_and_commits_ids_only_at_block_end():
+    wire = (sse.render(b'{"a":1}', event="inotify", id=5) + sse.comment("hb")
+            + b"retry: 1000\r\nid: 9\r\n\r\n" + sse.render(b"x", event="gap", id=10))
+    for cut in range(len(wire) + 1):
+        p = sse.SSEParser()
+        msgs = p.feed(wire[:cut]) + p.feed(wire[cut:])
+        assert [(m.event, m.data, m.id) for m in msgs] == [("inotify", '{"a":1}', "5"),
+                                                         ("gap", "x", "10")]
+        assert p.last_event_id == "10" and p.retry_ms == 1000
+    p = sse.SSEParser()
+    p.feed(b"id: 11\ndata: cut off")
+    assert p.last_event_id is None
+
+
+# -- wire ---------------------------------------------------------------------------------------
+
+def test_event_json_matches_the_contract_and_round_trips():
+    e = ev(3, cookie=None, old_path=None)
+    data = msgspec.json.decode(event_json(e))
+    assert list(data)[:11] == ["id", "site", "node", "path", "flags", "is_dir", "cookie",
+                               "old_path", "ts", "stream", "seq"]
+    assert event_from_json(event_json(e)) == e
+
+
+def test_non_utf8_paths_keep_their_bytes():
+    import os
+
+    path = os.fsdecode(b"/d/caf\xe9")
+    shown, raw = display_path(path)
+    assert shown == "/d/caf\ufffd" and raw == b"/d/caf\xe9"
+    assert display_path("/d/ok ü") == ("/d/ok ü", None)
+
+
+# -- filters ------------------------------------------------------------------------------------
+
+def rec(path: str, site: str = "s", node: str = "n", flags: int = Flag.CREATE):
+    return make_record(1, site, node, path, flags, b"{}")
+
+
+def test_path_prefixes_match_on_component_boundaries():
+    f = Filter(["/data/"])
+    assert f.matches(rec("/data")) and f.matches(rec("/data/x/y"))
+    assert not f.matches(rec("/data2")) and not f.matches(rec("/dat"))
+    assert Filter(["/"]).matches_all
+
+
+def test_filters_combine_and_overflow_always_reaches_the_affected_subtree():
+    f = Filter(["/data/run1"], sites=["a"], types=["IN_CLOSE_WRITE"])
+    assert f.matches(rec("/data/run1/f", site="a", flags=Flag.CLOSE_WRITE))
+    assert not f.matches(rec("/data/run1/f", site="b", flags=Flag.CLOSE_WRITE))
+    assert not f.matches(rec("/data/run1/f", site="a", flags=Flag.CREATE))
+    # An overflow of root /data covers /data/run1, whatever types were asked for.
+    assert f.matches(rec("/data", site="a", flags=Flag.Q_OVERFLOW))
+    assert not f.matches(rec("/other", site="a", flags=Flag.Q_OVERFLOW))
+
+
+@pytest.mark.parametrize("bad", ["relative", "/a/../b", "/a\nb", "/" + "x" * 5000])
+def test_hostile_prefixes_are_rejected(bad):
+    with pytest.raises(FilterError):
+        normalize_prefix(bad)
+
+
+@given(st.text(max_size=200))
+def test_any_filter_value_either_works_or_raises_filter_error(value):
+    try:
+        Filter([value], [value], [value], [value])
+    except FilterError as e:
+        assert str(e)
+
+
+# -- resume points ------------------------------------------------------------------------------
+
+def test_resume_point():
+    assert resume_point(None, None, 50) == 50
+    assert resume_point(None, "earliest", 50) == 0
+    assert resume_point("7", "earliest", 50) == 7  # a reconnecting client wins
+    assert resume_point(None, "50", 50) == 50
+    for bad in ("x", "-1", "51", "٣", "9" * 30):
+        with pytest.raises(ResumeError):
+            resume_point(None, bad, 50)
+
+
+# -- ingest protocol ----------------------------------------------------------------------------
+
+def test_ingest_session_accepts_a_well_formed_stream():
+    s = IngestSession(IngestLimits())
+    assert isinstance(s.receive(encode_frame(Hello(site="s", node="n", stream="n:1"))), Hello)
+    events = s.receive(encode_frame(Batch([ev(1, id=99), ev(2)])))
+    assert [e.seq for e in events] == [1, 2] and events[0].id == 0  # ids are the relay's
+
+
+@given(st.binary(max_size=300))
+def test_ingest_session_answers_any_bytes_with_a_protocol_error_or_a_message(frame):
+    s = IngestSession(IngestLimits())
+    try:
+        s.receive(frame)
+    except ProtocolError as e:
+        assert str(e) and e.code in (1003, 1007, 1008, 1009)
+
+
+# -- SQLite log ---------------------------------------------------------------------------------
+
+def test_sqlite_log_numbers_dedups_and_survives_reopening(tmp_path):
+    log = SQLiteLog(tmp_path)
+    stored = log.append([ev(1), ev(2), ev(1, stream="m:1")])
+    assert [r.id for r in stored] == [1, 2, 3]
+    assert log.append([ev(2), ev(3)])[0].id == 4  # seq 2 was already held
+    assert (log.head, log.position("n:1"), log.position("m:1")) == (4, 3, 1)
+    log.close()
+    log = SQLiteLog(tmp_path)
+    assert (log.head, log.position("n:1")) == (4, 3)
+    rows = log.read(1, 10)
+    assert [r.id for r in rows] == [2, 3, 4]
+    assert b"id: 2\nevent: inotify\ndata: {\"id\":2," in rows[0].sse
+    assert log.read(4, 10) == []
