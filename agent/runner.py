@@ -12,6 +12,7 @@ import uuid
 from storage_events.wire import Hello
 
 from .config import AgentConfig
+from .kernel_reader import KernelReader
 from .outbox import Outbox
 from .uplink import Uplink
 from .watcher import Root, Watcher
@@ -52,15 +53,15 @@ async def run_agent(cfg: AgentConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    def readable() -> None:
-        watcher.read()
+    def process() -> None:
+        watcher.handle_raw(reader.take())
         if outbox.has_unsent:
             wake.set()
 
+    reader = KernelReader(watcher.fileno(), lambda: loop.call_soon_threadsafe(process))
     if watcher.start() == 0:
         raise AgentError("no root could be watched (see the errors above)")
-    loop.add_reader(watcher.fileno(), readable)
-    readable()  # whatever happened during the initial set-up
+    reader.start()
     log.info("agent %s/%s publishing stream %s to %s", cfg.site, cfg.node, outbox.stream,
              uplink.url)
     uplink_task = asyncio.create_task(uplink.run())
@@ -76,8 +77,10 @@ async def run_agent(cfg: AgentConfig) -> None:
     try:
         await stop.wait()
     finally:
-        loop.remove_reader(watcher.fileno())
-        readable()  # last events already queued in the kernel
+        reader.stop()
+        process()
+        watcher.read()  # the last events still queued in the kernel
+        wake.set()
         expire_task.cancel()
         await _drain(outbox, uplink, cfg.shutdown_grace)
         uplink_task.cancel()

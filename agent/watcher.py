@@ -10,7 +10,8 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from inotify_simple import INotify
+from inotify_simple import Event as InotifyEvent
+from inotify_simple import INotify, parse_events
 
 from storage_events.wire import Event, display_path, flag_names
 
@@ -77,9 +78,18 @@ class Watcher:
 
     def read(self) -> None:
         """Handle whatever the kernel has queued (never blocks)."""
+        self.handle(self.inotify.read(timeout=0))
+
+    def handle_raw(self, chunks: list[bytes]) -> None:
+        """Handle raw bytes read from the inotify fd (see :mod:`.kernel_reader`)."""
+        for data in chunks:
+            self.handle(parse_events(data))
+
+    def handle(self, events: list[InotifyEvent]) -> None:
         now = time.monotonic()
-        for ev in self.inotify.read(timeout=0):
-            self._run(self.tree.handle(ev.wd, ev.mask, ev.cookie, ev.name, now))
+        tree, run = self.tree, self._run
+        for ev in events:
+            run(tree.handle(ev.wd, ev.mask, ev.cookie, ev.name, now))
 
     def expire(self) -> None:
         self._run(self.tree.expire(time.monotonic()))

@@ -1,0 +1,75 @@
+"""The SSE feed as plain HTTP clients see it: curl, filters live and in catch-up, heartbeats."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+
+import pytest
+from conftest import Relay, Tail, agents_connected, start_agent, wait_for
+
+
+@pytest.fixture
+def chatty_relay(tmp_path, procs) -> Relay:
+    config = tmp_path / "relay.toml"
+    config.write_text("heartbeat = 0.2\n")
+    return Relay(tmp_path, procs, extra=("--config", str(config)))
+
+
+def curl_lines(url: str, seconds: float) -> list[str]:
+    curl = shutil.which("curl")
+    if curl is None:
+        pytest.skip("curl is not installed")
+    r = subprocess.run([curl, "-sN", "--max-time", str(seconds), url], capture_output=True,
+                       text=True, timeout=seconds + 10)
+    assert r.returncode in (0, 28), r.stderr  # 28: --max-time reached, as intended
+    return r.stdout.splitlines()
+
+
+def test_curl_gets_events_resume_point_and_heartbeats(tmp_path, procs, chatty_relay):
+    root = tmp_path / "w"
+    root.mkdir()
+    start_agent(tmp_path, procs, chatty_relay.url, root)
+    wait_for(lambda: agents_connected(chatty_relay), 10, "agent connection")
+    (root / "a.txt").write_text("x")
+    wait_for(lambda: chatty_relay.healthy()["head"] >= 2, 10, "events stored")
+
+    lines = curl_lines(chatty_relay.url + "/events?since=earliest", 1.0)
+    assert lines[:3] == ["retry: 1000", "id: 0", ""]
+    data = [json.loads(line[len("data: "):]) for line in lines if line.startswith("data: ")]
+    assert [(d["id"], d["flags"]) for d in data] == [(1, ["IN_CREATE"]), (2, ["IN_CLOSE_WRITE"])]
+    assert "id: 2" in lines and "event: inotify" in lines
+    assert lines.count(": heartbeat") >= 2  # idle for ~1 s at a 0.2 s heartbeat
+
+    live = curl_lines(chatty_relay.url + "/events", 0.5)
+    assert live[:2] == ["retry: 1000", "id: 2"]  # "now" starts after the newest event
+
+
+def test_filters_select_the_same_events_live_and_in_catch_up(tmp_path, procs, relay):
+    root = tmp_path / "w"
+    (root / "data" / "run1").mkdir(parents=True)
+    (root / "data2").mkdir()
+    start_agent(tmp_path, procs, relay.url, root)
+    wait_for(lambda: agents_connected(relay), 10, "agent connection")
+    args = ("--path", str(root / "data"), "--type", "IN_CLOSE_WRITE", "--site", "test")
+    live = Tail(tmp_path, procs, relay.url, *args, name="live")
+    time.sleep(1.0)  # let the live subscriber connect before anything happens
+
+    for d in ("data", "data/run1", "data2"):
+        for i in range(20):
+            (root / d / f"f{i}").write_text("x")
+    expected = {str(root / d / f"f{i}") for d in ("data", "data/run1") for i in range(20)}
+    got_live = live.wait_count(len(expected))
+    wait_for(lambda: relay.healthy()["head"] >= 120, 20, "all events stored")
+    time.sleep(0.5)
+
+    catch_up = Tail(tmp_path, procs, relay.url, *args, "--since", "earliest", "--count",
+                    str(len(expected)), name="catchup")
+    got_catch_up = catch_up.wait_count(len(expected))
+    for got in (got_live, got_catch_up):
+        assert {e["path"] for e in got} == expected  # /data2 never matches /data
+        assert {tuple(e["flags"]) for e in got} == {("IN_CLOSE_WRITE",)}
+    assert [e["id"] for e in got_live] == [e["id"] for e in got_catch_up]
+    assert len(live.events()) == len(expected)
