@@ -16,12 +16,14 @@ from inotify_simple import INotify, parse_events
 from storage_events.wire import Event, display_path, flag_names
 
 from .outbox import Outbox
-from .tree import WATCH_MASK, Change, Output, Tree, Unwatch, WatchDir
+from .tree import WATCH_MASK, Change, Listing, Output, RescanDone, Tree, Unwatch, WatchDir
 
 log = logging.getLogger("storage_events.agent")
 
-_IN_ONLYDIR, _IN_DONT_FOLLOW, _IN_EXCL_UNLINK = 0x01000000, 0x02000000, 0x04000000
-_ADD_FLAGS = WATCH_MASK | _IN_ONLYDIR | _IN_DONT_FOLLOW | _IN_EXCL_UNLINK
+_IN_ONLYDIR, _IN_EXCL_UNLINK = 0x01000000, 0x04000000
+# No IN_DONT_FOLLOW: the watch is added through /proc/self/fd/N, a link to the open directory.
+_ADD_FLAGS = WATCH_MASK | _IN_ONLYDIR | _IN_EXCL_UNLINK
+_DIR_OPEN_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _PROGRESS_EVERY = 5.0  # seconds between progress lines during a long initial watch set-up
 
 
@@ -106,35 +108,51 @@ class Watcher:
             elif isinstance(out, Unwatch):
                 with contextlib.suppress(OSError):  # already gone with its directory
                     self.inotify.rm_watch(out.wd)
+            elif isinstance(out, RescanDone):
+                todo.extend(self.tree.finish_rescan())
+                log.warning("rescan %d done: %d directories watched", self.tree.rescans,
+                            self.tree.watch_count)
 
     def _watch(self, cmd: WatchDir) -> list[Output]:
+        # Watch and list through one open descriptor, so both are of the same directory even if
+        # it is renamed meanwhile (the rename's events, still queued, re-link it afterwards).
         try:
-            wd = self.inotify.add_watch(cmd.path, _ADD_FLAGS)
+            fd = os.open(cmd.path, _DIR_OPEN_FLAGS)
         except OSError as e:
-            self._watch_failed(cmd.path, e)
+            self.tree.watch_failed(cmd, reached=self._watch_failed(cmd.path, e))
             return []
-        entries: list[tuple[str, bool]] = []
+        entries: Listing = []
         try:
-            with os.scandir(cmd.path) as it:
+            wd = self.inotify.add_watch(f"/proc/self/fd/{fd}", _ADD_FLAGS)
+            cmd.ino = os.fstat(fd).st_ino
+            with os.scandir(fd) as it:
                 for entry in it:
                     try:
-                        is_dir = entry.is_dir(follow_symlinks=False)
-                    except OSError:
-                        is_dir = False
-                    entries.append((entry.name, is_dir))
-        except (FileNotFoundError, NotADirectoryError):
-            pass  # removed again already; its parent's events say so
+                        if entry.is_dir(follow_symlinks=False):
+                            entries.append((entry.name, True, entry.inode(), 0, 0))
+                        else:
+                            st = entry.stat(follow_symlinks=False)
+                            entries.append((entry.name, False, st.st_ino, st.st_mtime_ns,
+                                            st.st_size))
+                    except FileNotFoundError:
+                        pass  # removed while listing: its IN_DELETE follows
         except OSError as e:
-            self._watch_failed(cmd.path, e)
+            self.tree.watch_failed(cmd, reached=self._watch_failed(cmd.path, e))
+            return []
+        finally:
+            os.close(fd)
         now = time.monotonic()
         if now >= self._next_progress:
             self._next_progress = now + _PROGRESS_EVERY
             log.info("still adding watches: %d directories so far", self.tree.watch_count)
         return self.tree.watched(wd, cmd, entries, now)
 
-    def _watch_failed(self, path: str, e: OSError) -> None:
-        if e.errno in (errno.ENOENT, errno.ENOTDIR):
-            return  # vanished before we got to it; its removal is published by its parent
+    def _watch_failed(self, path: str, e: OSError) -> bool:
+        """Log why ``path`` cannot be watched; False when it is not there (any more)."""
+        if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+            # Removed before we got to it (its parent's events say so), or a directory above it
+            # was renamed and its events are still queued (the tree retries then).
+            return False
         self.watch_errors += 1
         if e.errno == errno.ENOSPC:
             if not self._limit_reported:
@@ -151,6 +169,7 @@ class Watcher:
                       "user that can read it", path)
         else:
             log.error("cannot watch %s: %s", path, e.strerror or e)
+        return True
 
     def _publish(self, change: Change) -> None:
         path, raw = display_path(change.path)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from storage_events.agent.tree import Change, Tree, Unwatch, WatchDir
+from storage_events.agent.tree import Change, RescanDone, Tree, Unwatch, WatchDir
 from storage_events.wire import Flag
 
 CREATE, DELETE, CLOSE_WRITE = Flag.CREATE, Flag.DELETE, Flag.CLOSE_WRITE
@@ -29,9 +29,13 @@ class FakeKernel:
             elif isinstance(out, WatchDir):
                 wd = self.wds.setdefault(out.path, self.next_wd)
                 self.next_wd = max(self.next_wd, wd + 1)
-                todo[:0] = self.tree.watched(wd, out, self.listings.get(out.path, []), now)
+                listing = [(name, is_dir, 1000 + len(name), 1, 1)
+                           for name, is_dir in self.listings.get(out.path, [])]
+                todo[:0] = self.tree.watched(wd, out, listing, now)
             elif isinstance(out, Unwatch):
                 self.unwatched.append(out.wd)
+            elif isinstance(out, RescanDone):
+                todo.extend(self.tree.finish_rescan())
 
     def event(self, dir_path: str, mask: int, name: str = "", cookie: int = 0, now: float = 0.0):
         self.run(self.tree.handle(self.wds[dir_path], mask, cookie, name, now), now)
@@ -148,11 +152,47 @@ def test_overflow_is_announced_for_every_root_and_publish_prefix_applies():
     k.run(tree.add_root("/local/two"))
     k.run(tree.handle(-1, Flag.Q_OVERFLOW, 0, "", 0))
     assert k.paths() == [("/pub/one", "Q_OVERFLOW"), ("/local/two", "Q_OVERFLOW")]
+    assert tree.rescans == 1
     k.event("/local/one", CLOSE_WRITE, "f")
     assert k.paths() == [("/pub/one/f", "CLOSE_WRITE")]
 
 
-def test_root_deletion_is_published():
-    k = make()
+def test_root_deletion_is_published_and_its_watches_dropped():
+    k = make({"/r": [("a", True)], "/r/a": []})
     k.event("/r", Flag.DELETE_SELF)
     assert k.paths() == [("/r", "DELETE_SELF")]
+    assert sorted(k.unwatched) == [1, 2]
+
+
+def test_rescan_publishes_exactly_what_changed_while_events_were_lost():
+    k = make({"/r": [("keep", False), ("gone", False), ("d", True), ("old", True)],
+              "/r/d": [("x", False)], "/r/old": [("y", False)]})
+    old_wd = k.wds["/r/old"]
+    # While the queue overflowed: gone deleted, keep rewritten, old/ removed, new/ created.
+    k.listings = {"/r": [("keep", False), ("d", True), ("new", True)],
+                  "/r/d": [("x", False)], "/r/new": [("z", False)]}
+    k.tree.set_stat(k.tree._wds[k.wds["/r"]], "keep", (1004, 2, 2))  # not what is on disk now
+    k.run(k.tree.handle(-1, Flag.Q_OVERFLOW, 0, "", 0))
+    assert sorted(k.paths()) == sorted([
+        ("/r", "Q_OVERFLOW"),
+        ("/r/keep", "CLOSE_WRITE"),
+        ("/r/gone", "DELETE"),
+        ("/r/old/y", "DELETE"),
+        ("/r/old", "DELETE"),
+        ("/r/new", "CREATE"),
+        ("/r/new/z", "CREATE"),
+    ])
+    assert old_wd in k.unwatched
+    # A real IN_CREATE for what the rescan announced is not published twice.
+    k.event("/r", CREATE | ISDIR, "new")
+    assert k.paths() == []
+
+
+def test_snapshot_round_trip_publishes_what_changed_while_the_agent_was_down():
+    k = make({"/r": [("a", False), ("d", True)], "/r/d": [("b", False)]})
+    saved = k.tree.snapshot()
+    fresh = Tree()
+    k2 = FakeKernel(fresh, {"/r": [("a", False), ("d", True), ("c", False)], "/r/d": []})
+    k2.run(fresh.add_root("/r", None, previous=saved["/r"]))
+    assert sorted(k2.paths()) == [("/r/c", "CREATE"), ("/r/d/b", "DELETE")]
+    assert all(c.synthetic for c in k2.published)
