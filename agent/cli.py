@@ -27,16 +27,19 @@ def main() -> None:
 @click.option("--site", help="Site name this node belongs to.")
 @click.option("--node", help="Node name (default: the short host name).")
 @token_option
+@click.option("--spool", type=click.Path(file_okay=False),
+              help="Directory for unacknowledged events and the tree snapshot.")
 @click.option("-v", "--verbose", count=True, help="More log output.")
 @click.argument("paths", nargs=-1, type=click.Path(file_okay=False, path_type=Path))
 @version_option
 def run(config_file: Path | None, relay: str | None, site: str | None, node: str | None,
-        token: str | None, verbose: int, paths: tuple[Path, ...]) -> None:
+        token: str | None, spool: str | None, verbose: int, paths: tuple[Path, ...]) -> None:
     """Watch PATH... (and the config's roots) and publish to the relay."""
     setup_logging(verbose)
     roots = [{"path": str(p.resolve())} for p in paths]
     cfg = load_config(config_file, AgentConfig,
-                      {"relay": relay, "site": site, "node": node, "token": token})
+                      {"relay": relay, "site": site, "node": node, "token": token,
+                       "spool": spool})
     cfg.root.extend(load_config(None, AgentConfig, {"root": roots}).root)
     try:
         ingest_url(cfg.relay)

@@ -8,6 +8,8 @@ from typing import Annotated
 import msgspec
 
 Name = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+Positive = Annotated[float, msgspec.Meta(gt=0)]
+PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
 
 
 class RootConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -21,6 +23,13 @@ class AgentConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     node: Name = msgspec.field(default_factory=lambda: socket.gethostname().split(".")[0])
     token: str | None = None
     root: list[RootConfig] = []
-    max_batch: int = 2000
+    # Durable state: unacknowledged events and the tree snapshot. Without it, events the relay
+    # has not acknowledged are lost when the agent stops, and restarts publish no differences.
+    spool: str | None = None
+    spool_quota: PositiveInt = 1 << 30  # bytes of unacknowledged events kept on disk, at most
+    memory_events: PositiveInt = 100_000  # unacknowledged events held in memory, at most
+    flush_interval: Positive = 0.2  # seconds between spool writes: what a SIGKILL can lose
+    snapshot_interval: float = 300.0  # seconds between tree snapshots (0: only at shutdown)
+    max_batch: PositiveInt = 2000
     # On SIGTERM, how long to wait for the relay to acknowledge what is still queued.
     shutdown_grace: float = 5.0

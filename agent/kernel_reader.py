@@ -30,6 +30,8 @@ class KernelReader:
         self._buffered = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._go = threading.Event()  # cleared while paused
+        self._go.set()
         self._thread = threading.Thread(target=self._run, name="inotify-reader", daemon=True)
 
     def start(self) -> None:
@@ -37,7 +39,15 @@ class KernelReader:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def pause(self) -> None:
+        """Leave events in the kernel queue (which overflows if this lasts)."""
+        self._go.clear()
+
+    def resume(self) -> None:
+        self._go.set()
 
     def take(self) -> list[bytes]:
         with self._lock:
@@ -49,6 +59,8 @@ class KernelReader:
         poller.register(self.fd, select.POLLIN)
         full_reported = False
         while not self._stop.is_set():
+            if not self._go.wait(0.1):
+                continue
             if self._buffered >= self.max_buffered:
                 # The agent is far behind; let the kernel queue take the strain (an overflow
                 # there is announced and recovered by a rescan) rather than grow without bound.

@@ -14,16 +14,36 @@ from storage_events.wire import Event
 
 
 class Outbox:
-    def __init__(self, stream: str, *, window: int = 50_000) -> None:
+    """``window``: most events sent and not yet acknowledged. ``memory_limit``: most events held
+    in memory; later ones are only in the spool until there is room (see :meth:`refill_wanted`).
+    """
+
+    def __init__(self, stream: str, *, window: int = 50_000,
+                 memory_limit: int = 1_000_000) -> None:
         self.stream = stream
-        self.window = window  # events sent but not yet acknowledged, at most
+        self.window = window
+        self.memory_limit = memory_limit
         self._inflight: deque[Event] = deque()  # sent on this connection, not acknowledged
         self._unsent: deque[Event] = deque()
         self._next_seq = 1
         self._acked = 0
+        self._spilled: int | None = None  # first seq that is in the spool only
+
+    @classmethod
+    def restored(cls, stream: str, first_seq: int, last_seq: int, **kw: int) -> Outbox:
+        """The outbox of an earlier run's stream whose events ``first_seq..last_seq`` are still
+        in the spool, unacknowledged."""
+        box = cls(stream, **kw)
+        box._acked, box._next_seq, box._spilled = first_seq - 1, last_seq + 1, first_seq
+        return box
 
     def __len__(self) -> int:
+        """Events held in memory."""
         return len(self._inflight) + len(self._unsent)
+
+    @property
+    def unacked(self) -> int:
+        return self.last_seq - self._acked
 
     @property
     def acked(self) -> int:
@@ -35,14 +55,38 @@ class Outbox:
 
     @property
     def has_unsent(self) -> bool:
-        return bool(self._unsent)
+        return bool(self._unsent) or self._spilled is not None
 
     def add(self, event: Event) -> Event:
         event.stream = self.stream
         event.seq = self._next_seq
         self._next_seq += 1
-        self._unsent.append(event)
+        if self._spilled is None and len(self) < self.memory_limit:
+            self._unsent.append(event)
+        elif self._spilled is None:
+            self._spilled = event.seq
         return event
+
+    def refill_wanted(self) -> tuple[int, int] | None:
+        """(first seq, count) to load back from the spool, when some are only there and memory
+        has room for them."""
+        if self._spilled is None:
+            return None
+        room = self.memory_limit - len(self)
+        if room <= 0:
+            return None
+        return self._spilled, min(room, self._next_seq - self._spilled)
+
+    def refill(self, events: list[Event]) -> None:
+        for ev in events:
+            if ev.seq != self._spilled:
+                raise ValueError(f"spool returned seq {ev.seq} of {self.stream}, "
+                                 f"expected {self._spilled}")
+            self._unsent.append(ev)
+            self._spilled += 1
+            if self._spilled == self._next_seq:
+                self._spilled = None
+                return
 
     def connected(self, relay_acked: int) -> None:
         """A new connection: the relay holds everything up to ``relay_acked``; what it lacks is
@@ -54,8 +98,7 @@ class Outbox:
             )
         self._unsent.extendleft(reversed(self._inflight))
         self._inflight.clear()
-        self._drop_through(self._unsent, relay_acked)
-        self._acked = max(self._acked, relay_acked)
+        self.ack(relay_acked)
 
     def next_batch(self, max_events: int) -> list[Event]:
         """The next events to send, within the window; they count as sent."""
@@ -65,10 +108,12 @@ class Outbox:
         return batch
 
     def ack(self, seq: int) -> None:
-        self._drop_through(self._inflight, seq)
-        self._acked = max(self._acked, min(seq, self.last_seq))
-
-    @staticmethod
-    def _drop_through(queue: deque[Event], seq: int) -> None:
-        while queue and queue[0].seq <= seq:
-            queue.popleft()
+        seq = min(seq, self.last_seq)
+        if seq <= self._acked:
+            return
+        self._acked = seq
+        for queue in (self._inflight, self._unsent):
+            while queue and queue[0].seq <= seq:
+                queue.popleft()
+        if self._spilled is not None and self._spilled <= seq:
+            self._spilled = seq + 1 if seq + 1 < self._next_seq else None

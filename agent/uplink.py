@@ -41,6 +41,7 @@ class Uplink:
         *,
         max_batch: int = 2000,
         max_backoff: float = 10.0,
+        drain_only: bool = False,
     ) -> None:
         self.url = ingest_url(relay)
         self.hello = hello
@@ -48,12 +49,13 @@ class Uplink:
         self.wake = wake  # set whenever the outbox has something new to send
         self.max_batch = max_batch
         self.max_backoff = max_backoff
+        self.drain_only = drain_only  # an earlier run's stream: done once all is acknowledged
         self.connected = asyncio.Event()
         self.acked = asyncio.Event()  # set on every acknowledgement
 
     async def run(self) -> None:
         backoff = 0.05
-        while True:
+        while not (self.drain_only and self.outbox.unacked == 0):
             try:
                 async with websockets.connect(
                     self.url, max_size=64 * 1024 * 1024, open_timeout=10, compression=None
@@ -70,6 +72,9 @@ class Uplink:
                     self.connected.set()
                     backoff = 0.05
                     await self._pump(ws)
+                    if self.drain_only and self.outbox.unacked == 0:
+                        log.info("stream %s fully acknowledged", self.outbox.stream)
+                        return
             except RelayRefused as e:
                 log.error("relay %s refused this agent: %s", self.url, e)
                 backoff = self.max_backoff
@@ -96,7 +101,7 @@ class Uplink:
             await asyncio.gather(receiver, sender, return_exceptions=True)
 
     async def _send(self, ws: websockets.ClientConnection) -> None:
-        while True:
+        while not (self.drain_only and self.outbox.unacked == 0):
             self.wake.clear()
             batch = self.outbox.next_batch(self.max_batch)
             if batch:

@@ -8,14 +8,15 @@ import logging
 import os
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from inotify_simple import Event as InotifyEvent
 from inotify_simple import INotify, parse_events
 
-from storage_events.wire import Event, display_path, flag_names
+from storage_events.wire import Event, Flag, display_path, flag_names
 
-from .outbox import Outbox
 from .tree import WATCH_MASK, Change, Listing, Output, RescanDone, Tree, Unwatch, WatchDir
 
 log = logging.getLogger("storage_events.agent")
@@ -42,13 +43,14 @@ def _sysctl(name: str) -> str:
 
 
 class Watcher:
-    """Reads kernel events, keeps the watches in step, and numbers changes into ``outbox``."""
+    """Reads kernel events, keeps the watches in step, and hands changes to ``sink``."""
 
-    def __init__(self, roots: list[Root], *, site: str, node: str, outbox: Outbox) -> None:
+    def __init__(self, roots: list[Root], *, site: str, node: str,
+                 sink: Callable[[Event], None]) -> None:
         self.roots = roots
         self.site = site
         self.node = node
-        self.outbox = outbox
+        self.sink = sink  # takes every event to publish, in order
         self.tree = Tree()
         self.inotify = INotify()
         self.watch_errors = 0
@@ -60,14 +62,24 @@ class Watcher:
     def close(self) -> None:
         self.inotify.close()
 
-    def start(self) -> int:
-        """Watch every root recursively; returns how many roots could be watched at all."""
+    def start(self, previous: dict[str, Any] | None = None, *, unclean: bool = False) -> int:
+        """Watch every root recursively; returns how many roots could be watched at all.
+
+        ``previous``: the snapshot saved when the agent last stopped; what changed since is
+        published. ``unclean``: the last run did not stop cleanly, so events may be missing
+        between its last flush and the snapshot: announced as an overflow before the diff."""
         started = time.monotonic()
         self._next_progress = started + _PROGRESS_EVERY
         watched = 0
         for root in self.roots:
             before = self.tree.watch_count
-            self._run(self.tree.add_root(root.path, root.prefix))
+            if unclean:
+                self._publish(Change(root.prefix, int(Flag.Q_OVERFLOW), True))
+            old = previous.get(root.path) if previous else None
+            if old is not None:
+                log.info("publishing what changed under %s since the agent last stopped",
+                         root.path)
+            self._run(self.tree.add_root(root.path, root.prefix, old))
             if self.tree.watch_count > before:
                 watched += 1
         log.info(
@@ -95,6 +107,17 @@ class Watcher:
 
     def expire(self) -> None:
         self._run(self.tree.expire(time.monotonic()))
+
+    def snapshot(self) -> dict[str, Any]:
+        """The tree model for the spool, with the stats of files changed since listed."""
+        for path, node, name in list(self.tree.unknown_files()):
+            try:
+                st = os.lstat(path)
+            except OSError:
+                self.tree.set_stat(node, name, None)
+                continue
+            self.tree.set_stat(node, name, (st.st_ino, st.st_mtime_ns, st.st_size))
+        return self.tree.snapshot()
 
     def _run(self, outputs: list[Output]) -> None:
         # Depth first, so a new directory's own event precedes those of its contents.
@@ -176,7 +199,7 @@ class Watcher:
         old_path, raw_old = (None, None)
         if change.old_path is not None:
             old_path, raw_old = display_path(change.old_path)
-        self.outbox.add(
+        self.sink(
             Event(
                 site=self.site,
                 node=self.node,
