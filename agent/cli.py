@@ -9,6 +9,7 @@ import click
 
 from storage_events.cliutil import load_config, setup_logging, token_option, version_option
 
+from .check import run_check
 from .config import AgentConfig
 from .runner import AgentError, run_agent
 from .uplink import ingest_url
@@ -49,3 +50,18 @@ def run(config_file: Path | None, relay: str | None, site: str | None, node: str
         asyncio.run(run_agent(cfg))
     except AgentError as e:
         raise click.ClickException(str(e)) from None
+
+
+@main.command()
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="TOML config file to check.")
+@click.option("--relay", help="Relay base URL to try.")
+@click.argument("paths", nargs=-1, type=click.Path(file_okay=False, path_type=Path))
+@version_option
+def check(config_file: Path | None, relay: str | None, paths: tuple[Path, ...]) -> None:
+    """Check the config, the relay, the spool and the inotify limits against the trees."""
+    cfg = load_config(config_file, AgentConfig, {"relay": relay})
+    cfg.root.extend(load_config(None, AgentConfig,
+                                {"root": [{"path": str(p.resolve())} for p in paths]}).root)
+    if not run_check(cfg, click.echo):
+        raise SystemExit(1)

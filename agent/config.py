@@ -7,6 +7,8 @@ from typing import Annotated
 
 import msgspec
 
+from storage_events.wire import flags_mask
+
 Name = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
 Positive = Annotated[float, msgspec.Meta(gt=0)]
 PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
@@ -15,6 +17,15 @@ PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
 class RootConfig(msgspec.Struct, forbid_unknown_fields=True):
     path: str  # local directory to watch, recursively
     prefix: str | None = None  # published in place of `path`; default: `path` itself
+    include: list[str] = []  # globs of files to publish (default: all)
+    exclude: list[str] = []  # globs of files and directories to leave out (not even watched)
+    types: list[str] = []  # inotify flags to publish, e.g. ["IN_CLOSE_WRITE"] (default: all)
+
+    def __post_init__(self) -> None:
+        try:
+            flags_mask(self.types)
+        except ValueError as e:
+            raise ValueError(f"root {self.path}: {e}") from None
 
 
 class AgentConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -13,11 +13,12 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from storage_events.wire import Event, Hello
+from storage_events.wire import Event, Hello, flags_mask
 
 from .config import AgentConfig
 from .kernel_reader import KernelReader
 from .outbox import Outbox
+from .select import Selector
 from .spool import Spool, SpoolError
 from .uplink import Uplink
 from .watcher import Root, Watcher
@@ -166,7 +167,8 @@ def _roots(cfg: AgentConfig) -> list[Root]:
         if not os.path.isdir(path):
             log.error("root %s is not a directory; skipping it", path)
             continue
-        roots.append(Root(path, r.prefix if r.prefix is not None else path))
+        roots.append(Root(path, r.prefix if r.prefix is not None else path,
+                          Selector(r.include, r.exclude), flags_mask(r.types)))
     if not roots:
         raise AgentError("nothing to watch: give at least one existing directory")
     return roots

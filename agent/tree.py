@@ -22,6 +22,8 @@ from typing import Any
 
 from storage_events.wire import Flag
 
+from .select import Selector
+
 # What the agent asks the kernel for. MODIFY is left out on purpose: it would cost one event per
 # write() and CLOSE_WRITE already says "this file is complete".
 WATCH_MASK = int(
@@ -92,6 +94,7 @@ Output = Change | WatchDir | Unwatch | RescanDone
 class _Root:
     local: str
     prefix: str
+    select: Selector | None = None
     node: _Dir | None = None
     gone: bool = False
 
@@ -149,10 +152,13 @@ class Tree:
         return len(self._wds)
 
     def add_root(self, local: str, prefix: str | None = None,
-                 previous: dict[str, Any] | None = None) -> list[Output]:
+                 previous: dict[str, Any] | None = None,
+                 select: Selector | None = None) -> list[Output]:
         """Watch a root. With ``previous`` (from :meth:`snapshot` of an earlier run), what
-        changed since is published; without, the tree as found is the starting point."""
-        root = _Root(local.rstrip("/") or "/", prefix if prefix is not None else local)
+        changed since is published; without, the tree as found is the starting point.
+        ``select``: names to leave out (neither watched nor published)."""
+        root = _Root(local.rstrip("/") or "/", prefix if prefix is not None else local,
+                     select if select is not None and select.active else None)
         self._roots.append(root)
         old = _load(previous, root) if previous is not None else None
         return [WatchDir(root.local, announce=False, root=root, old=old)]
@@ -219,7 +225,11 @@ class Tree:
         old = dict(cmd.old.entries) if cmd.old is not None else None
         announced: list[str] = []
         base = self._local(node) or cmd.path
+        found = self._parts(node)
+        select, parts = (found[0].select, found[1]) if found is not None else (None, [])
         for name, is_dir, ino, mtime, size in entries:
+            if select is not None and select.excluded(parts, name, is_dir):
+                continue
             prev = old.pop(name, None) if old is not None else None
             path = self._published(node, name) or ""
             new = cmd.announce or (old is not None and prev is None)
@@ -278,9 +288,13 @@ class Tree:
             if node.root is not None and kind & _SELF_EVENTS:
                 return self._root_gone(node.root, kind & _SELF_EVENTS)
             return []
-        path = self._published(node, name)
-        if path is None:
+        found = self._parts(node)
+        if found is None:
             return []  # inside a directory that is no longer in the tree
+        root, parts = found
+        if root.select is not None and root.select.excluded(parts, name, is_dir):
+            return []
+        path = _join(root.prefix, [*parts, name])
         entries = node.entries
         if kind & _CREATE:
             if node.scanned is not None and self._take_scanned(node, name, now):

@@ -17,6 +17,7 @@ from inotify_simple import INotify, parse_events
 
 from storage_events.wire import Event, Flag, display_path, flag_names
 
+from .select import Selector
 from .tree import WATCH_MASK, Change, Listing, Output, RescanDone, Tree, Unwatch, WatchDir
 
 log = logging.getLogger("storage_events.agent")
@@ -25,6 +26,7 @@ _IN_ONLYDIR, _IN_EXCL_UNLINK = 0x01000000, 0x04000000
 # No IN_DONT_FOLLOW: the watch is added through /proc/self/fd/N, a link to the open directory.
 _ADD_FLAGS = WATCH_MASK | _IN_ONLYDIR | _IN_EXCL_UNLINK
 _DIR_OPEN_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_Q_OVERFLOW = int(Flag.Q_OVERFLOW)
 _PROGRESS_EVERY = 5.0  # seconds between progress lines during a long initial watch set-up
 
 
@@ -32,6 +34,8 @@ _PROGRESS_EVERY = 5.0  # seconds between progress lines during a long initial wa
 class Root:
     path: str  # local directory
     prefix: str  # published in its place
+    select: Selector | None = None
+    types: int = 0  # inotify flags to publish; 0: all
 
 
 def _sysctl(name: str) -> str:
@@ -52,6 +56,9 @@ class Watcher:
         self.node = node
         self.sink = sink  # takes every event to publish, in order
         self.tree = Tree()
+        # Longest prefix first, so a root published inside another's prefix wins.
+        self._typed = sorted(((r.prefix.rstrip("/"), r.types) for r in roots if r.types),
+                             key=lambda t: -len(t[0]))
         self.inotify = INotify()
         self.watch_errors = 0
         self._limit_reported = False
@@ -79,7 +86,7 @@ class Watcher:
             if old is not None:
                 log.info("publishing what changed under %s since the agent last stopped",
                          root.path)
-            self._run(self.tree.add_root(root.path, root.prefix, old))
+            self._run(self.tree.add_root(root.path, root.prefix, old, root.select))
             if self.tree.watch_count > before:
                 watched += 1
         log.info(
@@ -194,7 +201,17 @@ class Watcher:
             log.error("cannot watch %s: %s", path, e.strerror or e)
         return True
 
+    def _wanted(self, change: Change) -> bool:
+        if change.flags & _Q_OVERFLOW:
+            return True  # loss is always announced
+        for prefix, types in self._typed:
+            if change.path == prefix or change.path.startswith(prefix + "/"):
+                return bool(change.flags & types)
+        return True
+
     def _publish(self, change: Change) -> None:
+        if self._typed and not self._wanted(change):
+            return
         path, raw = display_path(change.path)
         old_path, raw_old = (None, None)
         if change.old_path is not None:
