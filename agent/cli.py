@@ -9,7 +9,6 @@ import click
 
 from storage_events.cliutil import load_config, setup_logging, token_option, version_option
 
-from .check import run_check
 from .config import AgentConfig
 from .runner import AgentError, run_agent
 from .uplink import ingest_url
@@ -60,6 +59,8 @@ def run(config_file: Path | None, relay: str | None, site: str | None, node: str
 @version_option
 def check(config_file: Path | None, relay: str | None, paths: tuple[Path, ...]) -> None:
     """Check the config, the relay, the spool and the inotify limits against the trees."""
+    from .check import run_check  # httpx is for this command only: keeps `run` small
+
     cfg = load_config(config_file, AgentConfig, {"relay": relay})
     cfg.root.extend(load_config(None, AgentConfig,
                                 {"root": [{"path": str(p.resolve())} for p in paths]}).root)

@@ -41,6 +41,7 @@ class AgentConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     memory_events: PositiveInt = 100_000  # unacknowledged events held in memory, at most
     flush_interval: Positive = 0.2  # seconds between spool writes: what a SIGKILL can lose
     snapshot_interval: float = 300.0  # seconds between tree snapshots (0: only at shutdown)
+    metrics: str | None = None  # HOST:PORT to serve Prometheus metrics on, e.g. 127.0.0.1:9808
     max_batch: PositiveInt = 2000
     # On SIGTERM, how long to wait for the relay to acknowledge what is still queued.
     shutdown_grace: float = 5.0

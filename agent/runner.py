@@ -193,6 +193,13 @@ async def run_agent(cfg: AgentConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
 
     reader = agent.reader
+    if cfg.metrics:
+        from .metrics import serve_metrics  # prometheus-client only when asked for
+
+        try:
+            serve_metrics(agent, cfg.metrics)
+        except (OSError, ValueError) as e:
+            raise AgentError(f"cannot serve metrics on {cfg.metrics}: {e}") from None
     if spool and spool.unclean:
         log.warning("the agent did not stop cleanly last time: announcing possible loss")
     if agent.watcher.start(spool.read_snapshot() if spool else None,

@@ -109,7 +109,8 @@ class _Dir:
         self.name = name
         self.parent = parent
         self.root = root  # set on root nodes only
-        self.entries: dict[str, _Dir | FileStat] = {}
+        # Shared and empty until something is added (most directories of big trees are leaves).
+        self.entries: dict[str, _Dir | FileStat] = _EMPTY
         # Names a listing just announced; a real IN_CREATE for one of them that follows is the
         # same file seen twice (created between inotify_add_watch and the listing).
         self.scanned: dict[str, float] | None = None
@@ -120,6 +121,15 @@ class _PendingMove:
     path: str
     entry: _Dir | FileStat | None
     deadline: float
+
+
+_EMPTY: dict[str, Any] = {}
+
+
+def _writable(node: _Dir) -> dict[str, _Dir | FileStat]:
+    if node.entries is _EMPTY:
+        node.entries = {}
+    return node.entries
 
 
 def _join(base: str, rel: list[str]) -> str:
@@ -145,6 +155,7 @@ class Tree:
         self._scanned_nodes: dict[_Dir, float] = {}
         self._stale: dict[int, _Dir] = {}  # the watches of the model a rescan is replacing
         self._unreached = 0  # directories whose watch found nothing at their path (so far)
+        self._selective = False  # some root leaves names out
         self.rescans = 0
 
     @property
@@ -159,6 +170,7 @@ class Tree:
         ``select``: names to leave out (neither watched nor published)."""
         root = _Root(local.rstrip("/") or "/", prefix if prefix is not None else local,
                      select if select is not None and select.active else None)
+        self._selective = self._selective or root.select is not None
         self._roots.append(root)
         old = _load(previous, root) if previous is not None else None
         return [WatchDir(root.local, announce=False, root=root, old=old)]
@@ -173,9 +185,17 @@ class Tree:
             if self._local(existing) == cmd.path:
                 return []  # already watched right here (a listing got to it first)
             return self._moved_here(existing, cmd)
-        node = _Dir(wd, cmd.ino, cmd.name, None, cmd.root)
+        parent = cmd.parent
+        node = _Dir(wd, cmd.ino, cmd.name, parent, cmd.root)
         self._wds[wd] = node
-        self._place(node, cmd)
+        if parent is None:
+            if cmd.root is not None:
+                cmd.root.node = node
+        else:
+            here = parent.entries.get(cmd.name)
+            if isinstance(here, _Dir) and here is not node:
+                here.parent = None  # a placeholder, or a directory that was replaced
+            _writable(parent)[cmd.name] = node
         return self._listed(node, cmd, entries, now)
 
     def _moved_here(self, node: _Dir, cmd: WatchDir) -> list[Output]:
@@ -222,16 +242,43 @@ class Tree:
 
     def _listed(self, node: _Dir, cmd: WatchDir, entries: Listing, now: float) -> list[Output]:
         out: list[Output] = []
-        old = dict(cmd.old.entries) if cmd.old is not None else None
-        announced: list[str] = []
-        base = self._local(node) or cmd.path
+        base = cmd.path.rstrip("/") + "/"
+        if not cmd.announce and cmd.old is None and not self._selective:
+            # Start-up: build the model and publish nothing (the hot path for big trees).
+            files = None
+            for name, is_dir, ino, mtime, size in entries:
+                if is_dir:
+                    out.append(WatchDir(base + name, False, node, name, ino=ino))
+                else:
+                    if files is None:
+                        files = _writable(node)
+                    files[name] = (ino, mtime, size)
+            return out
         found = self._parts(node)
-        select, parts = (found[0].select, found[1]) if found is not None else (None, [])
+        if found is None:
+            return out
+        root, parts = found
+        select, pub = root.select, _join(root.prefix, parts)
+        old = dict(cmd.old.entries) if cmd.old is not None else None
+        if not cmd.announce and old is None:
+            files = None
+            for name, is_dir, ino, mtime, size in entries:
+                if select is not None and select.excluded(parts, name, is_dir):
+                    continue
+                if is_dir:
+                    out.append(WatchDir(base + name, False, node, name, ino=ino))
+                else:
+                    if files is None:
+                        files = _writable(node)
+                    files[name] = (ino, mtime, size)
+            return out
+        announced: list[str] = []
+        mine = _writable(node)
         for name, is_dir, ino, mtime, size in entries:
             if select is not None and select.excluded(parts, name, is_dir):
                 continue
             prev = old.pop(name, None) if old is not None else None
-            path = self._published(node, name) or ""
+            path = _join(pub, [name])
             new = cmd.announce or (old is not None and prev is None)
             if prev is not None and _replaced(prev, is_dir, ino):
                 out.extend(self._vanished(prev, path))  # another file or directory now
@@ -240,17 +287,19 @@ class Tree:
                 out.append(Change(path, _CREATE, is_dir, synthetic=True))
                 announced.append(name)
             if is_dir:
-                node.entries[name] = _Dir(_UNWATCHABLE, ino, name, node, None)  # until watched
-                out.append(WatchDir(_join(base, [name]), new, node, name,
+                # In the model at once: it was published, so even if it is gone before its
+                # watch lands, a later rescan must know to report it removed.
+                mine[name] = _Dir(_UNWATCHABLE, ino, name, node, None)
+                out.append(WatchDir(base + name, new, node, name,
                                     old=prev if isinstance(prev, _Dir) else None, ino=ino))
             else:
                 stat = (ino, mtime, size)
-                node.entries[name] = stat
+                mine[name] = stat
                 if prev is not None and prev != stat:
                     out.append(Change(path, _CLOSE_WRITE, False, synthetic=True))
         if old:
             for name, prev in old.items():
-                out.extend(self._vanished(prev, self._published(node, name) or ""))
+                out.extend(self._vanished(prev, _join(pub, [name])))
         if announced:
             until = now + self.scan_memory
             scanned = node.scanned if node.scanned is not None else {}
@@ -295,7 +344,7 @@ class Tree:
         if root.select is not None and root.select.excluded(parts, name, is_dir):
             return []
         path = _join(root.prefix, [*parts, name])
-        entries = node.entries
+        entries = _writable(node)
         if kind & _CREATE:
             if node.scanned is not None and self._take_scanned(node, name, now):
                 return []
@@ -423,14 +472,14 @@ class Tree:
         if stat is None:
             node.entries.pop(name, None)
         elif name in node.entries:
-            node.entries[name] = stat
+            _writable(node)[name] = stat
 
     # -- internals -------------------------------------------------------------------------------
 
     def _watch_child(self, node: _Dir, name: str) -> WatchDir:
         # Published as existing, so in the model from now on, even if it is gone before its
         # watch can be added: a later rescan must see it to report it removed.
-        node.entries[name] = _Dir(_UNWATCHABLE, 0, name, node, None)
+        _writable(node)[name] = _Dir(_UNWATCHABLE, 0, name, node, None)
         return WatchDir(_join(self._local(node) or "", [name]), True, node, name)
 
     def _take_scanned(self, node: _Dir, name: str, now: float) -> bool:
@@ -442,7 +491,7 @@ class Tree:
         if node.parent is not None and node.parent.entries.get(node.name) is node:
             del node.parent.entries[node.name]
         node.parent, node.name = parent, name
-        parent.entries[name] = node
+        _writable(parent)[name] = node
 
     def _forget(self, node: _Dir) -> None:
         if self._wds.get(node.wd) is node:
@@ -501,12 +550,12 @@ def _load(data: Any, root: _Root) -> _Dir | None:
 
     def build(item: list[Any], name: str) -> _Dir:
         node = _Dir(_UNWATCHABLE, int(item[0]), name, None, None)
+        entries = _writable(node)
         for child, entry in item[1].items():
             if isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], dict):
-                sub = build(entry, child)
-                node.entries[child] = sub
+                entries[child] = build(entry, child)
             elif isinstance(entry, list) and len(entry) == 3:
-                node.entries[child] = (int(entry[0]), int(entry[1]), int(entry[2]))
+                entries[child] = (int(entry[0]), int(entry[1]), int(entry[2]))
         return node
 
     return build(data, "")

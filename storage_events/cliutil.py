@@ -16,7 +16,7 @@ T = TypeVar("T")
 
 TOKEN_ENV = "STORAGE_EVENTS_TOKEN"
 
-version_option = click.version_option(__version__, prog_name="%(prog)s")
+version_option = click.version_option(__version__)
 
 token_option = click.option(
     "--token",

@@ -159,6 +159,8 @@ def event_from_json(data: str | bytes) -> Event:
 def display_path(path: str) -> tuple[str, bytes | None]:
     """Split a filesystem path (``os.fsdecode`` form) into a UTF-8 display form and, only when the
     name is not valid UTF-8, its exact bytes."""
+    if path.isascii():
+        return path, None
     try:
         path.encode("utf-8")
     except UnicodeEncodeError:

@@ -1,0 +1,135 @@
+"""What the benchmarks share: a private tmpfs, processes started and stopped by pid, readiness
+waits, RSS, an agent+relay pair. Benchmarks are run by hand, never by the tests."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def tmpfs(size: str = "4g") -> Iterator[Path]:
+    """A private tmpfs (the VM disk is throttled and slows down run after run)."""
+    base = Path(tempfile.mkdtemp(prefix="se-bench-"))
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(base)],
+                   check=True)
+    try:
+        yield base
+    finally:
+        subprocess.run(["umount", "-l", str(base)], check=False)
+        base.rmdir()
+
+
+@contextlib.contextmanager
+def sysctl(name: str, value: int) -> Iterator[None]:
+    path = Path("/proc/sys/fs/inotify") / name
+    saved = path.read_text()
+    path.write_text(str(value))
+    try:
+        yield
+    finally:
+        path.write_text(saved)
+
+
+def stop(p: subprocess.Popen) -> None:
+    if p.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p.pid, signal.SIGCONT)
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(15)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def wait_http(url: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.TransportError):
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"{url} did not come up")
+
+
+def wait_line(stream, needle: bytes, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = stream.readline()
+        if not line:
+            raise RuntimeError(f"process ended before printing {needle!r}")
+        if needle in line:
+            return
+    raise RuntimeError(f"no {needle!r} within {timeout} s")
+
+
+def make_root(base: Path, name: str, dirs: int) -> Path:
+    root = base / name
+    shutil.rmtree(root, ignore_errors=True)
+    for i in range(dirs):
+        (root / f"d{i:03d}").mkdir(parents=True)
+    return root
+
+
+class Stack:
+    """A relay (its log on the tmpfs) and an agent watching ``root``, with metrics."""
+
+    def __init__(self, base: Path, root: Path, *, agent_args: tuple[str, ...] = ()) -> None:
+        self.base = base
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.metrics_port = free_port()
+        self.log = open(base / "stack.log", "ab")  # noqa: SIM115
+        data = base / "relay-data"
+        shutil.rmtree(data, ignore_errors=True)
+        self.relay = subprocess.Popen([BIN / "storage-events-relay", "serve", "--listen",
+                                       f"127.0.0.1:{port}", "--data", data],
+                                      stdout=self.log, stderr=self.log)
+        wait_http(self.url + "/healthz")
+        config = base / "agent.toml"
+        config.write_text(f'metrics = "127.0.0.1:{self.metrics_port}"\n')
+        self.agent = subprocess.Popen([BIN / "storage-events-agent", "run", "--relay", self.url,
+                                       "--site", "bench", "--config", config, *agent_args,
+                                       str(root)], stdout=self.log, stderr=subprocess.PIPE)
+        assert self.agent.stderr is not None
+        wait_line(self.agent.stderr, b"publishing stream")
+        wait_http(f"http://127.0.0.1:{self.metrics_port}/metrics")
+
+    def metric(self, name: str) -> float:
+        text = httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).text
+        for line in text.splitlines():
+            if line.startswith(f"storage_events_agent_{name}"):
+                return float(line.split()[-1])
+        raise KeyError(name)
+
+    def close(self) -> None:
+        stop(self.agent)
+        stop(self.relay)
+        self.log.close()
