@@ -61,7 +61,8 @@ class Outbox:
         event.stream = self.stream
         event.seq = self._next_seq
         self._next_seq += 1
-        if self._spilled is None and len(self) < self.memory_limit:
+        if self._spilled is None and \
+                len(self._unsent) + len(self._inflight) < self.memory_limit:
             self._unsent.append(event)
         elif self._spilled is None:
             self._spilled = event.seq

@@ -100,7 +100,7 @@ class _Root:
 
 
 class _Dir:
-    __slots__ = ("entries", "ino", "name", "parent", "root", "scanned", "wd")
+    __slots__ = ("cache", "entries", "ino", "name", "parent", "root", "scanned", "wd")
 
     def __init__(self, wd: int, ino: int, name: str, parent: _Dir | None,
                  root: _Root | None) -> None:
@@ -114,6 +114,8 @@ class _Dir:
         # Names a listing just announced; a real IN_CREATE for one of them that follows is the
         # same file seen twice (created between inotify_add_watch and the listing).
         self.scanned: dict[str, float] | None = None
+        # (generation, root, published path + "/", parts): valid while nothing was re-linked.
+        self.cache: tuple[int, _Root, str, list[str]] | None = None
 
 
 @dataclass(slots=True)
@@ -156,6 +158,7 @@ class Tree:
         self._stale: dict[int, _Dir] = {}  # the watches of the model a rescan is replacing
         self._unreached = 0  # directories whose watch found nothing at their path (so far)
         self._selective = False  # some root leaves names out
+        self._gen = 0  # bumped whenever a directory is re-linked or detached: paths change
         self.rescans = 0
 
     @property
@@ -195,6 +198,8 @@ class Tree:
             here = parent.entries.get(cmd.name)
             if isinstance(here, _Dir) and here is not node:
                 here.parent = None  # a placeholder, or a directory that was replaced
+                if here.wd >= 0:
+                    self._gen += 1
             _writable(parent)[cmd.name] = node
         return self._listed(node, cmd, entries, now)
 
@@ -337,13 +342,15 @@ class Tree:
             if node.root is not None and kind & _SELF_EVENTS:
                 return self._root_gone(node.root, kind & _SELF_EVENTS)
             return []
-        found = self._parts(node)
-        if found is None:
-            return []  # inside a directory that is no longer in the tree
-        root, parts = found
+        cached = node.cache
+        if cached is None or cached[0] != self._gen:
+            cached = self._locate(node)
+            if cached is None:
+                return []  # inside a directory that is no longer in the tree
+        _, root, base, parts = cached
         if root.select is not None and root.select.excluded(parts, name, is_dir):
             return []
-        path = _join(root.prefix, [*parts, name])
+        path = base + name
         entries = _writable(node)
         if kind & _CREATE:
             if node.scanned is not None and self._take_scanned(node, name, now):
@@ -358,6 +365,7 @@ class Tree:
             entry = entries.pop(name, None)
             if isinstance(entry, _Dir):
                 entry.parent = None  # in limbo until its IN_MOVED_TO, or out of the tree
+                self._gen += 1
             self._moves[cookie] = _PendingMove(path, entry, now + self.move_window)
             return [Change(path, _MOVED_FROM, is_dir, cookie=cookie)]
         if kind & _MOVED_TO:
@@ -381,6 +389,7 @@ class Tree:
             entry = entries.pop(name, None)
             if isinstance(entry, _Dir):
                 entry.parent = None
+                self._gen += 1
         elif not is_dir:  # CLOSE_WRITE, ATTRIB: contents or metadata changed
             entries[name] = UNKNOWN
         return [Change(path, kind, is_dir, cookie=cookie or None)]
@@ -418,6 +427,7 @@ class Tree:
         self._stale = {**self._stale, **self._wds}
         self._wds = {}
         out: list[Output] = []
+        self._gen += 1
         for root in self._roots:
             if root.gone:
                 continue
@@ -488,12 +498,14 @@ class Tree:
         return until is not None and until >= now
 
     def _link(self, node: _Dir, parent: _Dir, name: str) -> None:
+        self._gen += 1
         if node.parent is not None and node.parent.entries.get(node.name) is node:
             del node.parent.entries[node.name]
         node.parent, node.name = parent, name
         _writable(parent)[name] = node
 
     def _forget(self, node: _Dir) -> None:
+        self._gen += 1
         if self._wds.get(node.wd) is node:
             del self._wds[node.wd]
         self._scanned_nodes.pop(node, None)
@@ -511,6 +523,14 @@ class Tree:
                 wds.append(n.wd)
             self._forget(n)
         return wds
+
+    def _locate(self, node: _Dir) -> tuple[int, _Root, str, list[str]] | None:
+        found = self._parts(node)
+        if found is None:
+            return None
+        root, parts = found
+        node.cache = (self._gen, root, _join(root.prefix, parts).rstrip("/") + "/", parts)
+        return node.cache
 
     def _parts(self, node: _Dir) -> tuple[_Root, list[str]] | None:
         parts: list[str] = []
