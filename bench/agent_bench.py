@@ -26,6 +26,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -91,13 +92,15 @@ class H(FileSystemEventHandler):
             seen.add(e.src_path)
             if len(seen) >= want and not done.is_set():
                 print("DONE", time.monotonic(), len(seen), flush=True); done.set()
+                import os; os._exit(0)
+def bye(*_):
+    print("COUNT", time.monotonic(), len(seen), flush=True)
+    import os; os._exit(0)
+import signal; signal.signal(signal.SIGTERM, bye)
 o = Observer(); o.schedule(H(), root, recursive=True); o.start()
 print("READY", flush=True)
-try:
-    done.wait()
-    time.sleep(3600)
-except KeyboardInterrupt:
-    pass
+done.wait()
+time.sleep(3600)
 """
 
 
@@ -148,6 +151,19 @@ def quiet_file(path: Path, idle: float = 2.0, cap: float = 120) -> float:
 def count_closes(path: Path) -> int:
     with open(path, "rb") as f:
         return sum(1 for line in f if line.startswith(b"CLOSE_WRITE"))
+
+
+def feed_count(url: str, match: Callable[[str], bool]) -> int:
+    """Lines of the relay's whole feed that ``match``, read until it goes quiet."""
+    count = 0
+    try:
+        with httpx.stream("GET", url + "/events", params={"since": "earliest"},
+                          timeout=httpx.Timeout(5, read=2)) as r:
+            for line in r.iter_lines():
+                count += match(line)
+    except httpx.ReadTimeout:
+        pass  # idle: everything stored has been read
+    return count
 
 
 # -- workloads -------------------------------------------------------------------------------
@@ -211,8 +227,7 @@ def burst(base: Path, tool: str) -> dict:
         py(GENERATE, root, FILES, 100)
         time.sleep(10)  # what it has not reported by now it has lost (overflow, no rescan)
         stop(p)
-        out = p.stdout.read().split()
-        got, overflows = (int(out[2]) if out else -1), -1
+        got, overflows = int(p.stdout.read().split()[-1]), -1  # its overflows only log
     else:
         stack = Stack(base, root)
         py(GENERATE, root, FILES, 100)
@@ -222,19 +237,9 @@ def burst(base: Path, tool: str) -> dict:
             if head != last:
                 last, since = head, time.monotonic()
             time.sleep(0.1)
-        feed = httpx.get(stack.url + "/events", params={"since": "earliest",
-                                                        "type": "IN_CLOSE_WRITE"},
-                         timeout=httpx.Timeout(5, read=2))
-        got = overflows = 0
-        try:
-            with httpx.stream("GET", stack.url + "/events", params={"since": "earliest"},
-                              timeout=httpx.Timeout(5, read=3)) as r:
-                for line in r.iter_lines():
-                    got += line.startswith("data:") and "IN_CLOSE_WRITE" in line
-                    overflows += line == "event: overflow"
-        except httpx.ReadTimeout:
-            pass
-        del feed
+        got = feed_count(stack.url, lambda line: line.startswith("data:")
+                         and "IN_CLOSE_WRITE" in line)
+        overflows = feed_count(stack.url, lambda line: line == "event: overflow")
         stack.close()
     return {"files": got, "lost": FILES - got, "overflows": overflows}
 
@@ -256,8 +261,9 @@ def latency(base: Path, tool: str, rate: int = 1000, secs: float = 10) -> dict:
 
         def read() -> None:
             for line in p.stdout:
-                path, t = line.decode().split()
-                seen.setdefault(path, float(t))
+                words = line.decode().split()
+                if len(words) == 2:  # not its closing COUNT line
+                    seen.setdefault(words[0], float(words[1]))
 
     else:
         stack = Stack(base, root)
@@ -299,21 +305,13 @@ def race(base: Path, tool: str, n: int = 1000) -> dict:
         py(RACE, root, n)
         time.sleep(3)
         stop(p)
-        out = p.stdout.read().split()
-        got = int(out[2]) if out else 0
+        got = int(p.stdout.read().split()[-1])
     else:
         stack = Stack(base, root)
         py(RACE, root, n)
         time.sleep(3)
-        got = 0
-        try:
-            with httpx.stream("GET", stack.url + "/events", params={"since": "earliest"},
-                              timeout=httpx.Timeout(5, read=2)) as r:
-                got = sum(1 for line in r.iter_lines()
-                          if line.startswith("data:") and '/b/c/f"' in line
-                          and "IN_CREATE" in line)
-        except httpx.ReadTimeout:
-            pass
+        got = feed_count(stack.url, lambda line: line.startswith("data:")
+                         and '/b/c/f"' in line and "IN_CREATE" in line)
         stack.close()
     return {"reported": got, "of": n}
 

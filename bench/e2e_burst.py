@@ -17,20 +17,17 @@ Needs root (for the tmpfs mount) and `apt-get install inotify-tools`.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-BIN = Path(sys.executable).parent
+import httpx
+from harness import BIN, free_port, make_root, stop, tmpfs, wait_http
 
 GENERATOR = r"""
 import os, sys, time
@@ -69,46 +66,10 @@ print(f"{closes} {overflows} {last}", flush=True)
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def make_root(base: Path, name: str, dirs: int) -> Path:
-    root = base / name
-    shutil.rmtree(root, ignore_errors=True)
-    for i in range(dirs):
-        (root / f"d{i:03d}").mkdir(parents=True)
-    return root
-
-
 def generate(root: Path, n: int, dirs: int) -> tuple[float, float]:
     out = subprocess.run([sys.executable, "-c", GENERATOR, str(root), str(n), str(dirs)],
                          capture_output=True, text=True, check=True).stdout.split()
     return float(out[0]), float(out[1])
-
-
-def wait_http(url: str, timeout: float = 20) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(httpx.TransportError):
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"{url} did not come up")
-
-
-def stop(p: subprocess.Popen) -> None:
-    if p.poll() is None:
-        p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(15)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
 
 
 def run_ours(base: Path, n: int, dirs: int) -> dict:
@@ -126,8 +87,6 @@ def run_ours(base: Path, n: int, dirs: int) -> dict:
         agent = subprocess.Popen([BIN / "storage-events-agent", "run", "--relay", url, "--site",
                                   "bench", str(root)], stdout=logs, stderr=logs)
         procs.append(agent)
-        import httpx
-
         deadline = time.monotonic() + 20
         while not httpx.get(url + "/healthz").json()["agents"]:
             if time.monotonic() > deadline:
@@ -186,20 +145,15 @@ def main() -> None:
     args = ap.parse_args()
     if not shutil.which("inotifywait"):
         sys.exit("inotifywait is missing: apt-get install inotify-tools")
-    base = Path(tempfile.mkdtemp(prefix="se-bench-"))
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4g", "tmpfs", str(base)], check=True)
     queued = Path("/proc/sys/fs/inotify/max_queued_events").read_text().strip()
     results: list[dict] = []
-    try:
+    with tmpfs() as base:
         for run in range(args.runs):
             for tool, fn in (("inotifywait", run_inotifywait), ("storage-events", run_ours)):
                 r = fn(base, args.files, args.dirs) | {"tool": tool, "run": run}
                 r["events_per_s"] = 2 * r["delivered"] / r["seconds"]
                 results.append(r)
                 print(json.dumps(r), flush=True)
-    finally:
-        subprocess.run(["umount", str(base)], check=False)
-        base.rmdir()
     print(f"\n{args.files} files x {args.runs} runs, max_queued_events={queued}, "
           f"{os.cpu_count()} CPUs, tmpfs")
     print(f"{'tool':16} {'delivered':>10} {'overflow':>9} {'events/s (median)':>18} "
