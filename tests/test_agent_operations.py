@@ -106,3 +106,35 @@ def test_check_passes_on_a_healthy_node(tmp_path, relay):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "reachable" in r.stdout and "2 directories to watch" in r.stdout
     assert r.stdout.strip().endswith("ok")
+
+
+def test_metrics_and_one_agent_per_spool(tmp_path, procs, relay):
+    from conftest import free_port
+
+    root = tmp_path / "w"
+    root.mkdir()
+    port = free_port()
+    config = tmp_path / "agent.toml"
+    config.write_text(f'metrics = "127.0.0.1:{port}"\nspool = "{tmp_path / "spool"}"\n')
+    start_agent(tmp_path, procs, relay.url, root, extra=("--config", str(config)))
+    wait_for(lambda: agents_connected(relay), 10, "agent connection")
+    write(root / "f")
+    wait_for(lambda: relay.healthy()["head"] >= 2, 10, "events stored")
+
+    def metric(name: str) -> float:
+        import httpx
+
+        for line in httpx.get(f"http://127.0.0.1:{port}/metrics").text.splitlines():
+            if line.startswith(f"storage_events_agent_{name} "):
+                return float(line.split()[1])
+        raise AssertionError(f"no metric {name}")
+
+    wait_for(lambda: metric("events_acked_total") == 2, 10, "acked metric")
+    assert metric("events_published_total") == 2
+    assert metric("watches") == 1 and metric("relay_connected") == 1
+    assert metric("paused") == 0 and metric("spool_quota_bytes") == 1 << 30
+
+    second = subprocess.run([command("storage-events-agent"), "run", "--relay", relay.url,
+                             "--spool", str(tmp_path / "spool"), str(root)],
+                            capture_output=True, text=True, timeout=30)
+    assert second.returncode != 0 and "in use by another agent" in second.stderr
