@@ -248,24 +248,10 @@ class Tree:
     def _listed(self, node: _Dir, cmd: WatchDir, entries: Listing, now: float) -> list[Output]:
         out: list[Output] = []
         base = cmd.path.rstrip("/") + "/"
-        if not cmd.announce and cmd.old is None and not self._selective:
+        found = self._parts(node) if self._selective or cmd.announce or cmd.old else None
+        select, parts = (found[0].select, found[1]) if found is not None else (None, [])
+        if not cmd.announce and cmd.old is None:
             # Start-up: build the model and publish nothing (the hot path for big trees).
-            files = None
-            for name, is_dir, ino, mtime, size in entries:
-                if is_dir:
-                    out.append(WatchDir(base + name, False, node, name, ino=ino))
-                else:
-                    if files is None:
-                        files = _writable(node)
-                    files[name] = (ino, mtime, size)
-            return out
-        found = self._parts(node)
-        if found is None:
-            return out
-        root, parts = found
-        select, pub = root.select, _join(root.prefix, parts)
-        old = dict(cmd.old.entries) if cmd.old is not None else None
-        if not cmd.announce and old is None:
             files = None
             for name, is_dir, ino, mtime, size in entries:
                 if select is not None and select.excluded(parts, name, is_dir):
@@ -277,6 +263,10 @@ class Tree:
                         files = _writable(node)
                     files[name] = (ino, mtime, size)
             return out
+        if found is None:
+            return out
+        pub = _join(found[0].prefix, parts)
+        old = dict(cmd.old.entries) if cmd.old is not None else None
         announced: list[str] = []
         mine = _writable(node)
         for name, is_dir, ino, mtime, size in entries:
