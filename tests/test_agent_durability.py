@@ -13,6 +13,9 @@ from test_model import kernel_queue, on_disk, replay
 
 
 def feed(tmp_path, procs, relay: Relay, name: str = "feed") -> list[dict]:
+    # After an outage the agent reconnects within its backoff (at most 10 s): wait for it
+    # before waiting for the feed to settle.
+    wait_for(lambda: agents_connected(relay), 30, "the agent to reconnect")
     head = settled_head(relay, quiet=2.0)
     return Tail(tmp_path, procs, relay.url, "--since", "earliest", "--count", str(head),
                 name=name).wait_count(head)
