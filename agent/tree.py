@@ -180,6 +180,25 @@ class Tree:
 
     # -- feedback from the shell ---------------------------------------------------------------
 
+    def attach(self, wd: int, parent: _Dir | None, name: str, ino: int,
+               root: _Root | None) -> _Dir | None:
+        """Start-up, where nothing is published: the shell walks the tree itself (the cheapest
+        loop for 100,000 directories) and records each watch and file here. None: that
+        directory is watched already (reachable twice, through a bind mount)."""
+        if wd in self._wds:
+            return None
+        node = _Dir(wd, ino, name, parent, root)
+        self._wds[wd] = node
+        if parent is not None:
+            _writable(parent)[name] = node
+        elif root is not None:
+            root.node = node
+        return node
+
+    @staticmethod
+    def attach_file(node: _Dir, name: str, stat: FileStat) -> None:
+        _writable(node)[name] = stat
+
     def watched(self, wd: int, cmd: WatchDir, entries: Listing, now: float) -> list[Output]:
         """The watch asked for by ``cmd`` landed as ``wd``; ``entries`` were listed after the
         watch was in place."""
@@ -248,23 +267,10 @@ class Tree:
     def _listed(self, node: _Dir, cmd: WatchDir, entries: Listing, now: float) -> list[Output]:
         out: list[Output] = []
         base = cmd.path.rstrip("/") + "/"
-        found = self._parts(node) if self._selective or cmd.announce or cmd.old else None
-        select, parts = (found[0].select, found[1]) if found is not None else (None, [])
-        if not cmd.announce and cmd.old is None:
-            # Start-up: build the model and publish nothing (the hot path for big trees).
-            files = None
-            for name, is_dir, ino, mtime, size in entries:
-                if select is not None and select.excluded(parts, name, is_dir):
-                    continue
-                if is_dir:
-                    out.append(WatchDir(base + name, False, node, name, ino=ino))
-                else:
-                    if files is None:
-                        files = _writable(node)
-                    files[name] = (ino, mtime, size)
-            return out
+        found = self._parts(node)
         if found is None:
             return out
+        select, parts = found[0].select, found[1]
         pub = _join(found[0].prefix, parts)
         old = dict(cmd.old.entries) if cmd.old is not None else None
         announced: list[str] = []
