@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -31,15 +32,24 @@ def create_app(cfg: RelayConfig) -> Starlette:
             "status": "ok",
             "version": __version__,
             "head": log.head,
+            "first": log.first,
             "subscribers": len(hub),
             "agents": ingest.connections,
         })
 
+    async def retention() -> None:
+        while True:
+            await ingest.trim(max_age=cfg.retention_days * 86400,
+                              max_events=cfg.retention_events, max_bytes=cfg.retention_bytes)
+            await asyncio.sleep(cfg.retention_check)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        trimmer = asyncio.create_task(retention())
         try:
             yield
         finally:
+            trimmer.cancel()
             hub.close()
             ingest.close()
             log.close()

@@ -22,6 +22,12 @@ class RelayConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     subscriber_buffer: PositiveInt = 4 * 1024 * 1024  # bytes queued per subscriber before it
     # falls back to reading the log
     durability: Annotated[str, msgspec.Meta(pattern="^(normal|full)$")] = "normal"
+    # Retention of the log; 0 means no limit of that kind. Clients resuming from an id that
+    # was dropped get a `gap` event saying which ids they missed.
+    retention_days: Annotated[float, msgspec.Meta(ge=0)] = 30.0
+    retention_events: Annotated[int, msgspec.Meta(ge=0)] = 0
+    retention_bytes: Annotated[int, msgspec.Meta(ge=0)] = 0
+    retention_check: Positive = 10.0  # seconds between retention passes
 
     def host_port(self) -> tuple[str, int]:
         host, sep, port = self.listen.rpartition(":")

@@ -4,6 +4,7 @@ a duplicate at the hand-over."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 
 from starlette.requests import Request
@@ -22,7 +23,8 @@ class ResumeError(ValueError):
     pass
 
 
-def resume_point(last_event_id: str | None, since: str | None, head: int) -> int:
+def resume_point(last_event_id: str | None, since: str | None, head: int,
+                 first: int = 1) -> int:
     """The id after which delivery starts. ``Last-Event-ID`` (a reconnecting browser) wins over
     ``since``; neither means "from now"."""
     if last_event_id is not None:
@@ -34,7 +36,7 @@ def resume_point(last_event_id: str | None, since: str | None, head: int) -> int
     if value == "now":
         return head
     if value == "earliest":
-        return 0
+        return first - 1
     if not value.isascii() or not value.isdigit() or len(value) > 19:
         raise ResumeError(
             f"{what} {value[:40]!r} is not an event id: use a number, 'earliest' or 'now'"
@@ -46,6 +48,14 @@ def resume_point(last_event_id: str | None, since: str | None, head: int) -> int
             "it may come from another relay or a log that was reset: resume with 'earliest'"
         )
     return point
+
+
+def gap(lost_from: int, lost_to: int) -> bytes:
+    """The ``gap`` event: ids ``lost_from..lost_to`` are no longer held; its id is where the
+    feed resumes, so a reconnect does not report the same gap again."""
+    data = json.dumps({"type": "gap", "lost_from": lost_from, "lost_to": lost_to,
+                       "resumes_after": lost_to}, separators=(",", ":")).encode()
+    return sse.render(data, event="gap", id=lost_to)
 
 
 class Feed:
@@ -61,7 +71,7 @@ class Feed:
             filter = Filter(q.getlist("path"), q.getlist("site"), q.getlist("node"),
                             q.getlist("type"))
             start = resume_point(request.headers.get("last-event-id"), q.get("since"),
-                                 self.log.head)
+                                 self.log.head, self.log.first)
         except (FilterError, ResumeError) as e:
             return PlainTextResponse(f"{e}\n", status_code=400)
         # Subscribe before reading the log: whatever is published from now on is buffered, and
@@ -104,6 +114,11 @@ class Feed:
             self.hub.unsubscribe(sub)
 
     async def _catch_up(self, filter: Filter, after: int) -> AsyncIterator[tuple[int, bytes]]:
+        first = self.log.first
+        if after + 1 < first:
+            # Retention dropped what this client asks for: say exactly what, never skip it.
+            yield first - 1, gap(after + 1, first - 1)
+            after = first - 1
         while after < self.log.head:
             records = await asyncio.to_thread(self.log.read, after, CATCH_UP_PAGE)
             if not records:

@@ -7,6 +7,7 @@ store or why the connection must close. :class:`Ingest` is the thin WebSocket sh
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -124,12 +125,21 @@ class Ingest:
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="log-writer")
         self._lock = asyncio.Lock()
         self.connections = 0
+        self.stored = 0  # events stored since start
 
     async def store(self, events: list[Event]) -> None:
         async with self._lock:
             loop = asyncio.get_running_loop()
             records = await loop.run_in_executor(self._writer, self.log.append, events)
             self.hub.publish(records)
+            self.stored += len(records)
+
+    async def trim(self, **limits: float) -> int:
+        """Apply retention on the writer thread, between two batches."""
+        async with self._lock:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._writer,
+                                              functools.partial(self.log.trim, **limits))
 
     async def endpoint(self, ws: WebSocket) -> None:
         await ws.accept()

@@ -44,11 +44,23 @@ class EventLog(Protocol):
     def head(self) -> int:
         """The newest id (0 when empty)."""
 
+    @property
+    def first(self) -> int:
+        """The oldest id still held (``head + 1`` when empty): older ones were dropped by
+        retention, and a client resuming before it is told so with a ``gap`` event."""
+
+    @property
+    def size(self) -> int:
+        """Bytes of event data held."""
+
     def position(self, stream: str) -> int:
         """The highest ``seq`` held for ``stream`` (0 if none)."""
 
     def append(self, events: list[Event]) -> list[Record]:
         """Store new events, giving each its id; returns what was stored, in id order."""
+
+    def trim(self, *, max_age: float, max_events: int, max_bytes: int) -> int:
+        """Drop the oldest events beyond any of the limits (0: no limit)."""
 
     def read(self, after: int, limit: int) -> list[Record]:
         """Up to ``limit`` records with ids greater than ``after``, in id order."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 from storage_events.wire import Event, event_json, flags_mask
@@ -24,7 +25,8 @@ CREATE TABLE IF NOT EXISTS events (
     node  TEXT NOT NULL,
     path  TEXT NOT NULL,
     flags INTEGER NOT NULL,
-    data  BLOB NOT NULL          -- the event's JSON, id included, exactly as subscribers get it
+    data  BLOB NOT NULL,         -- the event's JSON, id included, exactly as subscribers get it
+    received INTEGER NOT NULL    -- when the relay stored it (ns since the epoch): for retention
 );
 CREATE TABLE IF NOT EXISTS streams (
     stream TEXT PRIMARY KEY,
@@ -41,7 +43,14 @@ class SQLiteLog:
         self._local = threading.local()
         self._writer = self._connect()
         self._writer.executescript(_SCHEMA)
-        self._head = self._writer.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0]
+        columns = {row[1] for row in self._writer.execute("PRAGMA table_info(events)")}
+        if "received" not in columns:  # a log written by version 0.1.0
+            self._writer.execute(
+                "ALTER TABLE events ADD COLUMN received INTEGER NOT NULL DEFAULT 0")
+        self._head, first, self._bytes = self._writer.execute(
+            "SELECT coalesce(max(id), 0), min(id), coalesce(sum(length(data)), 0) FROM events"
+        ).fetchone()
+        self._first = first if first is not None else self._head + 1
         self._positions: dict[str, int] = dict(
             self._writer.execute("SELECT stream, seq FROM streams").fetchall()
         )
@@ -59,12 +68,21 @@ class SQLiteLog:
     def head(self) -> int:
         return self._head
 
+    @property
+    def first(self) -> int:
+        return self._first
+
+    @property
+    def size(self) -> int:
+        return self._bytes
+
     def position(self, stream: str) -> int:
         return self._positions.get(stream, 0)
 
     def append(self, events: list[Event]) -> list[Record]:
         positions: dict[str, int] = {}
         rows, records = [], []
+        now = time.time_ns()
         head = self._head
         for ev in events:
             last = positions.get(ev.stream, self._positions.get(ev.stream, 0))
@@ -78,14 +96,14 @@ class SQLiteLog:
             ev.id = head
             flags = flags_mask(ev.flags)
             data = event_json(ev)
-            rows.append((head, ev.site, ev.node, ev.path, flags, data))
+            rows.append((head, ev.site, ev.node, ev.path, flags, data, now))
             records.append(make_record(head, ev.site, ev.node, ev.path, flags, data))
         if not rows:
             return []
         w = self._writer
         w.execute("BEGIN IMMEDIATE")
         try:
-            w.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?)", rows)
+            w.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
             w.executemany(
                 "INSERT INTO streams VALUES (?, ?) "
                 "ON CONFLICT(stream) DO UPDATE SET seq = excluded.seq",
@@ -95,9 +113,49 @@ class SQLiteLog:
         except BaseException:
             w.execute("ROLLBACK")
             raise
+        if self._first > self._head:  # was empty
+            self._first = self._head + 1
         self._head = head
+        self._bytes += sum(len(r[5]) for r in rows)
         self._positions.update(positions)
         return records
+
+    def trim(self, *, max_age: float, max_events: int, max_bytes: int) -> int:
+        """Drop the oldest events beyond any limit (0: none); returns how many went."""
+        w = self._writer
+        cut = self._first - 1
+        if max_events and self._head - cut > max_events:
+            cut = self._head - max_events
+        if max_age:
+            oldest_kept = time.time_ns() - int(max_age * 1e9)
+            (aged,) = w.execute("SELECT max(id) FROM events WHERE received < ?",
+                                (oldest_kept,)).fetchone()
+            cut = max(cut, aged or 0)
+        excess = self._bytes - self._sum_through(cut) - max_bytes if max_bytes else 0
+        while excess > 0:  # walk forward from the cut until enough bytes would go
+            rows = w.execute("SELECT id, length(data) FROM events WHERE id > ? ORDER BY id "
+                             "LIMIT 10000", (cut,)).fetchall()
+            if not rows:
+                break
+            for id, size in rows:
+                cut, excess = id, excess - size
+                if excess <= 0:
+                    break
+        if cut < self._first:
+            return 0
+        freed = self._sum_through(cut)
+        w.execute("BEGIN IMMEDIATE")
+        w.execute("DELETE FROM events WHERE id <= ?", (cut,))
+        w.execute("COMMIT")
+        gone = cut - self._first + 1
+        self._first, self._bytes = cut + 1, self._bytes - freed
+        log.info("retention: dropped events %d-%d (%d bytes)", cut - gone + 1, cut, freed)
+        return gone
+
+    def _sum_through(self, id: int) -> int:
+        (total,) = self._writer.execute(
+            "SELECT coalesce(sum(length(data)), 0) FROM events WHERE id <= ?", (id,)).fetchone()
+        return total
 
     def read(self, after: int, limit: int) -> list[Record]:
         conn = getattr(self._local, "conn", None)

@@ -205,3 +205,23 @@ def test_sqlite_log_numbers_dedups_and_survives_reopening(tmp_path):
     assert [r.id for r in rows] == [2, 3, 4]
     assert b"id: 2\nevent: inotify\ndata: {\"id\":2," in rows[0].sse
     assert log.read(4, 10) == []
+
+
+def test_sqlite_log_retention_by_count_bytes_and_age(tmp_path):
+    import time
+
+    log = SQLiteLog(tmp_path)
+    log.append([ev(i, path=f"/d/{i:04d}") for i in range(1, 101)])
+    per_event = log.size // 100
+    assert log.trim(max_age=0, max_events=80, max_bytes=0) == 20
+    assert (log.first, log.head) == (21, 100)
+    assert log.trim(max_age=0, max_events=0, max_bytes=50 * per_event) == 30
+    assert log.first == 51 and log.size <= 50 * per_event
+    assert [r.id for r in log.read(0, 3)] == [51, 52, 53]
+    time.sleep(0.05)
+    log.append([ev(101, path="/d/new")])
+    assert log.trim(max_age=0.03, max_events=0, max_bytes=0) == 50
+    assert (log.first, log.head) == (101, 101)
+    log.close()
+    reopened = SQLiteLog(tmp_path)
+    assert (reopened.first, reopened.head, reopened.size) == (101, 101, log.size)

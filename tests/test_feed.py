@@ -73,3 +73,44 @@ def test_filters_select_the_same_events_live_and_in_catch_up(tmp_path, procs, re
         assert {tuple(e["flags"]) for e in got} == {("IN_CLOSE_WRITE",)}
     assert [e["id"] for e in got_live] == [e["id"] for e in got_catch_up]
     assert len(live.events()) == len(expected)
+
+
+def publish(relay: Relay, n: int, stream: str = "n1:retention") -> None:
+    """Publish ``n`` events over the ingest protocol, as an agent would."""
+    import asyncio
+
+    import websockets
+
+    from storage_events.wire import Batch, Event, Hello, decode_to_agent, encode_frame
+
+    async def run() -> None:
+        async with websockets.connect(relay.url.replace("http", "ws") + "/ingest") as ws:
+            await ws.send(encode_frame(Hello(site="s1", node="n1", stream=stream)))
+            await ws.recv()
+            events = [Event(site="s1", node="n1", path=f"/d/f{i}", flags=["IN_CLOSE_WRITE"],
+                            ts=1, stream=stream, seq=i) for i in range(1, n + 1)]
+            await ws.send(encode_frame(Batch(events)))
+            decode_to_agent(await ws.recv())
+
+    asyncio.run(run())
+
+
+def test_retention_drops_old_events_and_resuming_before_them_says_gap(tmp_path, procs):
+    config = tmp_path / "relay.toml"
+    config.write_text("retention_events = 100\nretention_check = 0.2\n")
+    relay = Relay(tmp_path, procs, extra=("--config", str(config)))
+    publish(relay, 300)
+    wait_for(lambda: relay.healthy()["first"] == 201, 10, "retention to drop 200 events")
+
+    resumed = Tail(tmp_path, procs, relay.url, "--since", "50", "--count", "101",
+                   name="resumed").wait_count(101)
+    assert resumed[0] == {"type": "gap", "lost_from": 51, "lost_to": 200, "resumes_after": 200}
+    assert [e["id"] for e in resumed[1:]] == list(range(201, 301))
+
+    earliest = Tail(tmp_path, procs, relay.url, "--since", "earliest", "--count", "100",
+                    name="earliest").wait_count(100)
+    assert [e["id"] for e in earliest] == list(range(201, 301))  # no gap: nothing was asked
+    lines = curl_lines(relay.url + "/events?since=10", 0.5)
+    assert lines[:7] == ["retry: 1000", "id: 10", "", "id: 200", "event: gap",
+                         'data: {"type":"gap","lost_from":11,"lost_to":200,"resumes_after":200}',
+                         ""]
