@@ -8,6 +8,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route, WebSocketRoute
@@ -18,6 +20,7 @@ from .config import RelayConfig
 from .feed import Feed
 from .hub import Hub
 from .ingest import Ingest, IngestLimits
+from .metrics import metrics_endpoint
 from .sqlite_log import SQLiteLog
 
 
@@ -54,11 +57,20 @@ def create_app(cfg: RelayConfig) -> Starlette:
             ingest.close()
             log.close()
 
-    return Starlette(
+    middleware = []
+    if cfg.cors_origins:
+        middleware.append(Middleware(CORSMiddleware, allow_origins=cfg.cors_origins,
+                                     allow_methods=["GET"],
+                                     allow_headers=["Authorization", "Last-Event-ID"]))
+    app = Starlette(
+        middleware=middleware,
         routes=[
             Route("/events", feed.endpoint),
             WebSocketRoute("/ingest", ingest.endpoint),
             Route("/healthz", healthz),
+            Route("/metrics", metrics_endpoint(log, hub, ingest, feed)),
         ],
         lifespan=lifespan,
     )
+    app.state.hub = hub  # for the server's shutdown: feeds are told to reconnect elsewhere
+    return app

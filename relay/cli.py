@@ -25,14 +25,18 @@ def main() -> None:
 @click.option("--data", help="Directory of the embedded event log (SQLite).")
 @click.option("--insecure", is_flag=True, default=None,
               help="Allow a non-loopback address without authentication.")
+@click.option("--certfile", help="TLS certificate (PEM): serve https:// and wss://.")
+@click.option("--keyfile", help="TLS private key (PEM).")
 @click.option("-v", "--verbose", count=True, help="More log output.")
 @version_option
 def serve(config_file: Path | None, listen: str | None, data: str | None,
-          insecure: bool | None, verbose: int) -> None:
+          insecure: bool | None, certfile: str | None, keyfile: str | None,
+          verbose: int) -> None:
     """Run the relay: /ingest for agents, /events for subscribers."""
     setup_logging(verbose)
     cfg = load_config(config_file, RelayConfig,
-                      {"listen": listen, "data": data, "insecure": insecure})
+                      {"listen": listen, "data": data, "insecure": insecure,
+                       "certfile": certfile, "keyfile": keyfile})
     try:
         check_secure(cfg)
         host, port = cfg.host_port()
@@ -52,13 +56,25 @@ def serve(config_file: Path | None, listen: str | None, data: str | None,
         app = create_app(cfg)
     except (OSError, sqlite3.Error) as e:
         raise click.ClickException(f"cannot open the event log in {cfg.data}: {e}") from None
-    uvicorn.run(
+    server = uvicorn.Server(uvicorn.Config(
         app,
         host=host,
         port=port,
         ws_max_size=cfg.max_frame,
         ws_per_message_deflate=False,
         log_level="debug" if verbose else "info",
-        timeout_graceful_shutdown=2,
+        timeout_graceful_shutdown=5,
         access_log=bool(verbose),
-    )
+        ssl_certfile=cfg.certfile,
+        ssl_keyfile=cfg.keyfile,
+    ))
+    stop = server.handle_exit
+
+    def handle_exit(sig: int, frame: object) -> None:
+        # SSE responses never end by themselves: tell every subscriber to reconnect (it resumes
+        # by Last-Event-ID) so the server can stop without waiting for them.
+        app.state.hub.close()
+        stop(sig, frame)  # type: ignore[arg-type]
+
+    server.handle_exit = handle_exit  # type: ignore[method-assign]
+    server.run()

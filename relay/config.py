@@ -28,6 +28,9 @@ class RelayConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     retention_events: Annotated[int, msgspec.Meta(ge=0)] = 0
     retention_bytes: Annotated[int, msgspec.Meta(ge=0)] = 0
     retention_check: Positive = 10.0  # seconds between retention passes
+    certfile: str | None = None  # TLS: serve https:// and wss://
+    keyfile: str | None = None
+    cors_origins: list[str] = []  # web origins whose pages may read the feed, e.g. https://x
 
     def host_port(self) -> tuple[str, int]:
         host, sep, port = self.listen.rpartition(":")

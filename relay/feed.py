@@ -64,6 +64,7 @@ class Feed:
         self.hub = hub
         self.heartbeat = heartbeat
         self.buffer_bytes = buffer_bytes
+        self.delivered = 0  # events sent to subscribers since start
 
     async def endpoint(self, request: Request) -> Response:
         q = request.query_params
@@ -90,9 +91,10 @@ class Feed:
             yield b"retry: 1000\nid: %d\n\n" % last
             while not sub.closed:
                 sub.reset()
-                async for chunk in self._catch_up(sub.filter, last):
-                    last, data = chunk
+                async for examined, data, count in self._catch_up(sub.filter, last):
+                    last = examined
                     if data:
+                        self.delivered += count
                         yield data
                 while not (sub.overflowed or sub.closed):
                     if not await sub.wait(self.heartbeat):
@@ -107,24 +109,26 @@ class Feed:
                         data = b"".join(b for i, b in items if i > last)
                     last = max(last, items[-1][0])
                     if data:
+                        self.delivered += len(items)
                         yield data
             if sub.closed:
                 yield b"event: shutdown\ndata: {}\n\n"
         finally:
             self.hub.unsubscribe(sub)
 
-    async def _catch_up(self, filter: Filter, after: int) -> AsyncIterator[tuple[int, bytes]]:
+    async def _catch_up(self, filter: Filter,
+                        after: int) -> AsyncIterator[tuple[int, bytes, int]]:
+        """(last id examined, SSE bytes to send, events in them), page by page."""
         first = self.log.first
         if after + 1 < first:
             # Retention dropped what this client asks for: say exactly what, never skip it.
-            yield first - 1, gap(after + 1, first - 1)
+            yield first - 1, gap(after + 1, first - 1), 0
             after = first - 1
         while after < self.log.head:
             records = await asyncio.to_thread(self.log.read, after, CATCH_UP_PAGE)
             if not records:
                 return
             after = records[-1].id
-            if filter.matches_all:
-                yield after, b"".join(r.sse for r in records)
-            else:
-                yield after, b"".join(r.sse for r in records if filter.matches(r))
+            if not filter.matches_all:
+                records = [r for r in records if filter.matches(r)]
+            yield after, b"".join(r.sse for r in records), len(records)

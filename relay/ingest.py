@@ -10,6 +10,7 @@ import asyncio
 import functools
 import logging
 import re
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -126,6 +127,8 @@ class Ingest:
         self._lock = asyncio.Lock()
         self.connections = 0
         self.stored = 0  # events stored since start
+        self.by_site: Counter[str] = Counter()  # open connections
+        self.last_ts: dict[str, int] = {}  # newest event time stored, by site
 
     async def store(self, events: list[Event]) -> None:
         async with self._lock:
@@ -133,6 +136,8 @@ class Ingest:
             records = await loop.run_in_executor(self._writer, self.log.append, events)
             self.hub.publish(records)
             self.stored += len(records)
+            if events:
+                self.last_ts[events[-1].site] = events[-1].ts
 
     async def trim(self, **limits: float) -> int:
         """Apply retention on the writer thread, between two batches."""
@@ -145,11 +150,14 @@ class Ingest:
         await ws.accept()
         session = IngestSession(self.limits)
         peer = f"{ws.client.host}:{ws.client.port}" if ws.client else "?"
+        site: str | None = None
         self.connections += 1
         try:
             hello = session.receive(await _receive(ws, timeout=10))
             assert isinstance(hello, Hello)
             peer = f"{hello.site}/{hello.node} ({peer})"
+            site = hello.site
+            self.by_site[site] += 1
             await ws.send_bytes(encode_frame(
                 Welcome(stream=hello.stream, acked=self.log.position(hello.stream))))
             log.info("agent %s connected, stream %s", peer, hello.stream)
@@ -169,6 +177,8 @@ class Ingest:
             log.info("agent %s disconnected", peer)
         finally:
             self.connections -= 1
+            if site is not None:
+                self.by_site[site] -= 1
 
     def close(self) -> None:
         self._writer.shutdown(wait=True)

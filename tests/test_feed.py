@@ -114,3 +114,51 @@ def test_retention_drops_old_events_and_resuming_before_them_says_gap(tmp_path, 
     assert lines[:7] == ["retry: 1000", "id: 10", "", "id: 200", "event: gap",
                          'data: {"type":"gap","lost_from":11,"lost_to":200,"resumes_after":200}',
                          ""]
+
+
+def test_metrics(tmp_path, procs, relay):
+    import httpx
+
+    publish(relay, 5, stream="n1:metrics")
+    Tail(tmp_path, procs, relay.url, "--since", "earliest", "--count", "5").wait_count(5)
+    text = httpx.get(relay.url + "/metrics").text
+    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+              if line and not line.startswith("#")}
+    assert values["storage_events_relay_events_in_total"] == 5
+    assert values["storage_events_relay_events_out_total"] >= 5
+    assert values["storage_events_relay_log_head"] == 5
+    assert values['storage_events_relay_lag_seconds{site="s1"}'] > 0
+    assert 'storage_events_relay_agent_connections{site="s1"} 0.0' in text
+
+
+def test_sigterm_tells_subscribers_to_reconnect_and_stops_promptly(tmp_path, procs, relay):
+    import signal
+    import time
+
+    publish(relay, 3, stream="n1:shutdown")
+    tail = Tail(tmp_path, procs, relay.url, "--since", "earliest")
+    tail.wait_count(3)
+    started = time.monotonic()
+    # uvicorn ends by re-raising the signal it handled, which systemd counts as a clean stop
+    assert relay.proc.stop(signal.SIGTERM) in (0, -signal.SIGTERM)
+    assert time.monotonic() - started < 5
+    wait_for(lambda: "shutting down" in tail.proc.output(), 10, "the tail to hear of it")
+    relay.start()  # the same subscriber resumes after its last id: nothing twice
+    publish(relay, 2, stream="n1:after")
+    events = tail.wait_count(5)
+    assert [e["id"] for e in events] == [1, 2, 3, 4, 5]
+
+
+def test_tls(tmp_path, procs):
+    if not (shutil.which("openssl") and shutil.which("curl")):
+        pytest.skip("openssl and curl are needed to make and try a certificate")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    relay = Relay(tmp_path, procs, name="tls", scheme="https",
+                  extra=("--certfile", str(cert), "--keyfile", str(key)))
+    assert relay.url.startswith("https://")
+    r = subprocess.run(["curl", "-s", "--cacert", str(cert), relay.url + "/healthz"],
+                       capture_output=True, text=True, timeout=30)
+    assert '"status":"ok"' in r.stdout

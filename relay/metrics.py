@@ -1,0 +1,60 @@
+"""``GET /metrics``: Prometheus metrics of the relay, read from its parts at scrape time."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Iterator
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from starlette.requests import Request
+from starlette.responses import Response
+
+from .feed import Feed
+from .hub import Hub
+from .ingest import Ingest
+from .log import EventLog
+
+
+class RelayCollector(Collector):
+    def __init__(self, log: EventLog, hub: Hub, ingest: Ingest, feed: Feed) -> None:
+        self.log, self.hub, self.ingest, self.feed = log, hub, ingest, feed
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily("storage_events_relay_events_in",
+                                  "Events stored since start", value=self.ingest.stored)
+        yield CounterMetricFamily("storage_events_relay_events_out",
+                                  "Events delivered to subscribers since start",
+                                  value=self.feed.delivered)
+        yield GaugeMetricFamily("storage_events_relay_subscribers", "Connected SSE subscribers",
+                                value=len(self.hub))
+        yield GaugeMetricFamily("storage_events_relay_log_head", "Newest event id",
+                                value=self.log.head)
+        yield GaugeMetricFamily("storage_events_relay_log_first", "Oldest event id held",
+                                value=self.log.first)
+        yield GaugeMetricFamily("storage_events_relay_log_bytes", "Bytes of event data held",
+                                value=self.log.size)
+        lag = GaugeMetricFamily("storage_events_relay_lag_seconds",
+                                "Age of the newest event stored, by site (agent clock)",
+                                labels=["site"])
+        now = time.time_ns()
+        for site, ts in sorted(self.ingest.last_ts.items()):
+            lag.add_metric([site], max(0.0, (now - ts) / 1e9))
+        yield lag
+        agents = GaugeMetricFamily("storage_events_relay_agent_connections",
+                                   "Ingest connections, by site", labels=["site"])
+        for site, n in sorted(self.ingest.by_site.items()):
+            agents.add_metric([site], n)
+        yield agents
+
+
+def metrics_endpoint(log: EventLog, hub: Hub, ingest: Ingest,
+                     feed: Feed) -> Callable[[Request], Awaitable[Response]]:
+    registry = CollectorRegistry()
+    registry.register(RelayCollector(log, hub, ingest, feed))
+
+    async def endpoint(request: Request) -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return endpoint
