@@ -16,6 +16,7 @@ from starlette.routing import Route, WebSocketRoute
 
 from storage_events import __version__
 
+from .auth import Authenticator
 from .config import RelayConfig
 from .feed import Feed
 from .hub import Hub
@@ -27,8 +28,10 @@ from .sqlite_log import SQLiteLog
 def create_app(cfg: RelayConfig) -> Starlette:
     log = SQLiteLog(Path(cfg.data), synchronous=cfg.durability.upper())
     hub = Hub()
-    ingest = Ingest(log, hub, IngestLimits(max_batch=cfg.max_batch))
-    feed = Feed(log, hub, heartbeat=cfg.heartbeat, buffer_bytes=cfg.subscriber_buffer)
+    auth = Authenticator(cfg.token, cfg.jwt)
+    ingest = Ingest(log, hub, IngestLimits(max_batch=cfg.max_batch), auth)
+    feed = Feed(log, hub, heartbeat=cfg.heartbeat, buffer_bytes=cfg.subscriber_buffer,
+                auth=auth, per_identity=cfg.max_subscribers_per_identity)
 
     async def healthz(request: Request) -> JSONResponse:
         return JSONResponse({

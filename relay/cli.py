@@ -55,7 +55,9 @@ def serve(config_file: Path | None, listen: str | None, data: str | None,
     try:
         app = create_app(cfg)
     except (OSError, sqlite3.Error) as e:
-        raise click.ClickException(f"cannot open the event log in {cfg.data}: {e}") from None
+        raise click.ClickException(f"cannot start: {e}") from None
+    except ValueError as e:
+        raise click.ClickException(f"config: {e}") from None
     server = uvicorn.Server(uvicorn.Config(
         app,
         host=host,
@@ -78,3 +80,36 @@ def serve(config_file: Path | None, listen: str | None, data: str | None,
 
     server.handle_exit = handle_exit  # type: ignore[method-assign]
     server.run()
+
+
+@main.command()
+@click.option("--name", required=True, help="Who or what the token is for (shown in logs).")
+@click.option("--role", type=click.Choice(["agent", "reader"]), required=True)
+@click.option("--site", help="agent: the site it publishes as (required for agents).")
+@click.option("--sites", multiple=True, help="reader: a site it may read (repeat; default all).")
+@click.option("--paths", multiple=True,
+              help="reader: a path prefix it may read (repeat; default all).")
+@version_option
+def token(name: str, role: str, site: str | None, sites: tuple[str, ...],
+          paths: tuple[str, ...]) -> None:
+    """Make a token: prints it once, and the [[token]] entry (with its hash) for the config."""
+    import msgspec
+
+    from .auth import TokenConfig, hash_token, new_token
+    from .filters import FilterError, normalize_prefix
+
+    if role == "agent" and not site:
+        raise click.BadParameter("agent tokens need --site", param_hint="--site")
+    try:
+        prefixes = [normalize_prefix(p) for p in paths]
+    except FilterError as e:
+        raise click.BadParameter(str(e), param_hint="--paths") from None
+    secret = new_token()
+    entry = TokenConfig(name=name, role=role, hash=hash_token(secret),  # type: ignore[arg-type]
+                        site=site if role == "agent" else None,
+                        sites=list(sites) or None, paths=prefixes or None)
+    # JSON strings and string arrays are valid TOML.
+    toml = "\n".join(f"{k} = {msgspec.json.encode(v).decode()}"
+                     for k, v in msgspec.to_builtins(entry).items() if v is not None)
+    click.echo(f"token: {secret}\n\n# Add to the relay config; only the hash is kept there:\n"
+               f"[[token]]\n{toml}")

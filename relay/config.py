@@ -7,6 +7,8 @@ from typing import Annotated
 
 import msgspec
 
+from .auth import JWTConfig, TokenConfig
+
 Positive = Annotated[float, msgspec.Meta(gt=0)]
 PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
 
@@ -31,6 +33,9 @@ class RelayConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     certfile: str | None = None  # TLS: serve https:// and wss://
     keyfile: str | None = None
     cors_origins: list[str] = []  # web origins whose pages may read the feed, e.g. https://x
+    token: list[TokenConfig] = []  # [[token]] entries, made by `storage-events-relay token`
+    jwt: JWTConfig | None = None  # readers may also present JWTs checked with this
+    max_subscribers_per_identity: PositiveInt = 64
 
     def host_port(self) -> tuple[str, int]:
         host, sep, port = self.listen.rpartition(":")
@@ -51,7 +56,7 @@ def is_loopback(host: str) -> bool:
 def check_secure(cfg: RelayConfig) -> None:
     """Secure by default: with no authentication configured, serve loopback only."""
     host, _ = cfg.host_port()
-    if not is_loopback(host) and not cfg.insecure:
+    if not is_loopback(host) and not cfg.insecure and not (cfg.token or cfg.jwt):
         raise ValueError(
             f"refusing to listen on {host}: no authentication is configured, so anyone who can "
             "reach this address could publish and read events. Listen on 127.0.0.1, configure "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections import Counter
 from collections.abc import AsyncIterator
 
 from starlette.requests import Request
@@ -12,7 +13,8 @@ from starlette.responses import PlainTextResponse, Response, StreamingResponse
 
 from storage_events import sse
 
-from .filters import Filter, FilterError
+from .auth import Authenticator, AuthError
+from .filters import Filter, FilterError, Scope
 from .hub import Hub, Subscription
 from .log import EventLog
 
@@ -59,18 +61,48 @@ def gap(lost_from: int, lost_to: int) -> bytes:
 
 
 class Feed:
-    def __init__(self, log: EventLog, hub: Hub, *, heartbeat: float, buffer_bytes: int) -> None:
+    def __init__(self, log: EventLog, hub: Hub, *, heartbeat: float, buffer_bytes: int,
+                 auth: Authenticator | None = None, per_identity: int = 64) -> None:
+        self.auth = auth
+        self.per_identity = per_identity
+        self._open: Counter[str] = Counter()  # subscriptions per identity
         self.log = log
         self.hub = hub
         self.heartbeat = heartbeat
         self.buffer_bytes = buffer_bytes
         self.delivered = 0  # events sent to subscribers since start
 
+    def authorize(self, request: Request) -> tuple[str | None, Scope | None]:
+        """(identity name, reading scope) of the caller; raises :class:`AuthError`."""
+        if self.auth is None:
+            return None, None
+        header = request.headers.get("authorization", "")
+        bearer = header[7:].strip() if header[:7].lower() == "bearer " else None
+        who = self.auth.identify(bearer or request.query_params.get("access_token"))
+        if who is None:
+            return None, None
+        if who.role != "reader":
+            raise AuthError(f"token {who.name!r} is an {who.role} token: it cannot read", 403)
+        wanted = set(request.query_params.getlist("site"))
+        allowed = who.scope.sites
+        if wanted and allowed is not None and not wanted <= allowed:
+            raise AuthError(f"{who.name!r} may not read site(s) "
+                            f"{', '.join(sorted(wanted - allowed))}", 403)
+        return who.name, who.scope
+
     async def endpoint(self, request: Request) -> Response:
         q = request.query_params
         try:
+            name, scope = self.authorize(request)
+        except AuthError as e:
+            return PlainTextResponse(f"{e}\n", status_code=e.status,
+                                     headers={"WWW-Authenticate": "Bearer"})
+        if name is not None and self._open[name] >= self.per_identity:
+            return PlainTextResponse(f"{name!r} already has {self.per_identity} open "
+                                     "subscriptions\n", status_code=429)
+        try:
             filter = Filter(q.getlist("path"), q.getlist("site"), q.getlist("node"),
-                            q.getlist("type"))
+                            q.getlist("type"), scope)
             start = resume_point(request.headers.get("last-event-id"), q.get("since"),
                                  self.log.head, self.log.first)
         except (FilterError, ResumeError) as e:
@@ -78,13 +110,16 @@ class Feed:
         # Subscribe before reading the log: whatever is published from now on is buffered, and
         # whatever was published before is in the log.
         sub = self.hub.subscribe(filter, self.buffer_bytes)
+        if name is not None:
+            self._open[name] += 1
         return StreamingResponse(
-            self._stream(sub, start),
+            self._stream(sub, start, name),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
-    async def _stream(self, sub: Subscription, last: int) -> AsyncIterator[bytes]:
+    async def _stream(self, sub: Subscription, last: int,
+                      name: str | None) -> AsyncIterator[bytes]:
         try:
             # The resume point first: a client that sees no event before a drop still knows
             # where to pick up (an id-only block sets EventSource.lastEventId).
@@ -115,6 +150,8 @@ class Feed:
                 yield b"event: shutdown\ndata: {}\n\n"
         finally:
             self.hub.unsubscribe(sub)
+            if name is not None:
+                self._open[name] -= 1
 
     async def _catch_up(self, filter: Filter,
                         after: int) -> AsyncIterator[tuple[int, bytes, int]]:
@@ -129,6 +166,8 @@ class Feed:
             if not records:
                 return
             after = records[-1].id
-            if not filter.matches_all:
-                records = [r for r in records if filter.matches(r)]
-            yield after, b"".join(r.sse for r in records), len(records)
+            if filter.matches_all:
+                yield after, b"".join(r.sse for r in records), len(records)
+            else:
+                chunks = [filter.render(r) for r in records if filter.matches(r)]
+                yield after, b"".join(chunks), len(chunks)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from storage_events.wire import Flag, flags_mask
 
@@ -10,7 +11,7 @@ from .log import Record
 
 MAX_PREFIXES = 64
 MAX_VALUE_LENGTH = 4096
-_OVERFLOW = int(Flag.Q_OVERFLOW)
+_OVERFLOW, _MOVED_TO = int(Flag.Q_OVERFLOW), int(Flag.MOVED_TO)
 
 
 class FilterError(ValueError):
@@ -40,10 +41,26 @@ def _names(kind: str, values: Iterable[str]) -> frozenset[str]:
     return frozenset(out)
 
 
-class Filter:
-    """Conditions are ANDed; the values within one condition are ORed. Empty means "any"."""
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """What a reader may see (from its token): ``None`` for a dimension means anything."""
 
-    __slots__ = ("flags", "matches_all", "nodes", "prefixes", "sites")
+    sites: frozenset[str] | None = None
+    prefixes: tuple[str, ...] | None = None
+
+    def allows(self, site: str, path: str, *, overflow: bool = False) -> bool:
+        if self.sites is not None and site not in self.sites:
+            return False
+        if self.prefixes is None:
+            return True
+        return any(under(path, p) or (overflow and under(p, path)) for p in self.prefixes)
+
+
+class Filter:
+    """Conditions are ANDed; the values within one condition are ORed. Empty means "any".
+    A ``scope`` (the reader's rights) is ANDed with everything the reader asked for."""
+
+    __slots__ = ("flags", "matches_all", "nodes", "prefixes", "scope", "sites")
 
     def __init__(
         self,
@@ -51,6 +68,7 @@ class Filter:
         sites: Iterable[str] = (),
         nodes: Iterable[str] = (),
         types: Iterable[str] = (),
+        scope: Scope | None = None,
     ) -> None:
         prefixes = list(prefixes)
         if len(prefixes) > MAX_PREFIXES:
@@ -65,7 +83,9 @@ class Filter:
             self.flags = flags_mask(list(types))
         except ValueError as e:
             raise FilterError(str(e)) from None
-        self.matches_all = not (self.prefixes or self.sites or self.nodes or self.flags)
+        self.scope = scope if scope is not None and scope != Scope() else None
+        self.matches_all = not (self.prefixes or self.sites or self.nodes or self.flags
+                                or self.scope)
 
     def matches(self, r: Record) -> bool:
         if self.sites and r.site not in self.sites:
@@ -77,13 +97,26 @@ class Filter:
         overflow = r.flags & _OVERFLOW
         if self.flags and not (r.flags & self.flags or overflow):
             return False
+        if self.scope is not None and not self.scope.allows(r.site, r.path,
+                                                            overflow=bool(overflow)):
+            return False
         if self.prefixes:
             path = r.path
-            return any(_under(path, p) or (overflow and _under(p, path)) for p in self.prefixes)
+            return any(under(path, p) or (overflow and under(p, path)) for p in self.prefixes)
         return True
 
+    def render(self, r: Record) -> bytes:
+        """The record's SSE bytes for this subscriber: a move from outside the reader's scope
+        arrives without the path (and cookie) it came from."""
+        if self.scope is None or not r.flags & _MOVED_TO:
+            return r.sse
+        old = r.old_path()
+        if old is None or self.scope.allows(r.site, old):
+            return r.sse
+        return r.redacted()
 
-def _under(path: str, prefix: str) -> bool:
+
+def under(path: str, prefix: str) -> bool:
     """``path`` is ``prefix`` or below it, on a path-component boundary."""
     return path.startswith(prefix) and (
         len(path) == len(prefix) or path[len(prefix)] == "/" or prefix == "/"

@@ -87,7 +87,8 @@ class Hub:
                     everything_size = sum(len(r.sse) for r in records)
                 sub.push(everything, everything_size)
             else:
-                wanted = [(r.id, r.sse) for r in records if sub.filter.matches(r)]
+                f = sub.filter
+                wanted = [(r.id, f.render(r)) for r in records if f.matches(r)]
                 if wanted:
                     sub.push(wanted, sum(len(b) for _, b in wanted))
 

@@ -29,6 +29,7 @@ from storage_events.wire import (
     encode_frame,
 )
 
+from .auth import Authenticator, AuthError
 from .hub import Hub
 from .log import EventLog
 
@@ -56,8 +57,9 @@ class IngestLimits:
 class IngestSession:
     """One connection's protocol state: a :class:`Hello`, then batches of its stream."""
 
-    def __init__(self, limits: IngestLimits) -> None:
+    def __init__(self, limits: IngestLimits, auth: Authenticator | None = None) -> None:
         self.limits = limits
+        self.auth = auth
         self.hello: Hello | None = None
 
     def receive(self, frame: bytes | str) -> Hello | list[Event]:
@@ -86,6 +88,17 @@ class IngestSession:
             raise ProtocolError(f"node name {hello.node[:80]!r} is not valid")
         if not _STREAM.match(hello.stream):
             raise ProtocolError(f"stream name {hello.stream[:80]!r} is not valid")
+        if self.auth is not None:
+            try:
+                who = self.auth.identify(hello.token)
+            except AuthError as e:
+                raise ProtocolError(str(e)) from None
+            if who is not None and who.role != "agent":
+                raise ProtocolError(f"token {who.name!r} is a {who.role} token: it cannot "
+                                    "publish")
+            if who is not None and who.site != hello.site:
+                raise ProtocolError(f"token {who.name!r} may publish as site {who.site!r}, "
+                                    f"not {hello.site!r}")
         self.hello = hello
         return hello
 
@@ -119,7 +132,9 @@ class Ingest:
     """The WebSocket endpoint. Batches from all connections are stored one at a time by a
     single writer thread, and published to the hub in id order."""
 
-    def __init__(self, log: EventLog, hub: Hub, limits: IngestLimits) -> None:
+    def __init__(self, log: EventLog, hub: Hub, limits: IngestLimits,
+                 auth: Authenticator | None = None) -> None:
+        self.auth = auth
         self.log = log
         self.hub = hub
         self.limits = limits
@@ -148,7 +163,7 @@ class Ingest:
 
     async def endpoint(self, ws: WebSocket) -> None:
         await ws.accept()
-        session = IngestSession(self.limits)
+        session = IngestSession(self.limits, self.auth)
         peer = f"{ws.client.host}:{ws.client.port}" if ws.client else "?"
         site: str | None = None
         self.connections += 1

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from storage_events import sse
-from storage_events.wire import Event, Flag
+from storage_events.wire import Event, Flag, event_from_json, event_json
 
 
 @dataclass(slots=True)
@@ -19,6 +19,19 @@ class Record:
     path: str
     flags: int
     sse: bytes
+    data: bytes  # the JSON in ``sse``
+    _redacted: bytes | None = None
+
+    def old_path(self) -> str | None:
+        return event_from_json(self.data).old_path
+
+    def redacted(self) -> bytes:
+        """The SSE bytes without where a move came from (for readers not allowed there)."""
+        if self._redacted is None:
+            ev = event_from_json(self.data)
+            ev.old_path = ev.raw_old_path = ev.cookie = None
+            self._redacted = sse.render(event_json(ev), event=sse_type(self.flags), id=self.id)
+        return self._redacted
 
 
 _OVERFLOW = int(Flag.Q_OVERFLOW)
@@ -30,7 +43,8 @@ def sse_type(flags: int) -> str:
 
 
 def make_record(id: int, site: str, node: str, path: str, flags: int, data: bytes) -> Record:
-    return Record(id, site, node, path, flags, sse.render(data, event=sse_type(flags), id=id))
+    return Record(id, site, node, path, flags, sse.render(data, event=sse_type(flags), id=id),
+                  data)
 
 
 class EventLog(Protocol):

@@ -84,7 +84,9 @@ class Proc:
 
 class Relay:
     def __init__(self, tmp: Path, procs: list[Proc], name: str = "relay",
-                 extra: tuple[str, ...] = (), scheme: str = "http") -> None:
+                 extra: tuple[str, ...] = (), scheme: str = "http",
+                 host: str = "127.0.0.1") -> None:
+        self.host = host  # where it listens; tests reach it on loopback either way
         self.port = free_port()
         self.url = f"{scheme}://127.0.0.1:{self.port}"
         self.data = tmp / f"{name}-data"
@@ -97,7 +99,7 @@ class Relay:
 
     def start(self) -> None:
         self.proc = Proc([command("storage-events-relay"), "serve", "--listen",
-                          f"127.0.0.1:{self.port}", "--data", str(self.data), *self.extra],
+                          f"{self.host}:{self.port}", "--data", str(self.data), *self.extra],
                          self.tmp / f"{self.name}.log")
         self._procs.append(self.proc)
         wait_for(self.healthy, 20, f"relay on {self.url}")

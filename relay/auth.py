@@ -1,0 +1,132 @@
+"""Who is calling, and what they may see or publish. Pure: no HTTP here.
+
+Tokens are random strings handed out by ``storage-events-relay token``; the config keeps only
+their SHA-256 (they carry 256 bits of entropy, so a fast hash is enough). Readers may instead
+present a JWT (HS256 with a shared secret, or RS256/ES256 checked with a public key) whose
+``sites`` and ``paths`` claims say what they may read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+from typing import Annotated, Literal
+
+import msgspec
+
+from .filters import FilterError, Scope, normalize_prefix
+
+EVERYTHING = Scope()
+Name = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+
+
+class AuthError(Exception):
+    """Authentication failed (401) or was not enough (403); the message says why."""
+
+    def __init__(self, message: str, status: int = 401) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class TokenConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    name: str
+    role: Literal["agent", "reader"]
+    hash: Annotated[str, msgspec.Meta(pattern=r"^sha256:[0-9a-f]{64}$")]
+    site: Name | None = None  # agent: the one site it may publish as
+    sites: list[str] | None = None  # reader: the sites it may read (default: all)
+    paths: list[str] | None = None  # reader: the path prefixes it may read (default: all)
+
+    def __post_init__(self) -> None:
+        if self.role == "agent" and self.site is None:
+            raise ValueError(f"agent token {self.name!r} needs the site it publishes as")
+
+
+class JWTConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    algorithms: list[Literal["HS256", "RS256", "ES256"]] = msgspec.field(
+        default_factory=lambda: ["HS256"])
+    secret: str | None = None  # HS256
+    public_key_file: str | None = None  # RS256 / ES256, PEM
+    audience: str | None = None
+    issuer: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    name: str
+    role: str  # "agent" or "reader"
+    site: str | None = None  # agents
+    scope: Scope = EVERYTHING  # readers
+
+
+def hash_token(token: str) -> str:
+    return "sha256:" + hashlib.sha256(token.encode()).hexdigest()
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def _scope(name: str, sites: object, paths: object) -> Scope:
+    if sites is not None and not (isinstance(sites, list)
+                                  and all(isinstance(s, str) for s in sites)):
+        raise AuthError(f"{name}: 'sites' must be a list of site names")
+    if paths is not None and not (isinstance(paths, list)
+                                  and all(isinstance(p, str) for p in paths)):
+        raise AuthError(f"{name}: 'paths' must be a list of path prefixes")
+    try:
+        prefixes = tuple(normalize_prefix(p) for p in paths) if paths is not None else None
+    except FilterError as e:
+        raise AuthError(f"{name}: {e}") from None
+    return Scope(frozenset(sites) if sites is not None else None, prefixes)
+
+
+class Authenticator:
+    def __init__(self, tokens: list[TokenConfig], jwt_config: JWTConfig | None) -> None:
+        self._tokens = {t.hash: t for t in tokens}
+        self._jwt = jwt_config
+        self._jwt_key: str | None = None
+        if jwt_config is not None:
+            if jwt_config.public_key_file:
+                with open(jwt_config.public_key_file) as f:
+                    self._jwt_key = f.read()
+            else:
+                self._jwt_key = jwt_config.secret
+            if not self._jwt_key:
+                raise ValueError("[jwt] needs `secret` (HS256) or `public_key_file`")
+        # Scopes are immutable and shared by every connection of an identity.
+        self._identities = {
+            t.hash: Identity(t.name, t.role, t.site, _scope(t.name, t.sites, t.paths))
+            for t in tokens
+        }
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._tokens) or self._jwt is not None
+
+    def identify(self, bearer: str | None) -> Identity | None:
+        """The caller's identity; None for an anonymous caller where that is allowed."""
+        if not self.enabled:
+            return None
+        if not bearer:
+            raise AuthError("this relay needs a token: send `Authorization: Bearer TOKEN` "
+                            "(or ?access_token= where headers cannot be set)")
+        found = self._identities.get(hash_token(bearer))
+        if found is not None:
+            return found
+        if self._jwt is not None and bearer.count(".") == 2:
+            return self._from_jwt(bearer)
+        raise AuthError("the token is not valid for this relay")
+
+    def _from_jwt(self, token: str) -> Identity:
+        import jwt  # PyJWT, only where JWTs are configured
+
+        assert self._jwt is not None and self._jwt_key is not None
+        try:
+            claims = jwt.decode(token, self._jwt_key, algorithms=list(self._jwt.algorithms),
+                                audience=self._jwt.audience, issuer=self._jwt.issuer)
+        except jwt.PyJWTError as e:
+            raise AuthError(f"the JWT was refused: {e}") from None
+        name = str(claims.get("sub") or "jwt")
+        return Identity(name, "reader", None, _scope(name, claims.get("sites"),
+                                                     claims.get("paths")))

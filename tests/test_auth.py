@@ -1,0 +1,197 @@
+"""Authorization matrix: who may publish as which site, who sees which events, live and in
+catch-up, with relay tokens and JWTs."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import jwt
+import pytest
+import websockets
+from conftest import Relay, Tail
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from storage_events.relay.auth import Authenticator, AuthError, JWTConfig, TokenConfig
+from storage_events.relay.auth import hash_token as h
+from storage_events.wire import Batch, Error, Event, Hello, decode_to_agent, encode_frame
+
+TOKENS = {name: f"secret-{name}-0123456789" for name in
+          ("agent-a", "agent-b", "r-all", "r-a", "r-pub")}
+
+CONFIG = f"""
+[[token]]
+name = "agent-a"
+role = "agent"
+site = "a"
+hash = "{h(TOKENS['agent-a'])}"
+
+[[token]]
+name = "agent-b"
+role = "agent"
+site = "b"
+hash = "{h(TOKENS['agent-b'])}"
+
+[[token]]
+name = "r-all"
+role = "reader"
+hash = "{h(TOKENS['r-all'])}"
+
+[[token]]
+name = "r-a"
+role = "reader"
+sites = ["a"]
+hash = "{h(TOKENS['r-a'])}"
+
+[[token]]
+name = "r-pub"
+role = "reader"
+paths = ["/data/b/public"]
+hash = "{h(TOKENS['r-pub'])}"
+"""
+
+
+def ev(site: str, stream: str, seq: int, path: str, flag: str = "IN_CLOSE_WRITE",
+       **kw: object) -> Event:
+    return Event(site=site, node="n1", path=path, flags=[flag], ts=1, stream=stream, seq=seq,
+                 **kw)
+
+
+A_EVENTS = [ev("a", "a:1", 1, "/data/a/x1"), ev("a", "a:1", 2, "/data/a/x2")]
+B_EVENTS = [
+    ev("b", "b:1", 1, "/data/b/public/p1"),
+    ev("b", "b:1", 2, "/data/b/private/q1"),
+    ev("b", "b:1", 3, "/data/b/private/m", "IN_MOVED_FROM", cookie=7),
+    ev("b", "b:1", 4, "/data/b/public/m", "IN_MOVED_TO", cookie=7, old_path="/data/b/private/m"),
+]
+
+
+async def publish(relay: Relay, token: str | None, site: str, stream: str,
+                  events: list[Event]) -> str | None:
+    """Publish; returns the relay's error message if it refused."""
+    async with websockets.connect(relay.url.replace("http", "ws") + "/ingest") as ws:
+        await ws.send(encode_frame(Hello(site=site, node="n1", stream=stream, token=token)))
+        reply = decode_to_agent(await ws.recv())
+        if isinstance(reply, Error):
+            return reply.message
+        await ws.send(encode_frame(Batch(events)))
+        reply = decode_to_agent(await ws.recv())
+        return reply.message if isinstance(reply, Error) else None
+
+
+@pytest.fixture(scope="module")
+def rsa_key() -> tuple[bytes, bytes]:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    public = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                           serialization.PublicFormat.SubjectPublicKeyInfo)
+    return private, public
+
+
+def test_authorization_matrix(tmp_path, procs, rsa_key):
+    private, public = rsa_key
+    (tmp_path / "jwt.pub").write_bytes(public)
+    config = tmp_path / "relay.toml"
+    config.write_text(CONFIG + f'\n[jwt]\nalgorithms = ["RS256"]\n'
+                               f'public_key_file = "{tmp_path / "jwt.pub"}"\n')
+    relay = Relay(tmp_path, procs, extra=("--config", str(config)))
+    jwt_reader = jwt.encode({"sub": "carol", "sites": ["b"], "paths": ["/data/b/private"],
+                             "exp": int(time.time()) + 600}, private, algorithm="RS256")
+    readers = {**{n: TOKENS[n] for n in ("r-all", "r-a", "r-pub")}, "jwt": jwt_reader}
+    live = {name: Tail(tmp_path, procs, relay.url, "--token", token, name=f"live-{name}")
+            for name, token in readers.items()}
+    time.sleep(1.5)  # the live subscribers are connected before anything is published
+
+    # Publishing: only as the token's own site, only with an agent token.
+    assert asyncio.run(publish(relay, TOKENS["agent-a"], "a", "a:1", A_EVENTS)) is None
+    assert asyncio.run(publish(relay, TOKENS["agent-b"], "b", "b:1", B_EVENTS)) is None
+    forged = asyncio.run(publish(relay, TOKENS["agent-a"], "b", "b:forged",
+                                 [ev("b", "b:forged", 1, "/data/b/evil")]))
+    assert forged == "token 'agent-a' may publish as site 'a', not 'b'"
+    assert "needs a token" in asyncio.run(publish(relay, None, "a", "a:anon", A_EVENTS))
+    assert "cannot publish" in asyncio.run(publish(relay, TOKENS["r-all"], "a", "a:r", A_EVENTS))
+    assert "not valid" in asyncio.run(publish(relay, "wrong", "a", "a:w", A_EVENTS))
+    assert relay.healthy()["head"] == 6
+
+    expected = {
+        "r-all": ["/data/a/x1", "/data/a/x2", "/data/b/public/p1", "/data/b/private/q1",
+                  "/data/b/private/m", "/data/b/public/m"],
+        "r-a": ["/data/a/x1", "/data/a/x2"],
+        "r-pub": ["/data/b/public/p1", "/data/b/public/m"],
+        "jwt": ["/data/b/private/q1", "/data/b/private/m"],
+    }
+    for name, token in readers.items():
+        catch_up = Tail(tmp_path, procs, relay.url, "--token", token, "--since", "earliest",
+                        name=f"catchup-{name}")
+        for how, tail in (("live", live[name]), ("catch-up", catch_up)):
+            got = tail.wait_count(len(expected[name]))
+            time.sleep(0.3)
+            got = tail.events()
+            assert [e["path"] for e in got] == expected[name], (name, how)
+            moved = [e for e in got if e["flags"] == ["IN_MOVED_TO"]]
+            for e in moved:  # a move from where the reader may not look keeps that secret
+                secret = name == "r-pub"
+                assert (e["old_path"] is None) == secret, (name, how)
+                assert (e["cookie"] is None) == secret, (name, how)
+
+    def status(**kw: object) -> tuple[int, str]:
+        r = httpx.get(relay.url + "/events", timeout=5, **kw)
+        return r.status_code, r.text
+
+    assert status()[0] == 401
+    assert status(headers={"Authorization": "Bearer nope"})[0] == 401
+    code, text = status(headers={"Authorization": f"Bearer {TOKENS['agent-a']}"})
+    assert code == 403 and "cannot read" in text
+    code, text = status(params={"site": "b", "access_token": TOKENS["r-a"]})
+    assert code == 403 and "may not read site(s) b" in text
+    forged_jwt = jwt.encode({"sub": "eve", "exp": int(time.time()) + 60}, "a guessed secret" * 3,
+                            algorithm="HS256")
+    code, text = status(headers={"Authorization": f"Bearer {forged_jwt}"})
+    assert code == 401 and "JWT was refused" in text
+
+
+def test_with_tokens_a_public_address_is_allowed(tmp_path, procs):
+    config = tmp_path / "relay.toml"
+    config.write_text(CONFIG)
+    relay = Relay(tmp_path, procs, host="0.0.0.0", extra=("--config", str(config)))
+    assert relay.healthy()["status"] == "ok"
+
+
+@pytest.mark.parametrize("algorithm", ["HS256", "ES256"])
+def test_jwt_claims_become_the_readers_scope(tmp_path, algorithm):
+    if algorithm == "HS256":
+        sign, cfg = "shared-secret-of-enough-length-32b", JWTConfig(secret="shared-secret-of-"
+                                                                   "enough-length-32b")
+    else:
+        key = ec.generate_private_key(ec.SECP256R1())
+        sign = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                 serialization.NoEncryption())
+        pub = tmp_path / "ec.pub"
+        pub.write_bytes(key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+        cfg = JWTConfig(algorithms=["ES256"], public_key_file=str(pub), audience="relay")
+    auth = Authenticator([], cfg)
+    claims = {"sub": "dave", "sites": ["x"], "paths": ["/p/"]}
+    if algorithm == "ES256":
+        claims["aud"] = "relay"
+    who = auth.identify(jwt.encode(claims, sign, algorithm=algorithm))
+    assert who is not None and who.name == "dave" and who.role == "reader"
+    assert who.scope.allows("x", "/p/q") and not who.scope.allows("x", "/pq")
+    assert not who.scope.allows("y", "/p/q")
+    with pytest.raises(AuthError, match="'paths' must be a list"):
+        auth.identify(jwt.encode({**claims, "paths": "/p"}, sign, algorithm=algorithm))
+    with pytest.raises(AuthError, match="JWT was refused"):
+        auth.identify(jwt.encode({**claims, "exp": 1}, sign, algorithm=algorithm))
+
+
+def test_token_config_rules():
+    with pytest.raises(ValueError, match="needs the site"):
+        TokenConfig(name="x", role="agent", hash=h("t"))
+    auth = Authenticator([TokenConfig(name="x", role="agent", site="s", hash=h("t"))], None)
+    assert auth.identify("t").site == "s"
+    with pytest.raises(AuthError, match="needs a token"):
+        auth.identify(None)
+    assert Authenticator([], None).identify(None) is None  # no auth configured: anonymous
