@@ -23,16 +23,18 @@ class Subscription:
         self.overflowed = False
         self.closed = False
 
-    def push(self, items: list[tuple[int, bytes]], size: int) -> None:
+    def push(self, items: list[tuple[int, bytes]], size: int) -> bool:
+        """Queue ``items``; True if this push overflowed the subscription."""
         if self.overflowed:
-            return
+            return False
+        self._ready.set()
         if self._size + size > self.max_bytes:
             self.overflowed = True
             self._items, self._size = [], 0
-        else:
-            self._items.extend(items)
-            self._size += size
-        self._ready.set()
+            return True
+        self._items.extend(items)
+        self._size += size
+        return False
 
     def take(self) -> list[tuple[int, bytes]]:
         items, self._items, self._size = self._items, [], 0
@@ -63,6 +65,7 @@ class Subscription:
 class Hub:
     def __init__(self) -> None:
         self._subs: set[Subscription] = set()
+        self.overflows = 0  # times a subscriber fell a buffer behind (it then reads the log)
 
     def __len__(self) -> int:
         return len(self._subs)
@@ -85,12 +88,12 @@ class Hub:
                 if everything is None:
                     everything = [(r.id, r.sse) for r in records]
                     everything_size = sum(len(r.sse) for r in records)
-                sub.push(everything, everything_size)
+                self.overflows += sub.push(everything, everything_size)
             else:
                 f = sub.filter
                 wanted = [(r.id, f.render(r)) for r in records if f.matches(r)]
                 if wanted:
-                    sub.push(wanted, sum(len(b) for _, b in wanted))
+                    self.overflows += sub.push(wanted, sum(len(b) for _, b in wanted))
 
     def close(self) -> None:
         for sub in self._subs:

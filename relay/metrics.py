@@ -27,6 +27,9 @@ class RelayCollector(Collector):
         yield CounterMetricFamily("storage_events_relay_events_out",
                                   "Events delivered to subscribers since start",
                                   value=self.feed.delivered)
+        yield CounterMetricFamily("storage_events_relay_subscriber_overflows",
+                                  "Times a subscriber fell a buffer behind and was switched "
+                                  "to reading the log", value=self.hub.overflows)
         yield GaugeMetricFamily("storage_events_relay_subscribers", "Connected SSE subscribers",
                                 value=len(self.hub))
         yield GaugeMetricFamily("storage_events_relay_log_head", "Newest event id",
