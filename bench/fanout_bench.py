@@ -143,7 +143,7 @@ async def measure(port: int, path: str, publish, m: int, k: int) -> float:
     runs = [asyncio.create_task(s.run()) for s in subs]
     await asyncio.sleep(0.5)
     start = time.perf_counter()
-    await publish(port, m)
+    await asyncio.wait_for(publish(port, m), 120)
     await asyncio.wait_for(asyncio.gather(*runs), 120)
     assert all(s.count >= m for s in subs), [s.count for s in subs][:5]
     return m * k / (max(s.done for s in subs) - start)
@@ -194,6 +194,9 @@ def main() -> None:
                 try:
                     rate = asyncio.run(measure(port, PATHS[tool], PUBLISHERS[tool],
                                                args.events, k))
+                except (TimeoutError, AssertionError, OSError) as e:
+                    print(f"{tool} K={k} run {run} failed: {e!r}", flush=True)
+                    continue
                 finally:
                     stop(p)
                 r = {"tool": tool, "subscribers": k, "run": run, "deliveries_per_s": rate}
@@ -205,11 +208,13 @@ def main() -> None:
         row = {t: [r for r in results if r["tool"] == t and r["subscribers"] == k] for t in tools}
         cells = [f"K={k:<5}"]
         for t in tools:
-            cells.append(f"{t} {statistics.median(r['deliveries_per_s'] for r in row[t]):>10,.0f}")
+            rates = [r["deliveries_per_s"] for r in row[t]] or [0.0]
+            cells.append(f"{t} {statistics.median(rates):>10,.0f}")
         ours = {r["run"]: r["deliveries_per_s"] for r in row["storage-events"]}
         for t in tools:
             if t != "storage-events":
-                ratios = [ours[r["run"]] / r["deliveries_per_s"] for r in row[t]]
+                ratios = [ours[r["run"]] / r["deliveries_per_s"] for r in row[t]
+                          if r["run"] in ours]
                 cells.append(f"ours/{t} {statistics.median(ratios):.2f}")
         print("  ".join(cells))
     if args.json:
