@@ -47,7 +47,7 @@ def test_hostile_http_and_ingest_input(tmp_path, procs, relay):
     write(root / "before")
     tail.wait_count(2)
 
-    @settings(max_examples=150, deadline=None,
+    @settings(max_examples=150, deadline=None, derandomize=True,
               suppress_health_check=[HealthCheck.function_scoped_fixture])
     @given(params=st.lists(st.tuples(PARAMS, VALUES), max_size=5), headers=HEADERS)
     def http(params: list[tuple[str, str]], headers: dict[str, str]) -> None:
@@ -59,7 +59,7 @@ def test_hostile_http_and_ingest_input(tmp_path, procs, relay):
             else:
                 assert r.headers["content-type"].startswith("text/event-stream")
 
-    @settings(max_examples=80, deadline=None,
+    @settings(max_examples=80, deadline=None, derandomize=True,
               suppress_health_check=[HealthCheck.function_scoped_fixture])
     @given(frames=st.lists(FRAMES, min_size=1, max_size=3))
     def ingest(frames: list[bytes]) -> None:
