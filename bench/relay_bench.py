@@ -26,7 +26,7 @@ from harness import rss_mib, stop
 
 async def replay(port: int, path: str, want: int) -> float:
     reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 22)
-    query = "?since=earliest" if path == "/events" else ""
+    query = "?since=earliest" if path == "/events" else "?c=replay"
     writer.write(f"GET {path}{query} HTTP/1.1\r\nHost: x\r\nLast-Event-ID: 0\r\n"
                  f"Accept: text/event-stream\r\n\r\n".encode())
     start_t = time.perf_counter()
@@ -58,7 +58,7 @@ async def idle(port: int, path: str, k: int) -> list[asyncio.StreamWriter]:
 
 async def hold(tool: str, p: subprocess.Popen, port: int, k: int) -> float:
     """Server RSS with ``k`` idle subscribers connected."""
-    writers = await idle(port, PATHS[tool], k)
+    writers = await idle(port, PATHS[tool] + ("?c=idle" if tool == "nchan" else ""), k)
     after = server_rss(tool, p)
     for w in writers:
         w.close()
@@ -86,7 +86,10 @@ def main() -> None:
         try:
             n = args.events if tool == "storage-events" else min(args.events, 100_000)
             t = time.perf_counter()
-            asyncio.run((publish_relay if tool == "storage-events" else publish_nchan)(port, n))
+            if tool == "storage-events":
+                asyncio.run(publish_relay(port, n))
+            else:
+                asyncio.run(publish_nchan(port, n, channel="replay"))
             if tool == "storage-events":
                 while httpx.get(f"http://127.0.0.1:{port}/healthz").json()["head"] < n:
                     time.sleep(0.1)
