@@ -26,8 +26,9 @@ from harness import rss_mib, stop
 
 async def replay(port: int, path: str, want: int) -> float:
     reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 22)
+    # nchan replays its buffer to a new subscriber (first_message oldest); the relay is asked.
     query = "?since=earliest" if path == "/events" else "?c=replay"
-    writer.write(f"GET {path}{query} HTTP/1.1\r\nHost: x\r\nLast-Event-ID: 0\r\n"
+    writer.write(f"GET {path}{query} HTTP/1.1\r\nHost: x\r\n"
                  f"Accept: text/event-stream\r\n\r\n".encode())
     start_t = time.perf_counter()
     count, carry = 0, b""
@@ -76,10 +77,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--events", type=int, default=1_000_000)
     ap.add_argument("--idle", type=int, default=10_000)
+    ap.add_argument("--no-nchan", action="store_true", help="measure the relay alone")
     args = ap.parse_args()
-    resource.setrlimit(resource.RLIMIT_NOFILE, (65536, 65536))  # the servers inherit it
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # the servers inherit it
+    if args.idle + 100 > hard:
+        args.idle = hard - 100
+        print(f"open-file limit {hard}: measuring {args.idle} idle subscribers")
     base = Path(tempfile.mkdtemp(prefix="se-relay-bench-"))
-    tools = (["nchan"] if NCHAN_MODULE.exists() and shutil.which("nginx") else [])
+    nchan = NCHAN_MODULE.exists() and shutil.which("nginx") and not args.no_nchan
+    tools = ["nchan"] if nchan else []
     tools.append("storage-events")
     for tool in tools:
         p, port = start(tool, base)
