@@ -7,7 +7,13 @@ from pathlib import Path
 
 import click
 
-from storage_events.cliutil import load_config, setup_logging, token_option, version_option
+from storage_events.cliutil import (
+    load_config,
+    log_format_option,
+    setup_logging,
+    token_option,
+    version_option,
+)
 
 from .config import AgentConfig
 from .runner import AgentError, run_agent
@@ -30,12 +36,14 @@ def main() -> None:
 @click.option("--spool", type=click.Path(file_okay=False),
               help="Directory for unacknowledged events and the tree snapshot.")
 @click.option("-v", "--verbose", count=True, help="More log output.")
+@log_format_option
 @click.argument("paths", nargs=-1, type=click.Path(file_okay=False, path_type=Path))
 @version_option
 def run(config_file: Path | None, relay: str | None, site: str | None, node: str | None,
-        token: str | None, spool: str | None, verbose: int, paths: tuple[Path, ...]) -> None:
+        token: str | None, spool: str | None, verbose: int, log_format: str,
+        paths: tuple[Path, ...]) -> None:
     """Watch PATH... (and the config's roots) and publish to the relay."""
-    setup_logging(verbose)
+    setup_logging(verbose, log_format)
     roots = [{"path": str(p.resolve())} for p in paths]
     cfg = load_config(config_file, AgentConfig,
                       {"relay": relay, "site": site, "node": node, "token": token,

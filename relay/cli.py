@@ -7,7 +7,12 @@ from pathlib import Path
 
 import click
 
-from storage_events.cliutil import load_config, setup_logging, version_option
+from storage_events.cliutil import (
+    load_config,
+    log_format_option,
+    setup_logging,
+    version_option,
+)
 
 from .config import RelayConfig, check_secure
 
@@ -28,12 +33,13 @@ def main() -> None:
 @click.option("--certfile", help="TLS certificate (PEM): serve https:// and wss://.")
 @click.option("--keyfile", help="TLS private key (PEM).")
 @click.option("-v", "--verbose", count=True, help="More log output.")
+@log_format_option
 @version_option
 def serve(config_file: Path | None, listen: str | None, data: str | None,
           insecure: bool | None, certfile: str | None, keyfile: str | None,
-          verbose: int) -> None:
+          verbose: int, log_format: str) -> None:
     """Run the relay: /ingest for agents, /events for subscribers."""
-    setup_logging(verbose)
+    setup_logging(verbose, log_format)
     cfg = load_config(config_file, RelayConfig,
                       {"listen": listen, "data": data, "insecure": insecure,
                        "certfile": certfile, "keyfile": keyfile})
@@ -65,6 +71,7 @@ def serve(config_file: Path | None, listen: str | None, data: str | None,
         ws_max_size=cfg.max_frame,
         ws_per_message_deflate=False,
         log_level="debug" if verbose else "info",
+        log_config=None,  # uvicorn's loggers go through ours (text or JSON)
         timeout_graceful_shutdown=5,
         access_log=bool(verbose),
         ssl_certfile=cfg.certfile,

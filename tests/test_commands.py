@@ -63,3 +63,19 @@ def test_agent_with_nothing_to_watch_says_so(tmp_path):
             str(tmp_path / "missing"))
     assert r.returncode != 0
     assert "missing is not a directory" in r.stderr and "nothing to watch" in r.stderr
+
+
+def test_json_logs_for_log_collectors(tmp_path, procs):
+    import json
+
+    from conftest import Relay, start_agent, wait_for
+
+    relay = Relay(tmp_path, procs, extra=("--log-format", "json"))
+    agent = start_agent(tmp_path, procs, relay.url, tmp_path, extra=("--log-format", "json"))
+    wait_for(lambda: "connected to" in agent.output(), 10, "the agent to connect")
+    for proc in (relay.proc, agent):
+        lines = [line for line in proc.output().splitlines() if line.strip()]
+        entries = [json.loads(line) for line in lines]  # every line is one JSON object
+        assert all({"time", "level", "logger", "message"} <= e.keys() for e in entries)
+    assert any(e["logger"].startswith("uvicorn") for e in map(json.loads, relay.proc.output()
+                                                              .splitlines()))
