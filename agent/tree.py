@@ -207,19 +207,9 @@ class Tree:
             if self._local(existing) == cmd.path:
                 return []  # already watched right here (a listing got to it first)
             return self._moved_here(existing, cmd)
-        parent = cmd.parent
-        node = _Dir(wd, cmd.ino, cmd.name, parent, cmd.root)
+        node = _Dir(wd, cmd.ino, cmd.name, None, cmd.root)
         self._wds[wd] = node
-        if parent is None:
-            if cmd.root is not None:
-                cmd.root.node = node
-        else:
-            here = parent.entries.get(cmd.name)
-            if isinstance(here, _Dir) and here is not node:
-                here.parent = None  # a placeholder, or a directory that was replaced
-                if here.wd >= 0:
-                    self._gen += 1
-            _writable(parent)[cmd.name] = node
+        self._place(node, cmd)
         return self._listed(node, cmd, entries, now)
 
     def _moved_here(self, node: _Dir, cmd: WatchDir) -> list[Output]:
@@ -494,9 +484,17 @@ class Tree:
         return until is not None and until >= now
 
     def _link(self, node: _Dir, parent: _Dir, name: str) -> None:
-        self._gen += 1
-        if node.parent is not None and node.parent.entries.get(node.name) is node:
-            del node.parent.entries[node.name]
+        """Put ``node`` at ``parent/name``. Cached paths only go stale when a directory that
+        was somewhere moves, or a watched one is displaced: not when a new one is added."""
+        if node.parent is not None:
+            self._gen += 1
+            if node.parent.entries.get(node.name) is node:
+                del node.parent.entries[node.name]
+        here = parent.entries.get(name)
+        if isinstance(here, _Dir) and here is not node:
+            here.parent = None  # a placeholder, or a directory that was replaced
+            if here.wd >= 0:
+                self._gen += 1
         node.parent, node.name = parent, name
         _writable(parent)[name] = node
 

@@ -31,23 +31,12 @@ from pathlib import Path
 
 import httpx
 from harness import BIN, Stack, make_root, rss_mib, stop, sysctl, tmpfs, wait_line
+from harness import burst as burst_files
 
 TREE = (10, 100, 100)  # 10 * 100 * 100 leaves: 101,011 directories with the inner ones
 FILES = 200_000
 EVENTS = ["-e", "create", "-e", "close_write", "-e", "delete", "-e", "moved_from",
           "-e", "moved_to", "-e", "attrib"]
-
-GENERATE = r"""
-import os, sys, time
-root, n, dirs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-paths = [os.path.join(root, f"d{i % dirs:03d}", f"f{i:07d}") for i in range(n)]
-t0 = time.monotonic()
-for p in paths:
-    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    os.write(fd, b"x" * 16)
-    os.close(fd)
-print(t0, time.monotonic())
-"""
 
 PACED = r"""
 import os, sys, time
@@ -197,7 +186,7 @@ def drain(base: Path, tool: str) -> dict:
             stack = Stack(base, root)
             p = stack.agent
         os.kill(p.pid, signal.SIGSTOP)
-        py(GENERATE, root, FILES, 100)
+        burst_files(root, FILES, 100)
         t0 = time.monotonic()
         os.kill(p.pid, signal.SIGCONT)
         if tool == "inotifywait":
@@ -218,19 +207,19 @@ def burst(base: Path, tool: str) -> dict:
     root = make_root(base, "burst", 100)
     if tool == "inotifywait":
         p = start_inotifywait(root, base / "iw.out")
-        py(GENERATE, root, FILES, 100)
+        burst_files(root, FILES, 100)
         quiet_file(base / "iw.out")
         got, overflows = count_closes(base / "iw.out"), 0
         stop(p)
     elif tool == "watchdog":
         p = start_watchdog(root, "count", FILES)
-        py(GENERATE, root, FILES, 100)
+        burst_files(root, FILES, 100)
         time.sleep(10)  # what it has not reported by now it has lost (overflow, no rescan)
         stop(p)
         got, overflows = int(p.stdout.read().split()[-1]), -1  # its overflows only log
     else:
         stack = Stack(base, root)
-        py(GENERATE, root, FILES, 100)
+        burst_files(root, FILES, 100)
         last, since = -1.0, time.monotonic()
         while time.monotonic() - since < 3:
             head = httpx.get(stack.url + "/healthz").json()["head"]

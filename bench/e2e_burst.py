@@ -27,20 +27,7 @@ import time
 from pathlib import Path
 
 import httpx
-from harness import BIN, free_port, make_root, stop, tmpfs, wait_http
-
-GENERATOR = r"""
-import os, sys, time
-root, n, dirs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-paths = [os.path.join(root, f"d{i % dirs:03d}", f"f{i:07d}") for i in range(n)]
-data = b"x" * 16
-t0 = time.monotonic()
-for p in paths:
-    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    os.write(fd, data)
-    os.close(fd)
-print(t0, time.monotonic())
-"""
+from harness import BIN, burst, free_port, make_root, stop, tmpfs, wait_http
 
 SUBSCRIBER = r"""
 import sys, time, httpx
@@ -64,12 +51,6 @@ with httpx.Client(timeout=httpx.Timeout(idle, read=idle)) as c:
         pass
 print(f"{closes} {overflows} {last}", flush=True)
 """
-
-
-def generate(root: Path, n: int, dirs: int) -> tuple[float, float]:
-    out = subprocess.run([sys.executable, "-c", GENERATOR, str(root), str(n), str(dirs)],
-                         capture_output=True, text=True, check=True).stdout.split()
-    return float(out[0]), float(out[1])
 
 
 def run_ours(base: Path, n: int, dirs: int) -> dict:
@@ -98,7 +79,7 @@ def run_ours(base: Path, n: int, dirs: int) -> dict:
         assert sub.stdout is not None
         assert sub.stdout.readline().strip() == "ready"
         time.sleep(0.3)
-        start, gen_end = generate(root, n, dirs)
+        start, gen_end = burst(root, n, dirs)
         closes, overflows, last = sub.stdout.readline().split()
         return {"delivered": int(closes), "overflows": int(overflows),
                 "seconds": float(last) - start, "gen_seconds": gen_end - start}
@@ -120,7 +101,7 @@ def run_inotifywait(base: Path, n: int, dirs: int) -> dict:
         while b"Watches established" not in p.stderr.readline():
             pass
         time.sleep(0.3)
-        start, gen_end = generate(root, n, dirs)
+        start, gen_end = burst(root, n, dirs)
         # Done when the output file stops growing; its mtime is the last event's time.
         size, quiet = -1, time.monotonic()
         while time.monotonic() - quiet < 2.0:

@@ -90,6 +90,28 @@ def wait_line(stream, needle: bytes, timeout: float = 120) -> None:
     raise RuntimeError(f"no {needle!r} within {timeout} s")
 
 
+_BURST = r"""
+import os, sys, time
+root, n, dirs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+paths = [os.path.join(root, f"d{i % dirs:03d}", f"f{i:07d}") for i in range(n)]
+data = b"x" * 16
+t0 = time.monotonic()
+for p in paths:
+    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.write(fd, data)
+    os.close(fd)
+print(t0, time.monotonic())
+"""
+
+
+def burst(root: Path, n: int, dirs: int) -> tuple[float, float]:
+    """Write ``n`` files round-robin into ``root/dNNN`` as fast as one process can, in a
+    process of its own; returns its (start, end) on the monotonic clock."""
+    out = subprocess.run([sys.executable, "-c", _BURST, str(root), str(n), str(dirs)],
+                         capture_output=True, text=True, check=True).stdout.split()
+    return float(out[0]), float(out[1])
+
+
 def make_root(base: Path, name: str, dirs: int) -> Path:
     root = base / name
     shutil.rmtree(root, ignore_errors=True)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+import msgspec
+
 from storage_events import sse
 from storage_events.wire import Event, Flag, event_from_json, event_json
 
@@ -20,16 +22,22 @@ class Record:
     flags: int
     sse: bytes
     data: bytes  # the JSON in ``sse``
+    _event: Event | None = None  # decoded on demand, once, for moves shown to scoped readers
     _redacted: bytes | None = None
 
+    def _decoded(self) -> Event:
+        if self._event is None:
+            self._event = event_from_json(self.data)
+        return self._event
+
     def old_path(self) -> str | None:
-        return event_from_json(self.data).old_path
+        return self._decoded().old_path
 
     def redacted(self) -> bytes:
         """The SSE bytes without where a move came from (for readers not allowed there)."""
         if self._redacted is None:
-            ev = event_from_json(self.data)
-            ev.old_path = ev.raw_old_path = ev.cookie = None
+            ev = msgspec.structs.replace(self._decoded(), old_path=None, raw_old_path=None,
+                                         cookie=None)
             self._redacted = sse.render(event_json(ev), event=sse_type(self.flags), id=self.id)
         return self._redacted
 
