@@ -17,7 +17,10 @@ from starlette.routing import Route, WebSocketRoute
 from storage_events import __version__
 
 from .auth import Authenticator
+from .channel_store import ChannelStore
+from .channels import Limits, Registry
 from .config import RelayConfig
+from .dcache_api import ChannelService
 from .feed import Feed
 from .hub import Hub
 from .ingest import Ingest, IngestLimits
@@ -32,6 +35,12 @@ def create_app(cfg: RelayConfig) -> Starlette:
     ingest = Ingest(log, hub, IngestLimits(max_batch=cfg.max_batch), auth)
     feed = Feed(log, hub, heartbeat=cfg.heartbeat, buffer_bytes=cfg.subscriber_buffer,
                 auth=auth, per_identity=cfg.max_subscribers_per_identity)
+    store = ChannelStore(Path(cfg.data))
+    channels = ChannelService(
+        Registry(Limits(per_user=cfg.channels_per_user, timeout=cfg.channel_timeout,
+                        backlog=cfg.channel_backlog)),
+        store, log, auth, heartbeat=cfg.heartbeat, buffer_bytes=cfg.subscriber_buffer)
+    hub.listeners.append(channels.notify)
 
     async def healthz(request: Request) -> JSONResponse:
         return JSONResponse({
@@ -51,29 +60,39 @@ def create_app(cfg: RelayConfig) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        trimmer = asyncio.create_task(retention())
+        tasks = [asyncio.create_task(retention()), asyncio.create_task(channels.run()),
+                 asyncio.create_task(channels.expire())]
+        channels.notify([])  # route what arrived while the relay was down
         try:
             yield
         finally:
-            trimmer.cancel()
+            for task in tasks:
+                task.cancel()
             hub.close()
+            channels.close()
             ingest.close()
+            store.close()
             log.close()
 
     middleware = []
     if cfg.cors_origins:
         middleware.append(Middleware(CORSMiddleware, allow_origins=cfg.cors_origins,
-                                     allow_methods=["GET"],
-                                     allow_headers=["Authorization", "Last-Event-ID"]))
+                                     allow_methods=["GET", "POST", "PATCH", "DELETE"],
+                                     allow_headers=["Authorization", "Content-Type",
+                                                    "Last-Event-ID"],
+                                     expose_headers=["Location"]))
     app = Starlette(
         middleware=middleware,
         routes=[
             Route("/events", feed.endpoint),
             WebSocketRoute("/ingest", ingest.endpoint),
             Route("/healthz", healthz),
-            Route("/metrics", metrics_endpoint(log, hub, ingest, feed)),
+            Route("/metrics", metrics_endpoint(log, hub, ingest, feed, channels)),
+            *channels.routes(),
         ],
         lifespan=lifespan,
     )
-    app.state.hub = hub  # for the server's shutdown: feeds are told to reconnect elsewhere
+    # For the server's shutdown: every stream is told to reconnect (elsewhere, or later).
+    app.state.hub = hub
+    app.state.channels = channels
     return app

@@ -59,6 +59,14 @@ class Identity:
     scope: Scope = EVERYTHING  # readers
 
 
+def bearer(authorization: str, access_token: str | None) -> str | None:
+    """The credential of a request: ``Authorization: Bearer X``, else an ``access_token``
+    query parameter (for clients such as browsers' EventSource that cannot set headers)."""
+    if authorization[:7].lower() == "bearer ":
+        return authorization[7:].strip() or None
+    return access_token
+
+
 def hash_token(token: str) -> str:
     return "sha256:" + hashlib.sha256(token.encode()).hexdigest()
 

@@ -83,6 +83,7 @@ def serve(config_file: Path | None, listen: str | None, data: str | None,
         # SSE responses never end by themselves: tell every subscriber to reconnect (it resumes
         # by Last-Event-ID) so the server can stop without waiting for them.
         app.state.hub.close()
+        app.state.channels.close()
         stop(sig, frame)  # type: ignore[arg-type]
 
     server.handle_exit = handle_exit  # type: ignore[method-assign]

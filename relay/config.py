@@ -36,6 +36,10 @@ class RelayConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     token: list[TokenConfig] = []  # [[token]] entries, made by `storage-events-relay token`
     jwt: JWTConfig | None = None  # readers may also present JWTs checked with this
     max_subscribers_per_identity: PositiveInt = 64
+    # dCache-compatible channels (/api/v1/events), with dCache's defaults.
+    channels_per_user: PositiveInt = 128
+    channel_timeout: Annotated[int, msgspec.Meta(ge=1, le=86400)] = 300  # s without a client
+    channel_backlog: PositiveInt = 16383  # events kept per channel for reconnecting clients
 
     def host_port(self) -> tuple[str, int]:
         host, sep, port = self.listen.rpartition(":")

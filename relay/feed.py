@@ -13,7 +13,7 @@ from starlette.responses import PlainTextResponse, Response, StreamingResponse
 
 from storage_events import sse
 
-from .auth import Authenticator, AuthError
+from .auth import Authenticator, AuthError, bearer
 from .filters import Filter, FilterError, Scope
 from .hub import Hub, Subscription
 from .log import EventLog
@@ -76,9 +76,8 @@ class Feed:
         """(identity name, reading scope) of the caller; raises :class:`AuthError`."""
         if self.auth is None:
             return None, None
-        header = request.headers.get("authorization", "")
-        bearer = header[7:].strip() if header[:7].lower() == "bearer " else None
-        who = self.auth.identify(bearer or request.query_params.get("access_token"))
+        who = self.auth.identify(bearer(request.headers.get("authorization", ""),
+                                        request.query_params.get("access_token")))
         if who is None:
             return None, None
         if who.role != "reader":
@@ -146,8 +145,8 @@ class Feed:
                     if data:
                         self.delivered += len(items)
                         yield data
-            if sub.closed:
-                yield b"event: shutdown\ndata: {}\n\n"
+            if sub.farewell:
+                yield sub.farewell
         finally:
             self.hub.unsubscribe(sub)
             if name is not None:

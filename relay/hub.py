@@ -6,22 +6,26 @@ reader costs the others nothing and loses nothing."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from .filters import Filter
 from .log import Record
 
 
-class Subscription:
-    __slots__ = ("_items", "_ready", "_size", "closed", "filter", "max_bytes", "overflowed")
+class Mailbox:
+    """A bounded queue of (id, SSE bytes) for one connected reader. Past ``max_bytes`` it is
+    marked overflowed and emptied: the reader then catches up from durable storage."""
 
-    def __init__(self, filter: Filter, max_bytes: int) -> None:
-        self.filter = filter
+    __slots__ = ("_items", "_ready", "_size", "closed", "farewell", "max_bytes", "overflowed")
+
+    def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self._items: list[tuple[int, bytes]] = []
         self._size = 0
         self._ready = asyncio.Event()
         self.overflowed = False
         self.closed = False
+        self.farewell = b""  # the last thing the reader is sent, saying why the stream ends
 
     def push(self, items: list[tuple[int, bytes]], size: int) -> bool:
         """Queue ``items``; True if this push overflowed the subscription."""
@@ -57,15 +61,27 @@ class Subscription:
             return False
         return True
 
-    def close(self) -> None:
-        self.closed = True
-        self._ready.set()
+    def close(self, farewell: bytes = b"") -> None:
+        if not self.closed:
+            self.closed = True
+            self.farewell = farewell
+            self._ready.set()
+
+
+class Subscription(Mailbox):
+    __slots__ = ("filter",)
+
+    def __init__(self, filter: Filter, max_bytes: int) -> None:
+        super().__init__(max_bytes)
+        self.filter = filter
 
 
 class Hub:
     def __init__(self) -> None:
         self._subs: set[Subscription] = set()
         self.overflows = 0  # times a subscriber fell a buffer behind (it then reads the log)
+        # Called with every batch of stored records, in id order (the dCache channels).
+        self.listeners: list[Callable[[list[Record]], None]] = []
 
     def __len__(self) -> int:
         return len(self._subs)
@@ -79,6 +95,8 @@ class Hub:
         self._subs.discard(sub)
 
     def publish(self, records: list[Record]) -> None:
+        for listener in self.listeners:
+            listener(records)
         if not records or not self._subs:
             return
         everything: list[tuple[int, bytes]] | None = None
@@ -97,4 +115,4 @@ class Hub:
 
     def close(self) -> None:
         for sub in self._subs:
-            sub.close()
+            sub.close(b"event: shutdown\ndata: {}\n\n")

@@ -25,18 +25,18 @@ class Record:
     _event: Event | None = None  # decoded on demand, once, for moves shown to scoped readers
     _redacted: bytes | None = None
 
-    def _decoded(self) -> Event:
+    def event(self) -> Event:
         if self._event is None:
             self._event = event_from_json(self.data)
         return self._event
 
     def old_path(self) -> str | None:
-        return self._decoded().old_path
+        return self.event().old_path
 
     def redacted(self) -> bytes:
         """The SSE bytes without where a move came from (for readers not allowed there)."""
         if self._redacted is None:
-            ev = msgspec.structs.replace(self._decoded(), old_path=None, raw_old_path=None,
+            ev = msgspec.structs.replace(self.event(), old_path=None, raw_old_path=None,
                                          cookie=None)
             self._redacted = sse.render(event_json(ev), event=sse_type(self.flags), id=self.id)
         return self._redacted

@@ -11,6 +11,7 @@ from prometheus_client.registry import Collector
 from starlette.requests import Request
 from starlette.responses import Response
 
+from .dcache_api import ChannelService
 from .feed import Feed
 from .hub import Hub
 from .ingest import Ingest
@@ -18,8 +19,10 @@ from .log import EventLog
 
 
 class RelayCollector(Collector):
-    def __init__(self, log: EventLog, hub: Hub, ingest: Ingest, feed: Feed) -> None:
+    def __init__(self, log: EventLog, hub: Hub, ingest: Ingest, feed: Feed,
+                 channels: ChannelService) -> None:
         self.log, self.hub, self.ingest, self.feed = log, hub, ingest, feed
+        self.channels = channels
 
     def collect(self) -> Iterator[Metric]:
         yield CounterMetricFamily("storage_events_relay_events_in",
@@ -50,12 +53,20 @@ class RelayCollector(Collector):
         for site, n in sorted(self.ingest.by_site.items()):
             agents.add_metric([site], n)
         yield agents
+        yield GaugeMetricFamily("storage_events_relay_channels", "dCache API channels",
+                                value=len(self.channels.registry.channels))
+        yield GaugeMetricFamily("storage_events_relay_channel_clients",
+                                "Clients connected to dCache API channel streams",
+                                value=len(self.channels.streams))
+        yield CounterMetricFamily("storage_events_relay_channel_events",
+                                  "Events added to dCache API channel backlogs since start",
+                                  value=self.channels.routed)
 
 
-def metrics_endpoint(log: EventLog, hub: Hub, ingest: Ingest,
-                     feed: Feed) -> Callable[[Request], Awaitable[Response]]:
+def metrics_endpoint(log: EventLog, hub: Hub, ingest: Ingest, feed: Feed,
+                     channels: ChannelService) -> Callable[[Request], Awaitable[Response]]:
     registry = CollectorRegistry()
-    registry.register(RelayCollector(log, hub, ingest, feed))
+    registry.register(RelayCollector(log, hub, ingest, feed, channels))
 
     async def endpoint(request: Request) -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -167,3 +168,56 @@ def start_agent(tmp: Path, procs: list[Proc], relay_url: str, *paths: Path, site
 def agents_connected(relay: Relay) -> int:
     health = relay.healthy()
     return health["agents"] if health else 0
+
+
+class ChannelReader:
+    """A dCache SSE client: GET the channel with ``Accept: text/event-stream`` (and, when
+    reconnecting, ``Last-Event-ID``), and split the stream into messages on its own."""
+
+    def __init__(self, url: str, last_event_id: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        self.headers = {"Accept": "text/event-stream", **(headers or {})}
+        if last_event_id is not None:
+            self.headers["Last-Event-ID"] = last_event_id
+        self.url = url
+        self.raw = ""
+        self.status: int | None = None
+        self._stop = threading.Event()
+        self.ended = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        wait_for(lambda: self.status is not None, 10, f"stream {url}")
+
+    def _run(self) -> None:
+        try:
+            with httpx.stream("GET", self.url, headers=self.headers, timeout=30) as r:
+                self.status = r.status_code
+                for chunk in r.iter_text():
+                    self.raw += chunk
+                    if self._stop.is_set():
+                        return
+        except httpx.HTTPError:
+            pass
+        finally:
+            self.status = self.status or -1
+            self.ended.set()
+
+    def messages(self) -> list[tuple[str, str | None, dict]]:
+        """(event, id or None, data) of each complete message; comments skipped. A block's own
+        id line only: SYSTEM events must carry none."""
+        out = []
+        for block in self.raw.split("\n\n")[:-1]:
+            fields = dict(line.split(": ", 1) for line in block.split("\n")
+                          if line and not line.startswith(":"))
+            if "data" in fields:
+                out.append((fields["event"], fields.get("id"), json.loads(fields["data"])))
+        return out
+
+    def wait(self, n: int, timeout: float = 20) -> list[tuple[str, str | None, dict]]:
+        wait_for(lambda: len(self.messages()) >= n, timeout,
+                 f"{n} messages on {self.url}; have:\n{self.raw}")
+        return self.messages()
+
+    def stop(self) -> None:
+        self._stop.set()  # noticed at the next heartbeat
+        assert self.ended.wait(10), "the stream did not end"

@@ -10,7 +10,7 @@ import httpx
 import jwt
 import pytest
 import websockets
-from conftest import Relay, Tail
+from conftest import ChannelReader, Relay, Tail
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
@@ -81,6 +81,43 @@ async def publish(relay: Relay, token: str | None, site: str, stream: str,
         return reply.message if isinstance(reply, Error) else None
 
 
+# Each reader's dCache channel watches these directories (not recursive, as in dCache); what
+# it may not read is refused with 400 "Permission denied", as dCache does.
+WATCHES = {
+    "r-all": {"/data/a": 201, "/data/b/public": 201, "/data/b/private": 201},
+    "r-a": {"/data/a": 201, "/data/b/public": 201, "/data/b/private?site=b": 400},
+    "r-pub": {"/data/b/public": 201, "/data/b/private": 400, "/data/a": 400},
+    "jwt": {"/data/b/private": 201, "/data/b/public": 400, "/data/a?site=a": 400},
+}
+DCACHE_EXPECTED = {  # (name, first mask flag, carries a cookie)
+    "r-all": [("x1", "IN_CLOSE_WRITE", False), ("x2", "IN_CLOSE_WRITE", False),
+              ("p1", "IN_CLOSE_WRITE", False), ("q1", "IN_CLOSE_WRITE", False),
+              ("m", "IN_MOVED_FROM", True), ("m", "IN_MOVED_TO", True)],
+    "r-a": [("x1", "IN_CLOSE_WRITE", False), ("x2", "IN_CLOSE_WRITE", False)],
+    "r-pub": [("p1", "IN_CLOSE_WRITE", False), ("m", "IN_MOVED_TO", False)],
+    "jwt": [("q1", "IN_CLOSE_WRITE", False), ("m", "IN_MOVED_FROM", True)],
+}
+
+
+def auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def dcache_channel(relay: Relay, token: str, name: str) -> str:
+    api = relay.url + "/api/v1/events"
+    r = httpx.post(api + "/channels", headers=auth(token))
+    assert r.status_code == 201, r.text
+    channel = r.headers["location"]
+    for watch, code in WATCHES[name].items():
+        path, _, site = watch.partition("?site=")
+        r = httpx.post(channel + "/subscriptions/inotify", headers=auth(token),
+                       json={"path": path} | ({"site": site} if site else {}))
+        assert r.status_code == code, (name, watch, r.text)
+        if code == 400:
+            assert r.json()["detail"].startswith("Permission denied"), r.text
+    return channel
+
+
 @pytest.fixture(scope="module")
 def rsa_key() -> tuple[bytes, bytes]:
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -103,6 +140,9 @@ def test_authorization_matrix(tmp_path, procs, rsa_key):
     readers = {**{n: TOKENS[n] for n in ("r-all", "r-a", "r-pub")}, "jwt": jwt_reader}
     live = {name: Tail(tmp_path, procs, relay.url, "--token", token, name=f"live-{name}")
             for name, token in readers.items()}
+    channels = {name: dcache_channel(relay, token, name) for name, token in readers.items()}
+    dcache_live = {name: ChannelReader(url, headers=auth(readers[name]))
+                   for name, url in channels.items()}
     time.sleep(1.5)  # the live subscribers are connected before anything is published
 
     # Publishing: only as the token's own site, only with an agent token.
@@ -136,6 +176,25 @@ def test_authorization_matrix(tmp_path, procs, rsa_key):
                 secret = name == "r-pub"
                 assert (e["old_path"] is None) == secret, (name, how)
                 assert (e["cookie"] is None) == secret, (name, how)
+
+    # The same rights through the dCache API: live, and replaying a channel's whole backlog.
+    for name, token in readers.items():
+        replay = ChannelReader(channels[name], last_event_id="-1", headers=auth(token))
+        for how, reader in (("live", dcache_live[name]), ("replay", replay)):
+            reader.wait(len(DCACHE_EXPECTED[name]))
+            time.sleep(0.3)
+            got = [(m["event"]["name"], m["event"]["mask"][0], "cookie" in m["event"])
+                   for kind, _, m in reader.messages() if kind == "inotify"]
+            assert got == DCACHE_EXPECTED[name], (name, how)
+    api = relay.url + "/api/v1/events"
+    assert httpx.get(api).status_code == 200  # the one anonymous call, as in dCache
+    r = httpx.post(api + "/channels")
+    assert r.status_code == 401 and r.json()["status"] == "401" and "needs a token" in r.text
+    r = httpx.get(channels["r-all"], headers=auth(TOKENS["r-a"]))
+    assert r.status_code == 403 and "another user" in r.json()["detail"]
+    assert httpx.get(api + "/channels/unknown", headers=auth(TOKENS["r-a"])).status_code == 404
+    r = httpx.post(api + "/channels", headers=auth(TOKENS["agent-a"]))
+    assert r.status_code == 403 and "cannot read" in r.json()["detail"]
 
     def status(**kw: object) -> tuple[int, str]:
         r = httpx.get(relay.url + "/events", timeout=5, **kw)

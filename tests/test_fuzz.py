@@ -37,6 +37,18 @@ FRAMES = st.one_of(
                                   INTS, max_size=3)), max_size=5)),
 )
 
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20)
+    | st.sampled_from(["/", "/d", "/d/", "IN_CREATE", "IN_ONESHOT", "IN_DONT_FOLLOW"]),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+        st.sampled_from(["path", "flags", "site", "timeout", "client-id", "x"]), inner,
+        max_size=4),
+    max_leaves=10)
+BODIES = st.one_of(JSON.map(lambda v: msgspec.json.encode(v)), st.binary(max_size=100))
+SEGMENTS = st.lists(st.sampled_from(["channels", "subscriptions", "inotify", "eventTypes",
+                                     "selector", "event", "x", "%00", "%2e%2e", "A" * 300]),
+                    max_size=4)
+
 
 def test_hostile_http_and_ingest_input(tmp_path, procs, relay):
     root = tmp_path / "w"
@@ -78,8 +90,30 @@ def test_hostile_http_and_ingest_input(tmp_path, procs, relay):
 
         asyncio.run(go())
 
+    api = relay.url + "/api/v1/events"
+    channel = httpx.post(api + "/channels").headers["location"]
+
+    @settings(max_examples=150, deadline=None, derandomize=True,
+              suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(method=st.sampled_from(["GET", "POST", "PATCH", "DELETE"]), segments=SEGMENTS,
+           body=BODIES, on_channel=st.booleans(), last_event_id=st.sampled_from(
+               [None, "-5", "x", "99999999999999999999999", "0"]))
+    def dcache(method: str, segments: list[str], body: bytes, on_channel: bool,
+               last_event_id: str | None) -> None:
+        base = channel if on_channel else api
+        headers = {"Accept": "text/event-stream"}
+        if last_event_id is not None:
+            headers["Last-Event-ID"] = last_event_id
+        url = "/".join([base, *segments])
+        with httpx.stream(method, url, content=body, headers=headers, timeout=5) as r:
+            assert r.status_code < 500, (method, url, body, r.read())
+            if r.status_code >= 400:
+                r.read()
+                assert r.json()["detail"] and r.json()["status"] == str(r.status_code), r.text
+
     http()
     ingest()
+    dcache()
     write(root / "after")  # the agent and the subscriber noticed nothing
     events = tail.wait_count(4)
     assert [e["path"].rsplit("/", 1)[1] for e in events] == ["before"] * 2 + ["after"] * 2

@@ -1,0 +1,417 @@
+"""``/api/v1/events``: dCache's storage-events REST + SSE API, over :mod:`.channels`.
+
+Existing dCache clients work unchanged: create a channel, add inotify subscriptions, read the
+channel's SSE stream, reconnect with ``Last-Event-ID``. Unlike dCache, channels and their backlog
+are kept in :class:`~.channel_store.ChannelStore` and survive a relay restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Match, Route
+
+from storage_events import sse
+
+from .auth import Authenticator, AuthError, bearer
+from .channel_store import ChannelStore
+from .channels import (
+    EVENTS,
+    MACROS,
+    MODIFIERS,
+    Channel,
+    ChannelError,
+    Registry,
+    Routed,
+    parse_selector,
+    resume,
+    system,
+)
+from .filters import Scope
+from .hub import Mailbox
+from .log import EventLog, Record
+
+log = logging.getLogger("storage_events.relay")
+
+PREFIX = "/api/v1/events"
+ANONYMOUS = "anonymous"
+MAX_BODY = 64 * 1024
+REPLAY_PAGE = 2000
+_TITLES = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+           405: "Method Not Allowed", 413: "Payload Too Large", 429: "Too Many Requests"}
+
+SELECTOR_SCHEMA = {
+    "$schema": "http://json-schema.org/draft-07/schema#",
+    "type": "object",
+    "properties": {
+        "path": {"type": "string", "pattern": "^/(.*[^/])?$",
+                 "description": "The file or directory to watch (not recursive)."},
+        "flags": {"type": "array", "uniqueItems": True,
+                  "items": {"enum": [*EVENTS, *MACROS, *MODIFIERS]}},
+        "site": {"type": "string",
+                 "description": "Only this site's events (default: every site you may read)."},
+    },
+    "required": ["path"],
+    "additionalProperties": False,
+}
+EVENT_SCHEMA = {
+    "$schema": "http://json-schema.org/draft-07/schema#",
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "description": "The child's name, for directory watches."},
+        "cookie": {"type": "string", "description": "Shared by the two halves of a rename."},
+        "mask": {"type": "array", "minItems": 1, "items": {
+            "enum": [*EVENTS, "IN_IGNORED", "IN_ISDIR", "IN_Q_OVERFLOW"]}},
+    },
+    "required": ["mask"],
+}
+
+
+def _problem(status: int, detail: str) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse({"status": str(status), "title": _TITLES.get(status, "Error"),
+                         "detail": detail}, status_code=status, headers=headers)
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+class ChannelService:
+    def __init__(self, registry: Registry, store: ChannelStore, log: EventLog,
+                 auth: Authenticator, *, heartbeat: float, buffer_bytes: int) -> None:
+        self.registry = registry
+        self.store = store
+        self.log = log
+        self.auth = auth
+        self.heartbeat = heartbeat
+        self.buffer_bytes = buffer_bytes
+        self.cursor = store.load(registry, time.time())
+        self.streams: dict[str, Mailbox] = {}  # channel id → its one connected client
+        self._pending: list[Record] = []
+        self._wake = asyncio.Event()
+        self._commit = asyncio.Lock()
+        self.routed = 0  # events added to channels' backlogs since start
+
+    # -- routing: the log's records into channels' backlogs --------------------------------
+
+    def notify(self, records: list[Record]) -> None:
+        """Hub listener: new records were stored."""
+        if self._has_watches():
+            self._pending.extend(records)
+        self._wake.set()
+
+    def _has_watches(self) -> bool:
+        return any(ch.watches for ch in self.registry.channels.values())
+
+    async def run(self) -> None:
+        """Route stored records to channels, in id order, from the persisted cursor on."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self.cursor < self.log.head:
+                if not self._has_watches():
+                    self._pending.clear()
+                    self.cursor = self.log.head  # persisted with the next subscription
+                    break
+                pending = [r for r in self._pending if r.id > self.cursor]
+                self._pending.clear()
+                if not pending or pending[0].id != self.cursor + 1:
+                    pending = await asyncio.to_thread(self.log.read, self.cursor, REPLAY_PAGE)
+                if not pending:
+                    break
+                await self._apply(self.registry.route(pending), pending[-1].id)
+
+    async def _apply(self, routed: Routed, cursor: int | None = None,
+                     changed: list[Channel] | None = None) -> None:
+        """Store what routing produced, then tell connected clients."""
+        touched = {id(ch): ch for ch, _, _ in routed.events}
+        for w in routed.closed:
+            touched[id(w.channel)] = w.channel
+        for ch in changed or ():
+            touched[id(ch)] = ch
+        for ch in touched.values():
+            self.registry.trimmed(ch)
+        rows = [(ch.id, i, data) for ch, i, data in routed.events]
+        self.routed += len(rows)
+        async with self._commit:
+            await asyncio.to_thread(self.store.save, list(touched.values()), cursor, rows)
+            if cursor is not None:
+                self.cursor = cursor
+        for ch, i, data in routed.events:
+            box = self.streams.get(ch.id)
+            if box is not None:
+                item = sse.render(data, event="inotify", id=i)
+                box.push([(i, item)], len(item))
+        for w in routed.closed:
+            self._tell(w.channel, system("SUBSCRIPTION_CLOSED", w.url))
+
+    def _tell(self, ch: Channel, data: bytes) -> None:
+        box = self.streams.get(ch.id)
+        if box is not None:
+            item = sse.render(data, event="SYSTEM")
+            box.push([(-1, item)], len(item))
+
+    async def _save(self, ch: Channel) -> None:
+        async with self._commit:  # so self.cursor is a committed one
+            await asyncio.to_thread(self.store.save, [ch], self.cursor)
+
+    async def expire(self, every: float = 1.0) -> None:
+        while True:
+            for ch in self.registry.expired(time.time()):
+                log.info("channel %s of %s expired after %d s without a client",
+                         ch.id, ch.owner, ch.timeout)
+                await self._delete(ch)
+            await asyncio.sleep(every)
+
+    async def _delete(self, ch: Channel) -> None:
+        ended = self.registry.delete(ch)
+        async with self._commit:
+            await asyncio.to_thread(self.store.save, [], None, None, [ch.id])
+        box = self.streams.pop(ch.id, None)
+        if box is not None:
+            box.close(b"".join(sse.render(system("SUBSCRIPTION_CLOSED", w.url), event="SYSTEM")
+                               for w in ended))
+
+    def close(self) -> None:
+        """The relay is stopping: connected clients are told, as dCache does."""
+        for box in self.streams.values():
+            box.close(sse.render(system("SHUTDOWN"), event="SYSTEM"))
+
+    # -- HTTP ------------------------------------------------------------------------------
+
+    def _caller(self, request: Request) -> tuple[str, Scope]:
+        if not self.auth.enabled:
+            return ANONYMOUS, Scope()
+        who = self.auth.identify(bearer(request.headers.get("authorization", ""),
+                                        request.query_params.get("access_token")))
+        assert who is not None
+        if who.role != "reader":
+            raise AuthError(f"token {who.name!r} is an {who.role} token: it cannot read", 403)
+        return who.name, who.scope
+
+    def _channel(self, request: Request) -> Channel:
+        owner, scope = self._caller(request)
+        ch = self.registry.get(request.path_params["cid"], owner)
+        ch.scope = scope  # rights follow the owner's current token
+        return ch
+
+    def _base(self, request: Request) -> str:
+        return str(request.base_url).rstrip("/") + PREFIX + "/channels"
+
+    def routes(self) -> list[Route]:
+        def handle(fn: Handler) -> Handler:
+            async def wrapped(request: Request) -> Response:
+                try:
+                    return await fn(request)
+                except ChannelError as e:
+                    return _problem(e.status, e.detail)
+                except AuthError as e:
+                    return _problem(e.status, str(e))
+            return wrapped
+
+        channel = PREFIX + "/channels/{cid}"
+        watch = channel + "/subscriptions/{type}/{sid}"
+        routes = [
+            Route(PREFIX, handle(self.info)),
+            Route(PREFIX + "/eventTypes", handle(self.event_types)),
+            Route(PREFIX + "/eventTypes/{type}", handle(self.event_type)),
+            Route(PREFIX + "/eventTypes/{type}/{what}", handle(self.schema)),
+            Route(PREFIX + "/channels", handle(self.create), methods=["POST"]),
+            Route(PREFIX + "/channels", handle(self.list_channels)),
+            Route(channel, handle(self.get_channel)),
+            Route(channel, handle(self.patch_channel), methods=["PATCH"]),
+            Route(channel, handle(self.delete_channel), methods=["DELETE"]),
+            Route(channel + "/subscriptions", handle(self.list_watches)),
+            Route(channel + "/subscriptions/{type}", handle(self.subscribe), methods=["POST"]),
+            Route(watch, handle(self.get_watch)),
+            Route(watch, handle(self.delete_watch), methods=["DELETE"]),
+        ]
+
+        async def elsewhere(request: Request) -> Response:
+            # Answer in the API's own error format, not the framework's plain text.
+            if any(r.matches(request.scope)[0] is Match.PARTIAL for r in routes):
+                return _problem(405, f"{request.method} is not allowed on {request.url.path}")
+            return _problem(404, f"there is no {request.url.path} in this API")
+
+        return [*routes, Route(PREFIX + "{rest:path}", elsewhere,
+                               methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"])]
+
+    async def info(self, request: Request) -> Response:
+        lim = self.registry.limits
+        return JSONResponse({"channels": {
+            "maximumPerUser": lim.per_user,
+            "lifetimeWhenDisconnected": {"minimum": 1, "maximum": lim.max_timeout,
+                                         "default": lim.timeout}}})
+
+    async def event_types(self, request: Request) -> Response:
+        self._caller(request)
+        return JSONResponse(["inotify"])
+
+    def _type(self, request: Request) -> None:
+        kind = request.path_params["type"]
+        if kind != "inotify":
+            raise ChannelError(404, f"unknown event type {kind[:40]!r}: this relay has "
+                                    "'inotify'")
+
+    async def event_type(self, request: Request) -> Response:
+        self._caller(request)
+        self._type(request)
+        return JSONResponse({"description": "Changes to files and directories, as inotify(7) "
+                                            "reports them, from every site of this relay"})
+
+    async def schema(self, request: Request) -> Response:
+        self._caller(request)
+        self._type(request)
+        what = request.path_params["what"]
+        if what not in ("selector", "event"):
+            raise ChannelError(404, f"no {what[:40]!r} here: try 'selector' or 'event'")
+        return JSONResponse(SELECTOR_SCHEMA if what == "selector" else EVENT_SCHEMA)
+
+    async def create(self, request: Request) -> Response:
+        owner, scope = self._caller(request)
+        body = await _json_body(request, required=False)
+        client_id = body.get("client-id") if isinstance(body, dict) else None
+        if body is not None and (not isinstance(body, dict) or not isinstance(
+                client_id, str | None) or set(body) - {"client-id"}):
+            raise ChannelError(400, 'the body may only be {"client-id": "<string>"}')
+        ch = self.registry.create(owner, scope, client_id, self._base(request), time.time())
+        await self._save(ch)
+        log.info("channel %s created by %s", ch.id, owner)
+        return Response(status_code=201, headers={"Location": ch.url})
+
+    async def list_channels(self, request: Request) -> Response:
+        owner, _ = self._caller(request)
+        q = request.query_params
+        found = self.registry.listing(owner, q.get("client-id"), "client-id" in q)
+        return JSONResponse([ch.url for ch in found])
+
+    async def get_channel(self, request: Request) -> Response:
+        ch = self._channel(request)
+        if "text/event-stream" in request.headers.get("accept", ""):
+            return self._connect(ch, request.headers.get("last-event-id"))
+        return JSONResponse({"timeout": ch.timeout})
+
+    async def patch_channel(self, request: Request) -> Response:
+        ch = self._channel(request)
+        body = await _json_body(request)
+        if not isinstance(body, dict) or "timeout" not in body:
+            raise ChannelError(400, 'send {"timeout": <seconds>}')
+        self.registry.set_timeout(ch, body["timeout"])
+        await self._save(ch)
+        return Response(status_code=204)
+
+    async def delete_channel(self, request: Request) -> Response:
+        await self._delete(self._channel(request))
+        return Response(status_code=204)
+
+    async def list_watches(self, request: Request) -> Response:
+        ch = self._channel(request)
+        return JSONResponse([w.url for w in ch.watches.values()])
+
+    async def subscribe(self, request: Request) -> Response:
+        ch = self._channel(request)
+        kind = request.path_params["type"]
+        if kind != "inotify":
+            raise ChannelError(400, f"unknown event type {kind[:40]!r}: this relay has "
+                                    "'inotify'")
+        body = await request.body()
+        if len(body) > MAX_BODY:
+            raise ChannelError(413, f"the selector is larger than {MAX_BODY} bytes")
+        w, new = self.registry.subscribe(ch, parse_selector(body))
+        await self._save(ch)
+        if not new:
+            return Response(status_code=303, headers={"Location": w.url})
+        self._tell(ch, system("NEW_SUBSCRIPTION", w.url))
+        return Response(status_code=201, headers={"Location": w.url})
+
+    async def get_watch(self, request: Request) -> Response:
+        ch = self._channel(request)
+        self._type(request)
+        sel = self.registry.watch(ch, request.path_params["sid"]).selector
+        return Response(json.dumps({k: v for k, v in (("path", sel.path), ("flags", sel.flags),
+                                                      ("site", sel.site)) if v is not None}),
+                        media_type="application/json")
+
+    async def delete_watch(self, request: Request) -> Response:
+        ch = self._channel(request)
+        self._type(request)
+        w = self.registry.watch(ch, request.path_params["sid"])
+        await self._apply(self.registry.end(w))
+        return Response(status_code=204)
+
+    # -- the channel's SSE stream ----------------------------------------------------------
+
+    def _connect(self, ch: Channel, last_event_id: str | None) -> Response:
+        old = self.streams.get(ch.id)
+        if old is not None:  # the newest client wins, as in dCache
+            old.close(sse.render(system("COMPETING_CLIENT"), event="SYSTEM"))
+        box = Mailbox(self.buffer_bytes)
+        self.streams[ch.id] = box
+        self.registry.connect(ch)
+        start, loss = resume(ch, last_event_id)
+        # Live only: from the next id on (anything already pushed to the box is newer).
+        last = ch.next_id - 1 if start is None else start
+        return StreamingResponse(self._stream(ch, box, last, start is not None, loss),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def _stream(self, ch: Channel, box: Mailbox, last: int, replay: bool,
+                      loss: bool) -> AsyncIterator[bytes]:
+        try:
+            if loss:
+                yield sse.render(system("EVENT_LOSS"), event="SYSTEM")
+            while not box.closed:
+                if replay or box.overflowed:
+                    box.reset()
+                    async for chunk, newest in self._replay(ch, last):
+                        last = newest
+                        yield chunk
+                    replay = False
+                while not (box.overflowed or box.closed):
+                    if not await box.wait(self.heartbeat):
+                        yield sse.comment("heartbeat")
+                        continue
+                    items = box.take()
+                    data = b"".join(b for i, b in items if i < 0 or i > last)
+                    last = max(last, items[-1][0]) if items else last
+                    if data:
+                        yield data
+            if box.farewell:
+                yield box.farewell
+        finally:
+            if self.streams.get(ch.id) is box:
+                del self.streams[ch.id]
+                if ch.id in self.registry.channels:
+                    self.registry.disconnect(ch, time.time())
+                    # Synchronously: a cancelled stream cannot await any more.
+                    self.store.save([ch], None)
+
+    async def _replay(self, ch: Channel, after: int) -> AsyncIterator[tuple[bytes, int]]:
+        while True:
+            rows = await asyncio.to_thread(self.store.read, ch.id, after, REPLAY_PAGE)
+            if not rows:
+                return
+            after = rows[-1][0]
+            yield b"".join(sse.render(data, event="inotify", id=i) for i, data in rows), after
+
+
+async def _json_body(request: Request, required: bool = True) -> Any:
+    body = await request.body()
+    if len(body) > MAX_BODY:
+        raise ChannelError(413, f"the request body is larger than {MAX_BODY} bytes")
+    if not body.strip():
+        if required:
+            raise ChannelError(400, "this request needs a JSON body")
+        return None
+    try:
+        return json.loads(body)
+    except ValueError as e:
+        raise ChannelError(400, f"the body is not valid JSON: {e}") from None
+
