@@ -26,6 +26,7 @@ from .hub import Hub
 from .ingest import Ingest, IngestLimits
 from .metrics import metrics_endpoint
 from .sqlite_log import SQLiteLog
+from .web import page
 
 
 def create_app(cfg: RelayConfig) -> Starlette:
@@ -84,6 +85,7 @@ def create_app(cfg: RelayConfig) -> Starlette:
     app = Starlette(
         middleware=middleware,
         routes=[
+            Route("/", page),
             Route("/events", feed.endpoint),
             WebSocketRoute("/ingest", ingest.endpoint),
             Route("/healthz", healthz),
