@@ -14,10 +14,10 @@ from storage_events.cliutil import (
     token_option,
     version_option,
 )
+from storage_events.wire import ingest_url
 
 from .config import AgentConfig
 from .runner import AgentError, run_agent
-from .uplink import ingest_url
 
 
 @click.group()

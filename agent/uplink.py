@@ -9,22 +9,20 @@ import random
 import msgspec
 import websockets
 
-from storage_events.wire import Ack, Batch, Error, Hello, Welcome, decode_to_agent, encode_frame
+from storage_events.wire import (
+    Ack,
+    Batch,
+    Error,
+    Hello,
+    Welcome,
+    decode_to_agent,
+    encode_frame,
+    ingest_url,
+)
 
 from .outbox import Outbox
 
 log = logging.getLogger("storage_events.agent")
-
-
-def ingest_url(relay: str) -> str:
-    """``http://host:port[/base]`` → ``ws://host:port[/base]/ingest`` (https → wss)."""
-    base = relay.rstrip("/")
-    for plain, ws in (("http://", "ws://"), ("https://", "wss://")):
-        if base.startswith(plain):
-            return ws + base[len(plain) :] + "/ingest"
-    if base.startswith(("ws://", "wss://")):
-        return base if base.endswith("/ingest") else base + "/ingest"
-    raise ValueError(f"relay URL {relay!r} must start with http:// or https://")
 
 
 class RelayRefused(Exception):

@@ -25,15 +25,21 @@ from .feed import Feed
 from .hub import Hub
 from .ingest import Ingest, IngestLimits
 from .metrics import metrics_endpoint
+from .push import Pusher
+from .sites import sites_endpoint
 from .sqlite_log import SQLiteLog
+from .upstream import Puller
 from .web import page
 
 
 def create_app(cfg: RelayConfig) -> Starlette:
-    log = SQLiteLog(Path(cfg.data), synchronous=cfg.durability.upper())
+    log = SQLiteLog(Path(cfg.data), synchronous=cfg.durability.upper(), name=cfg.name)
     hub = Hub()
     auth = Authenticator(cfg.token, cfg.jwt)
-    ingest = Ingest(log, hub, IngestLimits(max_batch=cfg.max_batch), auth)
+    ingest = Ingest(log, hub, IngestLimits(max_batch=cfg.max_batch), auth, me=cfg.name)
+    pullers = [Puller(up, ingest, cfg.name) for up in cfg.upstream]
+    pushers = [Pusher(target, log, cfg.name) for target in cfg.push]
+    hub.listeners.extend(p.notify for p in pushers)
     feed = Feed(log, hub, heartbeat=cfg.heartbeat, buffer_bytes=cfg.subscriber_buffer,
                 auth=auth, per_identity=cfg.max_subscribers_per_identity)
     store = ChannelStore(Path(cfg.data))
@@ -47,6 +53,7 @@ def create_app(cfg: RelayConfig) -> Starlette:
         return JSONResponse({
             "status": "ok",
             "version": __version__,
+            "relay": cfg.name,
             "head": log.head,
             "first": log.first,
             "subscribers": len(hub),
@@ -61,8 +68,9 @@ def create_app(cfg: RelayConfig) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        tasks = [asyncio.create_task(retention()), asyncio.create_task(channels.run()),
-                 asyncio.create_task(channels.expire())]
+        tasks = [asyncio.create_task(job) for job in (
+            retention(), channels.run(), channels.expire(),
+            *(p.run() for p in pullers), *(p.run() for p in pushers))]
         channels.notify([])  # route what arrived while the relay was down
         try:
             yield
@@ -89,7 +97,9 @@ def create_app(cfg: RelayConfig) -> Starlette:
             Route("/events", feed.endpoint),
             WebSocketRoute("/ingest", ingest.endpoint),
             Route("/healthz", healthz),
-            Route("/metrics", metrics_endpoint(log, hub, ingest, feed, channels)),
+            Route("/sites", sites_endpoint(feed, ingest, pullers, pushers)),
+            Route("/metrics", metrics_endpoint(log, hub, ingest, feed, channels, pullers,
+                                               pushers)),
             *channels.routes(),
         ],
         lifespan=lifespan,

@@ -31,10 +31,11 @@ class AuthError(Exception):
 
 class TokenConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     name: str
-    role: Literal["agent", "reader"]
+    role: Literal["agent", "reader", "relay"]
     hash: Annotated[str, msgspec.Meta(pattern=r"^sha256:[0-9a-f]{64}$")]
     site: Name | None = None  # agent: the one site it may publish as
-    sites: list[str] | None = None  # reader: the sites it may read (default: all)
+    sites: list[str] | None = None  # reader: the sites it may read; relay: the sites it may
+    # push events of (default: all)
     paths: list[str] | None = None  # reader: the path prefixes it may read (default: all)
 
     def __post_init__(self) -> None:
@@ -54,9 +55,9 @@ class JWTConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 @dataclass(frozen=True, slots=True)
 class Identity:
     name: str
-    role: str  # "agent" or "reader"
+    role: str  # "agent", "reader" or "relay"
     site: str | None = None  # agents
-    scope: Scope = EVERYTHING  # readers
+    scope: Scope = EVERYTHING  # readers; for relays, the sites they may push
 
 
 def bearer(authorization: str, access_token: str | None) -> str | None:

@@ -14,7 +14,7 @@ from storage_events.cliutil import (
     version_option,
 )
 
-from .config import RelayConfig, check_secure
+from .config import RelayConfig, UpstreamConfig, check_secure
 
 
 @click.group()
@@ -32,17 +32,25 @@ def main() -> None:
               help="Allow a non-loopback address without authentication.")
 @click.option("--certfile", help="TLS certificate (PEM): serve https:// and wss://.")
 @click.option("--keyfile", help="TLS private key (PEM).")
+@click.option("--name", help="This relay's name, unique in a federation (default: host name).")
+@click.option("--upstream", "upstreams", multiple=True, metavar="URL",
+              help="Pull (federate) the feed of another relay; repeatable. [[upstream]] in "
+                   "the config also takes a token.")
 @click.option("-v", "--verbose", count=True, help="More log output.")
 @log_format_option
 @version_option
 def serve(config_file: Path | None, listen: str | None, data: str | None,
           insecure: bool | None, certfile: str | None, keyfile: str | None,
-          verbose: int, log_format: str) -> None:
+          name: str | None, upstreams: tuple[str, ...], verbose: int, log_format: str) -> None:
     """Run the relay: /ingest for agents, /events for subscribers."""
     setup_logging(verbose, log_format)
     cfg = load_config(config_file, RelayConfig,
                       {"listen": listen, "data": data, "insecure": insecure,
-                       "certfile": certfile, "keyfile": keyfile})
+                       "certfile": certfile, "keyfile": keyfile, "name": name})
+    try:
+        cfg.upstream = [*cfg.upstream, *(UpstreamConfig(url=u) for u in upstreams)]
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--upstream") from None
     try:
         check_secure(cfg)
         host, port = cfg.host_port()
@@ -92,9 +100,11 @@ def serve(config_file: Path | None, listen: str | None, data: str | None,
 
 @main.command()
 @click.option("--name", required=True, help="Who or what the token is for (shown in logs).")
-@click.option("--role", type=click.Choice(["agent", "reader"]), required=True)
+@click.option("--role", type=click.Choice(["agent", "reader", "relay"]), required=True,
+              help="agent: publishes one site; reader: reads; relay: a relay pushing its feed.")
 @click.option("--site", help="agent: the site it publishes as (required for agents).")
-@click.option("--sites", multiple=True, help="reader: a site it may read (repeat; default all).")
+@click.option("--sites", multiple=True,
+              help="reader: a site it may read; relay: a site it may push (repeat; default all).")
 @click.option("--paths", multiple=True,
               help="reader: a path prefix it may read (repeat; default all).")
 @version_option

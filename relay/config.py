@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ipaddress
+import re
+import socket
 from typing import Annotated
 
 import msgspec
@@ -13,8 +15,47 @@ Positive = Annotated[float, msgspec.Meta(gt=0)]
 PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
 
 
+RelayName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+
+
+class UpstreamConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A relay whose feed this one pulls (``[[upstream]]``)."""
+
+    url: str  # its base URL, http(s)://host:port
+    name: RelayName | None = None  # names its checkpoint and its log lines; default: from url
+    token: str | None = None  # a reader token of that relay
+    idle_timeout: Positive = 60.0  # reconnect when nothing, not even a heartbeat, came for this
+    ca_file: str | None = None  # to check its TLS certificate (default: the system's CAs)
+
+    def __post_init__(self) -> None:
+        _check_url(self.url)
+
+    @property
+    def label(self) -> str:
+        return self.name or self.url.split("://", 1)[-1].rstrip("/").replace("/", "_")
+
+
+class PushConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A relay this one pushes its whole log to (``[[push]]``), over its /ingest."""
+
+    url: str
+    token: str | None = None  # a relay-role token of that relay
+    ca_file: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_url(self.url)
+
+
+def _check_url(url: str) -> None:
+    if not url.startswith(("http://", "https://")) or len(url.split("://", 1)[1]) < 1:
+        raise ValueError(f"relay URL {url!r} must be http://HOST:PORT or https://HOST:PORT")
+
+
 class RelayConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     listen: str = "127.0.0.1:8808"
+    # Unique in a federation: stamped on every event this relay stores (`via`), which is how
+    # loops are found.
+    name: RelayName = msgspec.field(default_factory=lambda: _hostname())
     data: str = "storage-events-data"  # directory of the embedded SQLite log
     # Serving anonymous agents and readers on a non-loopback address needs this, explicitly.
     insecure: bool = False
@@ -40,12 +81,19 @@ class RelayConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     channels_per_user: PositiveInt = 128
     channel_timeout: Annotated[int, msgspec.Meta(ge=1, le=86400)] = 300  # s without a client
     channel_backlog: PositiveInt = 16383  # events kept per channel for reconnecting clients
+    upstream: list[UpstreamConfig] = []  # relays whose feeds this one pulls
+    push: list[PushConfig] = []  # relays this one pushes its log to
 
     def host_port(self) -> tuple[str, int]:
         host, sep, port = self.listen.rpartition(":")
         if not sep or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError(f"listen address {self.listen!r} must be HOST:PORT")
         return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _hostname() -> str:
+    name = socket.gethostname().split(".")[0]
+    return name if re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", name) else "relay"
 
 
 def is_loopback(host: str) -> bool:

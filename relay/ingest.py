@@ -30,6 +30,7 @@ from storage_events.wire import (
 )
 
 from .auth import Authenticator, AuthError
+from .federation import PUSHED_KEY, LoopGuard
 from .hub import Hub
 from .log import EventLog
 
@@ -55,12 +56,18 @@ class IngestLimits:
 
 
 class IngestSession:
-    """One connection's protocol state: a :class:`Hello`, then batches of its stream."""
+    """One connection's protocol state: a :class:`Hello`, then batches of its stream (an
+    agent) or of any streams (a relay pushing its log)."""
 
-    def __init__(self, limits: IngestLimits, auth: Authenticator | None = None) -> None:
+    def __init__(self, limits: IngestLimits, auth: Authenticator | None = None,
+                 me: str = "relay") -> None:
         self.limits = limits
         self.auth = auth
+        self.me = me
         self.hello: Hello | None = None
+        self.sites: frozenset[str] | None = None  # a pushing relay's allowed sites
+        self.checkpoint = 0  # a pushing relay: the last of its ids in the latest batch
+        self.loops: LoopGuard | None = None  # a pushing relay: events that come back
 
     def receive(self, frame: bytes | str) -> Hello | list[Event]:
         if isinstance(frame, str):
@@ -93,12 +100,19 @@ class IngestSession:
                 who = self.auth.identify(hello.token)
             except AuthError as e:
                 raise ProtocolError(str(e)) from None
-            if who is not None and who.role != "agent":
+            if who is not None and who.role != hello.role:
                 raise ProtocolError(f"token {who.name!r} is a {who.role} token: it cannot "
-                                    "publish")
-            if who is not None and who.site != hello.site:
+                                    f"publish as {hello.role}")
+            if who is not None and who.role == "agent" and who.site != hello.site:
                 raise ProtocolError(f"token {who.name!r} may publish as site {who.site!r}, "
                                     f"not {hello.site!r}")
+            if who is not None and who.role == "relay":
+                self.sites = who.scope.sites
+        if hello.role == "relay":
+            if hello.site == self.me:
+                raise ProtocolError(f"a relay named {hello.site!r} is pushing to itself: give "
+                                    "each relay its own `name`")
+            self.loops = LoopGuard(self.me, f"relay {hello.site!r}")
         self.hello = hello
         return hello
 
@@ -108,9 +122,12 @@ class IngestSession:
         if len(events) > self.limits.max_batch:
             raise ProtocolError(f"batch of {len(events)} events exceeds the limit of "
                                 f"{self.limits.max_batch}", 1009)
+        if hello.role == "relay":
+            return self._check_relayed(events)
         previous = 0
         for i, ev in enumerate(events):
             where = f"event {i} (seq {ev.seq})"
+            _check_event(where, ev)
             if ev.stream != hello.stream:
                 raise ProtocolError(f"{where} belongs to stream {ev.stream[:80]!r}, "
                                     f"not to this connection's {hello.stream!r}")
@@ -120,12 +137,41 @@ class IngestSession:
             if ev.seq <= previous:
                 raise ProtocolError(f"{where}: seq numbers must increase within a batch")
             previous = ev.seq
-            if not ev.path or len(ev.path) > MAX_PATH or "\0" in ev.path:
-                raise ProtocolError(f"{where}: path is empty, too long or contains NUL")
-            if not ev.flags or not _KNOWN_FLAGS.issuperset(ev.flags):
-                raise ProtocolError(f"{where}: flags {ev.flags[:8]!r} are not inotify flag names")
+            if ev.via or ev.origin_id is not None:
+                raise ProtocolError(f"{where}: an agent cannot set via/origin_id (relays do)")
             ev.id = 0
         return events
+
+    def _check_relayed(self, events: list[Event]) -> list[Event]:
+        """A pushing relay's batch: its own ids increase; sites are within its token's."""
+        hello = self.hello
+        assert hello is not None
+        previous = self.checkpoint
+        for i, ev in enumerate(events):
+            where = f"event {i} ({ev.stream[:80]} seq {ev.seq})"
+            _check_event(where, ev)
+            if not (_NAME.match(ev.site) and _NAME.match(ev.node) and _STREAM.match(ev.stream)):
+                raise ProtocolError(f"{where}: site, node or stream name is not valid")
+            if self.sites is not None and ev.site not in self.sites:
+                raise ProtocolError(f"{where}: relay {hello.site!r} may not push events of site "
+                                    f"{ev.site!r}")
+            if ev.id <= previous:
+                raise ProtocolError(f"{where}: the pushing relay's ids must increase "
+                                    f"(id {ev.id} after {previous})")
+            if not ev.via or ev.via[-1] != hello.site:
+                raise ProtocolError(f"{where}: a pushed event's via must end with the pushing "
+                                    f"relay {hello.site!r}")
+            previous = ev.id
+        self.checkpoint = previous
+        assert self.loops is not None
+        return self.loops.admit(events)
+
+
+def _check_event(where: str, ev: Event) -> None:
+    if not ev.path or len(ev.path) > MAX_PATH or "\0" in ev.path:
+        raise ProtocolError(f"{where}: path is empty, too long or contains NUL")
+    if not ev.flags or not _KNOWN_FLAGS.issuperset(ev.flags):
+        raise ProtocolError(f"{where}: flags {ev.flags[:8]!r} are not inotify flag names")
 
 
 class Ingest:
@@ -133,8 +179,9 @@ class Ingest:
     single writer thread, and published to the hub in id order."""
 
     def __init__(self, log: EventLog, hub: Hub, limits: IngestLimits,
-                 auth: Authenticator | None = None) -> None:
+                 auth: Authenticator | None = None, me: str = "relay") -> None:
         self.auth = auth
+        self.me = me
         self.log = log
         self.hub = hub
         self.limits = limits
@@ -142,17 +189,36 @@ class Ingest:
         self._lock = asyncio.Lock()
         self.connections = 0
         self.stored = 0  # events stored since start
-        self.by_site: Counter[str] = Counter()  # open connections
+        self.by_site: Counter[str] = Counter()  # open agent connections
+        self.relays: Counter[str] = Counter()  # open connections of relays pushing to us
         self.last_ts: dict[str, int] = {}  # newest event time stored, by site
+        self.route: dict[str, str] = {}  # by site: the peer relay its events last came from
+        self.looped = 0  # events dropped because they had already passed through this relay
 
-    async def store(self, events: list[Event]) -> None:
-        async with self._lock:
-            loop = asyncio.get_running_loop()
-            records = await loop.run_in_executor(self._writer, self.log.append, events)
-            self.hub.publish(records)
-            self.stored += len(records)
+    async def store(self, events: list[Event],
+                    checkpoint: tuple[str, int] | None = None) -> None:
+        """Store and publish; a ``checkpoint`` says they came from a peer relay."""
+        if checkpoint is None:
             if events:
                 self.last_ts[events[-1].site] = events[-1].ts
+                self.route.pop(events[-1].site, None)
+        else:
+            for ev in events:
+                self.last_ts[ev.site] = ev.ts
+                if ev.via:  # (a loss notice made here has none)
+                    self.route[ev.site] = ev.via[-1]  # the peer's own name for itself
+        async with self._lock:
+            loop = asyncio.get_running_loop()
+            records = await loop.run_in_executor(
+                self._writer, functools.partial(self.log.append, events, checkpoint))
+            self.hub.publish(records)
+            self.stored += len(records)
+
+    def count_loops(self, guard: LoopGuard) -> None:
+        if guard.report is not None:
+            log.error("%s", guard.report)
+            guard.report = None
+        self.looped, guard.looped = self.looped + guard.looped, 0
 
     async def trim(self, **limits: float) -> int:
         """Apply retention on the writer thread, between two batches."""
@@ -163,37 +229,42 @@ class Ingest:
 
     async def endpoint(self, ws: WebSocket) -> None:
         await ws.accept()
-        session = IngestSession(self.limits, self.auth)
+        session = IngestSession(self.limits, self.auth, self.me)
         peer = f"{ws.client.host}:{ws.client.port}" if ws.client else "?"
-        site: str | None = None
+        counter: Counter[str] | None = None
         self.connections += 1
         try:
             hello = session.receive(await _receive(ws, timeout=10))
             assert isinstance(hello, Hello)
-            peer = f"{hello.site}/{hello.node} ({peer})"
-            site = hello.site
-            self.by_site[site] += 1
-            await ws.send_bytes(encode_frame(
-                Welcome(stream=hello.stream, acked=self.log.position(hello.stream))))
-            log.info("agent %s connected, stream %s", peer, hello.stream)
+            peer = f"{hello.role} {hello.site}/{hello.node} ({peer})"
+            counter = self.relays if hello.role == "relay" else self.by_site
+            counter[hello.site] += 1
+            # A relay's position is the last of its ids we hold; an agent's, its stream's seq.
+            key = PUSHED_KEY.format(hello.site) if hello.role == "relay" else hello.stream
+            session.checkpoint = self.log.position(key)
+            await ws.send_bytes(encode_frame(Welcome(stream=hello.stream,
+                                                     acked=session.checkpoint)))
+            log.info("%s connected, stream %s", peer, hello.stream)
             while True:
                 events = session.receive(await _receive(ws))
                 assert isinstance(events, list)
-                if events:
+                if session.loops is not None:
+                    self.count_loops(session.loops)
+                    await self.store(events, (key, session.checkpoint))
+                elif events:
                     await self.store(events)
-                    await ws.send_bytes(encode_frame(
-                        Ack(hello.stream, self.log.position(hello.stream))))
+                await ws.send_bytes(encode_frame(Ack(hello.stream, self.log.position(key))))
         except ProtocolError as e:
             log.warning("closing ingest connection from %s: %s", peer, e)
             await _refuse(ws, str(e), e.code)
         except TimeoutError:
             await _refuse(ws, "no hello within 10 s", 1008)
         except WebSocketDisconnect:
-            log.info("agent %s disconnected", peer)
+            log.info("%s disconnected", peer)
         finally:
             self.connections -= 1
-            if site is not None:
-                self.by_site[site] -= 1
+            if counter is not None:
+                counter[hello.site] -= 1
 
     def close(self) -> None:
         self._writer.shutdown(wait=True)

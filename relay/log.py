@@ -78,8 +78,11 @@ class EventLog(Protocol):
     def position(self, stream: str) -> int:
         """The highest ``seq`` held for ``stream`` (0 if none)."""
 
-    def append(self, events: list[Event]) -> list[Record]:
-        """Store new events, giving each its id; returns what was stored, in id order."""
+    def append(self, events: list[Event],
+               checkpoint: tuple[str, int] | None = None) -> list[Record]:
+        """Store new events, giving each its id and adding this relay to its ``via``; returns
+        what was stored, in id order. ``checkpoint`` (key, value) is stored in the same
+        transaction, readable with :meth:`position`: how far a peer's feed was taken in."""
 
     def trim(self, *, max_age: float, max_events: int, max_bytes: int) -> int:
         """Drop the oldest events beyond any of the limits (0: no limit)."""

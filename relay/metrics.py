@@ -16,13 +16,16 @@ from .feed import Feed
 from .hub import Hub
 from .ingest import Ingest
 from .log import EventLog
+from .push import Pusher
+from .upstream import Puller
 
 
 class RelayCollector(Collector):
     def __init__(self, log: EventLog, hub: Hub, ingest: Ingest, feed: Feed,
-                 channels: ChannelService) -> None:
+                 channels: ChannelService, pullers: list[Puller],
+                 pushers: list[Pusher]) -> None:
         self.log, self.hub, self.ingest, self.feed = log, hub, ingest, feed
-        self.channels = channels
+        self.channels, self.pullers, self.pushers = channels, pullers, pushers
 
     def collect(self) -> Iterator[Metric]:
         yield CounterMetricFamily("storage_events_relay_events_in",
@@ -58,15 +61,44 @@ class RelayCollector(Collector):
         yield GaugeMetricFamily("storage_events_relay_channel_clients",
                                 "Clients connected to dCache API channel streams",
                                 value=len(self.channels.streams))
+        up = GaugeMetricFamily("storage_events_relay_upstream_connected",
+                               "1 while the feed of an upstream relay is being pulled",
+                               labels=["upstream"])
+        taken = GaugeMetricFamily("storage_events_relay_upstream_checkpoint",
+                                  "The upstream's id of the last event taken from it",
+                                  labels=["upstream"])
+        for p in self.pullers:
+            up.add_metric([p.name], int(p.connected))
+            taken.add_metric([p.name], p.checkpoint)
+        yield up
+        yield taken
+        push = GaugeMetricFamily("storage_events_relay_push_connected",
+                                 "1 while pushing to another relay", labels=["target"])
+        acked = GaugeMetricFamily("storage_events_relay_push_acked",
+                                  "The last of our ids the other relay holds", labels=["target"])
+        for q in self.pushers:
+            push.add_metric([q.cfg.url], int(q.connected))
+            acked.add_metric([q.cfg.url], q.position)
+        yield push
+        yield acked
+        relays = GaugeMetricFamily("storage_events_relay_pushing_relays",
+                                   "Connections of relays pushing to this one", labels=["relay"])
+        for name, n in sorted(self.ingest.relays.items()):
+            relays.add_metric([name], n)
+        yield relays
+        yield CounterMetricFamily("storage_events_relay_federation_loops",
+                                  "Events dropped because they had already passed through this "
+                                  "relay (a federation loop)", value=self.ingest.looped)
         yield CounterMetricFamily("storage_events_relay_channel_events",
                                   "Events added to dCache API channel backlogs since start",
                                   value=self.channels.routed)
 
 
 def metrics_endpoint(log: EventLog, hub: Hub, ingest: Ingest, feed: Feed,
-                     channels: ChannelService) -> Callable[[Request], Awaitable[Response]]:
+                     channels: ChannelService, pullers: list[Puller],
+                     pushers: list[Pusher]) -> Callable[[Request], Awaitable[Response]]:
     registry = CollectorRegistry()
-    registry.register(RelayCollector(log, hub, ingest, feed, channels))
+    registry.register(RelayCollector(log, hub, ingest, feed, channels, pullers, pushers))
 
     async def endpoint(request: Request) -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

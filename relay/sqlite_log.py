@@ -30,13 +30,15 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE TABLE IF NOT EXISTS streams (
     stream TEXT PRIMARY KEY,
-    seq    INTEGER NOT NULL      -- highest seq stored: what the relay acknowledges
-);
+    seq    INTEGER NOT NULL      -- highest seq stored: what the relay acknowledges; for a
+);                               -- federation peer ("upstream:…", "relay:…") its last id taken
 """
 
 
 class SQLiteLog:
-    def __init__(self, directory: Path, *, synchronous: str = "NORMAL") -> None:
+    def __init__(self, directory: Path, *, synchronous: str = "NORMAL",
+                 name: str = "relay") -> None:
+        self.name = name  # this relay's name, stamped on every event it stores
         directory.mkdir(parents=True, exist_ok=True)
         self.path = directory / "events.sqlite3"
         self._synchronous = synchronous
@@ -79,11 +81,13 @@ class SQLiteLog:
     def position(self, stream: str) -> int:
         return self._positions.get(stream, 0)
 
-    def append(self, events: list[Event]) -> list[Record]:
+    def append(self, events: list[Event],
+               checkpoint: tuple[str, int] | None = None) -> list[Record]:
         positions: dict[str, int] = {}
         rows, records = [], []
         now = time.time_ns()
         head = self._head
+        name = self.name
         for ev in events:
             last = positions.get(ev.stream, self._positions.get(ev.stream, 0))
             if ev.seq <= last:
@@ -94,11 +98,17 @@ class SQLiteLog:
             positions[ev.stream] = ev.seq
             head += 1
             ev.id = head
+            if not ev.via:
+                ev.origin_id = head
+            ev.via = [*ev.via, name]
             flags = flags_mask(ev.flags)
             data = event_json(ev)
             rows.append((head, ev.site, ev.node, ev.path, flags, data, now))
             records.append(make_record(head, ev.site, ev.node, ev.path, flags, data))
-        if not rows:
+        marks = dict(positions)
+        if checkpoint is not None:  # how far a federation peer's feed has been taken in
+            marks[checkpoint[0]] = checkpoint[1]
+        if not marks:
             return []
         w = self._writer
         w.execute("BEGIN IMMEDIATE")
@@ -107,17 +117,19 @@ class SQLiteLog:
             w.executemany(
                 "INSERT INTO streams VALUES (?, ?) "
                 "ON CONFLICT(stream) DO UPDATE SET seq = excluded.seq",
-                positions.items(),
+                marks.items(),
             )
             w.execute("COMMIT")
         except BaseException:
             w.execute("ROLLBACK")
             raise
+        self._positions.update(marks)
+        if not rows:
+            return []
         if self._first > self._head:  # was empty
             self._first = self._head + 1
         self._head = head
         self._bytes += sum(len(r[5]) for r in rows)
-        self._positions.update(positions)
         return records
 
     def trim(self, *, max_age: float, max_events: int, max_bytes: int) -> int:

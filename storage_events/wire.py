@@ -88,12 +88,18 @@ class Event(msgspec.Struct, kw_only=True):
     synthetic: bool = False  # found by a directory scan rather than read from the kernel
     raw_path: bytes | None = None
     raw_old_path: bytes | None = None
+    # Federation: the id the first relay gave the event, and every relay that stored it, that
+    # one first. Set by relays, never by agents.
+    origin_id: int | None = None
+    via: list[str] = msgspec.field(default_factory=list)
 
 
 class Hello(msgspec.Struct, tag="hello", kw_only=True):
-    """First frame of an ingest connection: who is publishing which stream."""
+    """First frame of an ingest connection: who is publishing which stream. A relay pushing its
+    log says ``role="relay"``, names itself as ``site`` and ``node``, and its batches carry
+    events of any stream, each with the pushing relay's id in ``id``."""
 
-    role: Literal["agent"] = "agent"
+    role: Literal["agent", "relay"] = "agent"
     site: str
     node: str
     stream: str
@@ -167,3 +173,14 @@ def display_path(path: str) -> tuple[str, bytes | None]:
         raw = path.encode("utf-8", "surrogateescape")
         return raw.decode("utf-8", "replace"), raw
     return path, None
+
+
+def ingest_url(relay: str) -> str:
+    """``http://host:port[/base]`` → ``ws://host:port[/base]/ingest`` (https → wss)."""
+    base = relay.rstrip("/")
+    for plain, ws in (("http://", "ws://"), ("https://", "wss://")):
+        if base.startswith(plain):
+            return ws + base[len(plain) :] + "/ingest"
+    if base.startswith(("ws://", "wss://")):
+        return base if base.endswith("/ingest") else base + "/ingest"
+    raise ValueError(f"relay URL {relay!r} must start with http:// or https://")

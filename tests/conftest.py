@@ -86,10 +86,13 @@ class Proc:
 class Relay:
     def __init__(self, tmp: Path, procs: list[Proc], name: str = "relay",
                  extra: tuple[str, ...] = (), scheme: str = "http",
-                 host: str = "127.0.0.1") -> None:
-        self.host = host  # where it listens; tests reach it on loopback either way
-        self.port = free_port()
-        self.url = f"{scheme}://127.0.0.1:{self.port}"
+                 host: str = "127.0.0.1", netns: list[str] | None = None,
+                 port: int | None = None) -> None:
+        self.host = host  # where it listens; outside a namespace tests reach it on loopback
+        self.port = port or free_port()
+        self.url = f"{scheme}://{host if netns or host.startswith('127.') else '127.0.0.1'}:" \
+                   f"{self.port}"
+        self.netns = netns or []  # the `ip netns exec NS` prefix of a relay on another "host"
         self.data = tmp / f"{name}-data"
         self.name = name
         self.tmp = tmp
@@ -99,7 +102,7 @@ class Relay:
         self.start()
 
     def start(self) -> None:
-        self.proc = Proc([command("storage-events-relay"), "serve", "--listen",
+        self.proc = Proc([*self.netns, command("storage-events-relay"), "serve", "--listen",
                           f"{self.host}:{self.port}", "--data", str(self.data), *self.extra],
                          self.tmp / f"{self.name}.log")
         self._procs.append(self.proc)
@@ -155,9 +158,10 @@ def relay(tmp_path: Path, procs: list[Proc]) -> Relay:
 
 
 def start_agent(tmp: Path, procs: list[Proc], relay_url: str, *paths: Path, site: str = "test",
-                node: str = "node1", name: str = "agent", extra: tuple[str, ...] = ()) -> Proc:
-    proc = Proc([command("storage-events-agent"), "run", "--relay", relay_url, "--site", site,
-                 "--node", node, *extra, *map(str, paths)], tmp / f"{name}.log")
+                node: str = "node1", name: str = "agent", extra: tuple[str, ...] = (),
+                netns: list[str] | None = None) -> Proc:
+    proc = Proc([*(netns or []), command("storage-events-agent"), "run", "--relay", relay_url,
+                 "--site", site, "--node", node, *extra, *map(str, paths)], tmp / f"{name}.log")
     procs.append(proc)
     wait_for(lambda: "publishing stream" in proc.output() or proc.popen.poll() is not None,
              20, "agent start-up")

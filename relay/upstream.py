@@ -1,0 +1,82 @@
+"""Pulling an upstream relay's feed (``[[upstream]]``): the I/O shell around
+:class:`~.federation.FeedReader`. The upstream's id of the last event taken is stored with the
+events, in the same transaction, so a restart resumes exactly there."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import httpx
+
+from .config import UpstreamConfig
+from .federation import UPSTREAM_KEY, FeedReader, LoopGuard
+from .ingest import Ingest
+
+log = logging.getLogger("storage_events.relay")
+
+MAX_BACKOFF = 10.0
+
+
+class Refused(Exception):
+    """The upstream answered, but not with a feed (bad token, bad resume point, …)."""
+
+
+class Puller:
+    def __init__(self, cfg: UpstreamConfig, ingest: Ingest, me: str) -> None:
+        self.cfg = cfg
+        self.name = cfg.label
+        self.key = UPSTREAM_KEY.format(self.name)
+        self.ingest = ingest
+        self.connected = False
+        self.loops = LoopGuard(me, f"upstream {self.name!r}")
+
+    @property
+    def checkpoint(self) -> int:
+        return self.ingest.log.position(self.key)
+
+    async def run(self) -> None:
+        backoff = 0.5
+        timeout = httpx.Timeout(10.0, read=self.cfg.idle_timeout)
+        headers = {"Accept": "text/event-stream"}
+        if self.cfg.token:
+            headers["Authorization"] = f"Bearer {self.cfg.token}"
+        async with httpx.AsyncClient(timeout=timeout, headers=headers,
+                                     verify=self.cfg.ca_file or True) as client:
+            while True:
+                try:
+                    await self._pull(client)
+                    backoff = 0.5  # it ended cleanly (the upstream restarts): come back soon
+                except Refused as e:
+                    log.error("upstream %s refused the feed: %s", self.name, e)
+                except (httpx.HTTPError, OSError) as e:
+                    log.warning("upstream %s unreachable (%s: %s); retrying in %.0f s",
+                                self.name, type(e).__name__, e, backoff)
+                except ValueError as e:
+                    log.error("upstream %s: %s", self.name, e)
+                finally:
+                    self.connected = False
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF)
+
+    async def _pull(self, client: httpx.AsyncClient) -> None:
+        since = self.checkpoint
+        url = self.cfg.url.rstrip("/") + "/events"
+        params = {"since": str(since) if since else "earliest"}
+        async with client.stream("GET", url, params=params) as r:
+            if r.status_code != 200:
+                body = (await r.aread()).decode("utf-8", "replace").strip()[:500]
+                raise Refused(f"HTTP {r.status_code} from {url}: {body}")
+            self.connected = True
+            log.info("pulling upstream %s (%s) after its id %d", self.name, url, since)
+            reader = FeedReader(self.name)
+            async for chunk in r.aiter_bytes():
+                taken = reader.feed(chunk, time.time_ns())
+                if taken.last_id is not None:
+                    fresh = self.loops.admit(taken.events)
+                    self.ingest.count_loops(self.loops)
+                    await self.ingest.store(fresh, (self.key, taken.last_id))
+                if taken.reconnect:
+                    return
+

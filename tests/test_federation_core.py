@@ -1,0 +1,113 @@
+"""Federation rules without sockets: reading an upstream's feed, loops, what a pushing relay may
+send, and exactly-once storage when the same events come by two routes."""
+
+from __future__ import annotations
+
+import pytest
+
+from storage_events import sse
+from storage_events.relay.auth import Authenticator, TokenConfig, hash_token
+from storage_events.relay.federation import FeedReader, LoopGuard
+from storage_events.relay.ingest import IngestLimits, IngestSession, ProtocolError
+from storage_events.relay.sqlite_log import SQLiteLog
+from storage_events.wire import Batch, Event, Hello, encode_frame, event_json
+
+
+def ev(stream: str, seq: int, *, site: str = "s", id: int = 0, via: list[str] | None = None,
+       flag: str = "IN_CLOSE_WRITE") -> Event:
+    return Event(id=id, site=site, node="n", path=f"/d/{stream}-{seq}", flags=[flag], ts=seq,
+                 stream=stream, seq=seq, via=via or [], origin_id=id if via else None)
+
+
+def test_feed_reader_takes_events_gaps_and_shutdowns_across_chunk_boundaries():
+    stream = b"retry: 1000\nid: 0\n\n" + sse.comment("heartbeat")
+    stream += sse.render(event_json(ev("x", 1, id=7, via=["up"])), event="inotify", id=7)
+    stream += sse.render(b'{"type":"gap","lost_from":8,"lost_to":20,"resumes_after":20}',
+                         event="gap", id=20)
+    stream += sse.render(event_json(ev("x", 2, id=21, via=["up"], flag="IN_Q_OVERFLOW")),
+                         event="overflow", id=21)
+    stream += b"event: shutdown\ndata: {}\n\n"
+    reader = FeedReader("up")
+    taken = [reader.feed(stream[i:i + 7], now=99) for i in range(0, len(stream), 7)]
+    events = [e for t in taken for e in t.events]
+    assert [(e.stream, e.seq, e.flags) for e in events] == [
+        ("x", 1, ["IN_CLOSE_WRITE"]), ("up.gap", 20, ["IN_Q_OVERFLOW"]),
+        ("x", 2, ["IN_Q_OVERFLOW"])]
+    assert events[1].path == "/" and events[1].ts == 99 and reader.gaps == 1
+    assert [t.last_id for t in taken if t.last_id is not None] == [7, 20, 21]
+    assert taken[-1].reconnect
+    with pytest.raises(ValueError, match="upstream up sent an event that is not one"):
+        FeedReader("up").feed(b'event: inotify\ndata: {"path": 1}\n\n', now=0)
+
+
+def test_loop_guard_drops_what_came_round_and_says_so_once():
+    guard = LoopGuard("a", "upstream 'c'")
+    kept = guard.admit([ev("x", 1, via=["a", "b", "c"]), ev("y", 1, via=["z", "c"])])
+    assert [e.stream for e in kept] == ["y"] and guard.looped == 1
+    assert guard.report and "via a → b → c" in guard.report and "upstream 'c'" in guard.report
+    guard.report = None
+    guard.admit([ev("x", 2, via=["a", "c"])])
+    assert guard.looped == 2 and guard.report is None  # logged once per connection
+
+
+def session(me: str = "central", sites: list[str] | None = None) -> IngestSession:
+    auth = Authenticator([TokenConfig(name="r1", role="relay", hash=hash_token("t-relay"),
+                                      sites=sites),
+                          TokenConfig(name="ag", role="agent", site="s",
+                                      hash=hash_token("t-agent"))], None)
+    return IngestSession(IngestLimits(), auth, me)
+
+
+def hello(site: str = "site1", token: str = "t-relay", role: str = "relay") -> bytes:
+    return encode_frame(Hello(role=role, site=site, node=site, stream=f"relay:{site}",
+                              token=token))
+
+
+def test_a_pushing_relay_is_checked():
+    with pytest.raises(ProtocolError, match="agent token: it cannot publish as relay"):
+        session().receive(hello(token="t-agent"))
+    with pytest.raises(ProtocolError, match="relay token: it cannot publish as agent"):
+        session().receive(hello(role="agent"))
+    with pytest.raises(ProtocolError, match="pushing to itself"):
+        session().receive(hello(site="central"))
+    s = session(sites=["s"])
+    s.receive(hello())
+    batch = [ev("x", 1, id=5, via=["site1"]), ev("y", 9, id=6, via=["o", "site1"]),
+             ev("z", 1, id=7, via=["central", "site1"])]
+    assert [e.stream for e in s.receive(encode_frame(Batch(batch)))] == ["x", "y"]
+    assert s.checkpoint == 7 and s.loops is not None and s.loops.looped == 1
+    for bad, message in (
+        ([ev("x", 2, id=7, via=["site1"])], "ids must increase"),
+        ([ev("x", 2, id=8, via=["other"])], "via must end with the pushing relay"),
+        ([ev("x", 2, id=8, via=["site1"], site="t")], "may not push events of site 't'"),
+    ):
+        with pytest.raises(ProtocolError, match=message):
+            s.receive(encode_frame(Batch(bad)))
+
+
+def test_an_agent_cannot_pretend_to_be_relayed():
+    s = session()
+    s.receive(encode_frame(Hello(site="s", node="n", stream="n:1", token="t-agent")))
+    with pytest.raises(ProtocolError, match="cannot set via"):
+        s.receive(encode_frame(Batch([Event(site="s", node="n", path="/p", flags=["IN_CREATE"],
+                                            ts=1, stream="n:1", seq=1, via=["x"])])))
+
+
+def test_two_routes_store_each_event_once_with_its_origin(tmp_path):
+    log = SQLiteLog(tmp_path, name="central")
+    direct = [ev("site1:a", i, id=i, via=["site1"]) for i in range(1, 6)]
+    relayed = [ev("site1:a", i, id=100 + i, via=["site1", "regional"]) for i in range(3, 9)]
+    stored = log.append(direct[:3], ("@upstream:site1", 3))
+    stored += log.append(relayed, ("@upstream:regional", 108))
+    stored += log.append(direct[3:], ("@upstream:site1", 5))  # already held: only the mark
+    assert [r.event().seq for r in stored] == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert [r.event().via for r in stored][2:4] == [["site1", "central"],
+                                                    ["site1", "regional", "central"]]
+    assert stored[3].event().origin_id == 104  # kept as it arrived, never replaced
+    assert log.position("@upstream:site1") == 5 and log.position("@upstream:regional") == 108
+    mine = log.append([ev("local:1", 1)])
+    assert mine[0].event().via == ["central"] and mine[0].event().origin_id == mine[0].id
+    log.close()
+    reopened = SQLiteLog(tmp_path, name="central")  # checkpoints are durable
+    assert reopened.position("@upstream:site1") == 5 and reopened.head == 9
+    reopened.close()
