@@ -26,6 +26,8 @@ def test_web_page_shows_the_feed_a_token_may_read(tmp_path, procs):
         assert browser.js(ROWS) == ["/data/b/public/m", "/data/b/public/p1"]
         assert browser.js("document.getElementById('status')?.textContent") == "live"
         assert "access_token" not in browser.js("location.href")  # kept out of the history
+        sites = "[...document.querySelectorAll('#sites tr')].map(r => r.cells[0].textContent)"
+        wait_for(lambda: browser.js(sites) == ["b"], 20, "the site table")
 
         # Live, with a hostile name: shown as text, never as markup.
         hostile = "/data/b/public/<img src=x onerror=alert(1)>"
