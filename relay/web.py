@@ -8,7 +8,7 @@ from importlib import resources
 from starlette.requests import Request
 from starlette.responses import HTMLResponse
 
-_PAGE = resources.files(__package__).joinpath("static/index.html").read_bytes()
+_PAGE = resources.files(__package__).joinpath("index.html").read_bytes()
 
 
 async def page(request: Request) -> HTMLResponse:

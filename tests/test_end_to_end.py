@@ -14,13 +14,14 @@ from conftest import Proc, Relay, Tail, agents_connected, start_agent, wait_for
 
 
 def settled_head(relay: Relay, quiet: float = 1.5, timeout: float = 120) -> int:
-    """The relay's newest id once it has stopped moving for ``quiet`` seconds."""
+    """The relay's newest id once it has stopped moving for ``quiet`` seconds with the agent
+    connected (an agent waiting to reconnect after a relay restart still holds events)."""
     last, since = -1, time.monotonic()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         health = relay.healthy()
         head = health["head"] if health else last
-        if head != last:
+        if head != last or not (health and health["agents"]):
             last, since = head, time.monotonic()
         elif time.monotonic() - since >= quiet:
             return head
