@@ -32,7 +32,10 @@ class UpstreamConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     @property
     def label(self) -> str:
-        return self.name or self.url.split("://", 1)[-1].rstrip("/").replace("/", "_")
+        """Its name, or one made from the URL's host and port (names are checkpoint keys and
+        appear in events as a site name, so they keep to the same letters)."""
+        where = self.url.split("://", 1)[-1].rstrip("/")
+        return self.name or re.sub(r"[^A-Za-z0-9._-]", "_", where)[:64]
 
 
 class PushConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

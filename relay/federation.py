@@ -90,8 +90,9 @@ class FeedReader:
                 out.last_id = ev.id
             elif m.event == "gap":
                 gap = json.loads(m.data)
-                out.events.append(self.lost(int(gap["lost_from"]), int(gap["lost_to"]), now))
-                out.last_id = int(gap["resumes_after"])
+                notice = self.lost(int(gap["lost_from"]), int(gap["lost_to"]), now)
+                notice.id = out.last_id = int(gap["resumes_after"])
+                out.events.append(notice)
             elif m.event == "shutdown":
                 out.reconnect = True
         return out

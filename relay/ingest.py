@@ -145,26 +145,31 @@ class IngestSession:
     def _check_relayed(self, events: list[Event]) -> list[Event]:
         """A pushing relay's batch: its own ids increase; sites are within its token's."""
         hello = self.hello
-        assert hello is not None
-        previous = self.checkpoint
-        for i, ev in enumerate(events):
-            where = f"event {i} ({ev.stream[:80]} seq {ev.seq})"
-            _check_event(where, ev)
-            if not (_NAME.match(ev.site) and _NAME.match(ev.node) and _STREAM.match(ev.stream)):
-                raise ProtocolError(f"{where}: site, node or stream name is not valid")
-            if self.sites is not None and ev.site not in self.sites:
-                raise ProtocolError(f"{where}: relay {hello.site!r} may not push events of site "
-                                    f"{ev.site!r}")
-            if ev.id <= previous:
-                raise ProtocolError(f"{where}: the pushing relay's ids must increase "
-                                    f"(id {ev.id} after {previous})")
-            if not ev.via or ev.via[-1] != hello.site:
-                raise ProtocolError(f"{where}: a pushed event's via must end with the pushing "
-                                    f"relay {hello.site!r}")
-            previous = ev.id
-        self.checkpoint = previous
-        assert self.loops is not None
+        assert hello is not None and self.loops is not None
+        self.checkpoint = check_relayed(events, self.checkpoint, hello.site, self.sites)
         return self.loops.admit(events)
+
+
+def check_relayed(events: list[Event], previous: int, sender: str | None,
+                  sites: frozenset[str] | None = None) -> int:
+    """Events from another relay, pushed (``sender``: its name) or pulled: valid names, paths
+    and flags; the sender's ids increase; only ``sites`` (None: any). Returns the last id."""
+    for i, ev in enumerate(events):
+        where = f"event {i} ({ev.stream[:80]} seq {ev.seq})"
+        _check_event(where, ev)
+        if not (_NAME.match(ev.site) and _NAME.match(ev.node) and _STREAM.match(ev.stream)):
+            raise ProtocolError(f"{where}: site, node or stream name is not valid")
+        if sites is not None and ev.site not in sites:
+            raise ProtocolError(f"{where}: relay {sender!r} may not push events of site "
+                                f"{ev.site!r}")
+        if ev.id <= previous:
+            raise ProtocolError(f"{where}: the sending relay's ids must increase "
+                                f"(id {ev.id} after {previous})")
+        if sender is not None and (not ev.via or ev.via[-1] != sender):
+            raise ProtocolError(f"{where}: a pushed event's via must end with the pushing "
+                                f"relay {sender!r}")
+        previous = ev.id
+    return previous
 
 
 def _check_event(where: str, ev: Event) -> None:

@@ -12,7 +12,7 @@ import httpx
 
 from .config import UpstreamConfig
 from .federation import UPSTREAM_KEY, FeedReader, LoopGuard
-from .ingest import Ingest
+from .ingest import Ingest, ProtocolError, check_relayed
 
 log = logging.getLogger("storage_events.relay")
 
@@ -74,6 +74,10 @@ class Puller:
             async for chunk in r.aiter_bytes():
                 taken = reader.feed(chunk, time.time_ns())
                 if taken.last_id is not None:
+                    try:
+                        check_relayed(taken.events, 0, None)
+                    except ProtocolError as e:
+                        raise Refused(f"it sent an event this relay cannot take: {e}") from None
                     fresh = self.loops.admit(taken.events)
                     self.ingest.count_loops(self.loops)
                     await self.ingest.store(fresh, (self.key, taken.last_id))

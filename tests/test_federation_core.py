@@ -8,7 +8,12 @@ import pytest
 from storage_events import sse
 from storage_events.relay.auth import Authenticator, TokenConfig, hash_token
 from storage_events.relay.federation import FeedReader, LoopGuard
-from storage_events.relay.ingest import IngestLimits, IngestSession, ProtocolError
+from storage_events.relay.ingest import (
+    IngestLimits,
+    IngestSession,
+    ProtocolError,
+    check_relayed,
+)
 from storage_events.relay.sqlite_log import SQLiteLog
 from storage_events.wire import Batch, Event, Hello, encode_frame, event_json
 
@@ -34,6 +39,9 @@ def test_feed_reader_takes_events_gaps_and_shutdowns_across_chunk_boundaries():
         ("x", 1, ["IN_CLOSE_WRITE"]), ("up.gap", 20, ["IN_Q_OVERFLOW"]),
         ("x", 2, ["IN_Q_OVERFLOW"])]
     assert events[1].path == "/" and events[1].ts == 99 and reader.gaps == 1
+    assert check_relayed(events, 0, None) == 21  # what a puller checks before storing
+    with pytest.raises(ProtocolError, match="name is not valid"):
+        check_relayed([ev("bad stream", 1, id=30, via=["up"])], 21, None)
     assert [t.last_id for t in taken if t.last_id is not None] == [7, 20, 21]
     assert taken[-1].reconnect
     with pytest.raises(ValueError, match="upstream up sent an event that is not one"):
