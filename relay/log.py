@@ -50,9 +50,11 @@ def sse_type(flags: int) -> str:
     return "overflow" if flags & _OVERFLOW else "inotify"
 
 
-def make_record(id: int, site: str, node: str, path: str, flags: int, data: bytes) -> Record:
+def make_record(id: int, site: str, node: str, path: str, flags: int, data: bytes,
+                event: Event | None = None) -> Record:
+    """``event``: the decoded form, when the caller has it (saves decoding ``data`` later)."""
     return Record(id, site, node, path, flags, sse.render(data, event=sse_type(flags), id=id),
-                  data)
+                  data, event)
 
 
 class EventLog(Protocol):

@@ -15,11 +15,11 @@ from storage_events.wire import (
     Ack,
     Batch,
     Error,
+    Event,
     Hello,
     Welcome,
     decode_to_agent,
     encode_frame,
-    event_from_json,
     ingest_url,
 )
 
@@ -30,6 +30,8 @@ from .log import EventLog, Record
 log = logging.getLogger("storage_events.relay")
 
 BATCH = 1000
+WINDOW = 20_000  # events sent and not yet acknowledged, at most
+PENDING = 50_000  # records kept from notify() for the next batches; beyond, read the log
 MAX_BACKOFF = 10.0
 
 
@@ -45,10 +47,16 @@ class Pusher:
         self.me = me
         self.position = 0  # the last of our ids the other relay acknowledged
         self.connected = False
-        self._wake = asyncio.Event()
+        self._wake = asyncio.Event()  # new records, or an acknowledgement
+        self._pending: list[Record] = []  # just stored, not yet sent: saves reading them back
 
     def notify(self, records: list[Record]) -> None:
         """Hub listener: there is more to push."""
+        if self.connected and records:
+            if (self._pending and records[0].id != self._pending[-1].id + 1) or \
+                    len(self._pending) > PENDING:
+                self._pending.clear()  # the log has them
+            self._pending.extend(records)
         self._wake.set()
 
     async def run(self) -> None:
@@ -80,28 +88,58 @@ class Pusher:
         if isinstance(welcome, Error):
             raise Refused(welcome.message)
         assert isinstance(welcome, Welcome)
-        self.position = welcome.acked
+        self.position = sent = welcome.acked
+        self._pending.clear()
         self.connected = True
         log.info("pushing to %s after our id %d", self.cfg.url, self.position)
-        while True:
-            self._wake.clear()
-            events = []
-            if self.position + 1 < self.log.first:  # retention took what they never got
-                gap = lost(self.me, self.log.first - 1, time.time_ns())
-                gap.id, gap.via = self.log.first - 1, [self.me]
-                events.append(gap)
-                log.error("push to %s: ids %d-%d were dropped by retention before they were "
-                          "pushed; sending an overflow event", self.cfg.url, self.position + 1,
-                          self.log.first - 1)
-            records = await asyncio.to_thread(self.log.read, max(self.position,
-                                                                 self.log.first - 1), BATCH)
-            events.extend(event_from_json(r.data) for r in records)
-            if not events:
-                await self._wake.wait()
-                continue
-            await ws.send(encode_frame(Batch(events)))
-            reply = decode_to_agent(await ws.recv())
-            if isinstance(reply, Error):
-                raise Refused(reply.message)
-            assert isinstance(reply, Ack)
-            self.position = reply.seq
+        # Batches are sent without waiting for each ack (up to WINDOW events ahead), so a far
+        # relay's round trip does not limit the rate.
+        acks = asyncio.create_task(self._acks(ws))
+        try:
+            while not acks.done():
+                self._wake.clear()
+                batch = await self._next(sent) if sent - self.position < WINDOW else []
+                if not batch:
+                    await self._wake.wait()
+                    continue
+                await ws.send(encode_frame(Batch(batch)))
+                sent = batch[-1].id
+            acks.result()  # raises what ended the acknowledgements
+        finally:
+            acks.cancel()
+            self._pending.clear()
+
+    async def _acks(self, ws: websockets.ClientConnection) -> None:
+        try:
+            while True:
+                reply = decode_to_agent(await ws.recv())
+                if isinstance(reply, Error):
+                    raise Refused(reply.message)
+                assert isinstance(reply, Ack)
+                self.position = reply.seq
+                self._wake.set()
+        finally:
+            self._wake.set()  # the sender notices that this ended
+
+    async def _next(self, sent: int) -> list[Event]:
+        """The events after our id ``sent``: from what was just stored, else from the log."""
+        events = []
+        first = self.log.first
+        if sent + 1 < first:  # retention took what they never got
+            gap = lost(self.me, first - 1, time.time_ns())
+            gap.id, gap.via = first - 1, [self.me]
+            events.append(gap)
+            log.error("push to %s: ids %d-%d were dropped by retention before they were pushed; "
+                      "sending an overflow event", self.cfg.url, sent + 1, first - 1)
+            sent = first - 1
+        pending = self._pending
+        if pending and pending[0].id <= sent:  # (rare: taken from the log meanwhile)
+            pending[:] = [r for r in pending if r.id > sent]
+        if pending and pending[0].id == sent + 1:
+            records = pending[:BATCH]
+            del pending[:BATCH]
+        else:
+            pending.clear()
+            records = await asyncio.to_thread(self.log.read, sent, BATCH)
+        events.extend(r.event() for r in records)
+        return events

@@ -104,7 +104,7 @@ class SQLiteLog:
             flags = flags_mask(ev.flags)
             data = event_json(ev)
             rows.append((head, ev.site, ev.node, ev.path, flags, data, now))
-            records.append(make_record(head, ev.site, ev.node, ev.path, flags, data))
+            records.append(make_record(head, ev.site, ev.node, ev.path, flags, data, ev))
         marks = dict(positions)
         if checkpoint is not None:  # how far a federation peer's feed has been taken in
             marks[checkpoint[0]] = checkpoint[1]

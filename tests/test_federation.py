@@ -104,23 +104,26 @@ def test_three_sites_merge_into_one_central_feed_through_a_cut(tmp_path, procs):
         assert all(u["connected"] for u in summary["upstreams"])
         assert summary["pushing_here"] == {"site3": 1}
 
-        # site1 is cut off for 30 s while its agent keeps writing; site2 carries on meanwhile.
+        # site1 (pulled) and site3 (pushing) are cut off for 30 s while their agents keep
+        # writing; site2 carries on meanwhile.
         hosts.cut("site1")
+        hosts.cut("site3")
         cut_at = time.monotonic()
         for n in range(100):
             write(roots["site1"] / f"site1-b{n:03d}")
+            write(roots["site3"] / f"site3-b{n:03d}")
         for n in range(50):
             write(roots["site2"] / f"site2-b{n:03d}")
-        during = tail.wait_count(700, timeout=25)  # site2's arrive while site1 is still cut
-        assert Counter(e["site"] for e in during)["site2"] == 300
-        assert Counter(e["site"] for e in during)["site1"] == 200
+        during = tail.wait_count(700, timeout=25)  # site2's arrive while the others are cut
+        assert Counter(e["site"] for e in during) == {"site1": 200, "site2": 300, "site3": 200}
         time.sleep(max(0.0, 30 - (time.monotonic() - cut_at)))
         hosts.heal("site1")
-        events = tail.wait_count(900, timeout=60)
+        hosts.heal("site3")
+        events = tail.wait_count(1100, timeout=60)
         time.sleep(2)
         events = tail.events()
         check_once_in_order(events)
-        assert Counter(e["site"] for e in events) == {"site1": 400, "site2": 300, "site3": 200}
+        assert Counter(e["site"] for e in events) == {"site1": 400, "site2": 300, "site3": 400}
     finally:
         for p in reversed(procs):
             p.stop(timeout=10)
