@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
@@ -50,6 +51,29 @@ CREATE TABLE IF NOT EXISTS backlog (
 """
 
 _json = msgspec.json.Encoder()
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """A channel's rows as of one moment, taken on the event loop: the writer thread must not
+    read channels the loop keeps changing."""
+
+    id: str
+    row: tuple
+    watches: list[tuple]
+    first_id: int
+
+
+def snapshot(ch: Channel) -> Snapshot:
+    scope = ch.scope
+    row = (ch.id, ch.owner,
+           _json.encode(sorted(scope.sites)) if scope.sites is not None else None,
+           _json.encode(list(scope.prefixes)) if scope.prefixes is not None else None,
+           ch.client_id, ch.url, ch.timeout, ch.next_id, ch.first_id, int(ch.connected),
+           ch.disconnected_at)
+    watches = [(ch.id, w.sid, w.site, w.path, w.mask, int(w.oneshot), _json.encode(w.selector))
+               for w in ch.watches.values()]
+    return Snapshot(ch.id, row, watches, ch.first_id)
 _selector = msgspec.json.Decoder(Selector)
 _names = msgspec.json.Decoder(list[str] | None)
 
@@ -90,7 +114,7 @@ class ChannelStore:
             registry.add(ch)
         return cursor[0] if cursor else 0
 
-    def save(self, channels: list[Channel], cursor: int | None,
+    def save(self, channels: list[Snapshot], cursor: int | None,
              backlog: list[tuple[str, int, bytes]] | None = None,
              deleted: list[str] | None = None) -> None:
         """Write channels (with their watches), new backlog rows, removals and (unless None)
@@ -100,12 +124,16 @@ class ChannelStore:
             db = self._db
             db.execute("BEGIN IMMEDIATE")
             try:
-                for ch in channels:
-                    self._write_channel(ch)
+                for snap in channels:
+                    db.execute("INSERT OR REPLACE INTO channels VALUES "
+                               "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", snap.row)
+                    db.execute("DELETE FROM watches WHERE channel = ?", (snap.id,))
+                    db.executemany("INSERT INTO watches VALUES (?, ?, ?, ?, ?, ?, ?)",
+                                   snap.watches)
+                    db.execute("DELETE FROM backlog WHERE channel = ? AND id < ?",
+                               (snap.id, snap.first_id))
                 if backlog:
                     db.executemany("INSERT OR REPLACE INTO backlog VALUES (?, ?, ?)", backlog)
-                db.executemany("DELETE FROM backlog WHERE channel = ? AND id < ?",
-                               [(ch.id, ch.first_id) for ch in channels])
                 for cid in deleted or ():
                     for table, key in (("channels", "id"), ("watches", "channel"),
                                        ("backlog", "channel")):
@@ -116,20 +144,6 @@ class ChannelStore:
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
-
-    def _write_channel(self, ch: Channel) -> None:
-        db, scope = self._db, ch.scope
-        db.execute(
-            "INSERT OR REPLACE INTO channels VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (ch.id, ch.owner,
-             _json.encode(sorted(scope.sites)) if scope.sites is not None else None,
-             _json.encode(list(scope.prefixes)) if scope.prefixes is not None else None,
-             ch.client_id, ch.url, ch.timeout, ch.next_id, ch.first_id, int(ch.connected),
-             ch.disconnected_at))
-        db.execute("DELETE FROM watches WHERE channel = ?", (ch.id,))
-        db.executemany("INSERT INTO watches VALUES (?, ?, ?, ?, ?, ?, ?)",
-                       [(ch.id, w.sid, w.site, w.path, w.mask, int(w.oneshot),
-                         _json.encode(w.selector)) for w in ch.watches.values()])
 
     def read(self, cid: str, after: int, limit: int) -> list[tuple[int, bytes]]:
         with self._lock:

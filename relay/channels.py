@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import re
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -431,7 +432,7 @@ def resume(ch: Channel, last_event_id: str | None) -> tuple[int | None, bool]:
     backlog of a channel that has lost nothing yet.
     """
     value = (last_event_id or "").strip()
-    if not value.lstrip("-").isdigit() or len(value) > 20:
+    if not re.fullmatch(r"-?[0-9]{1,18}", value):
         return None, False
     last = int(value)
     if ch.first_id - 1 <= last < ch.next_id:

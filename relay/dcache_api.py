@@ -11,7 +11,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
 from starlette.requests import Request
@@ -19,9 +19,10 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Match, Route
 
 from storage_events import sse
+from storage_events.wire import Flag
 
 from .auth import Authenticator, AuthError, bearer
-from .channel_store import ChannelStore
+from .channel_store import ChannelStore, Snapshot, snapshot
 from .channels import (
     EVENTS,
     MACROS,
@@ -36,7 +37,7 @@ from .channels import (
 )
 from .filters import Scope
 from .hub import Mailbox
-from .log import EventLog, Record
+from .log import EventLog, Record, make_record
 
 log = logging.getLogger("storage_events.relay")
 
@@ -115,33 +116,52 @@ class ChannelService:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while self.cursor < self.log.head:
-                if not self._has_watches():
-                    self._pending.clear()
-                    self.cursor = self.log.head  # persisted with the next subscription
-                    break
-                pending = [r for r in self._pending if r.id > self.cursor]
-                self._pending.clear()
-                if not pending or pending[0].id != self.cursor + 1:
-                    pending = await asyncio.to_thread(self.log.read, self.cursor, REPLAY_PAGE)
-                if not pending:
-                    break
-                await self._apply(self.registry.route(pending), pending[-1].id)
+            try:
+                await self._route()
+            except Exception:
+                log.exception("routing events to dCache channels failed; retrying in 1 s")
+                await asyncio.sleep(1)
+                self._wake.set()
 
-    async def _apply(self, routed: Routed, cursor: int | None = None,
-                     changed: list[Channel] | None = None) -> None:
+    async def _route(self) -> None:
+        while self.cursor < self.log.head:
+            if not self._has_watches():
+                self._pending.clear()
+                self.cursor = self.log.head  # persisted with the next subscription
+                return
+            pending = [r for r in self._pending if r.id > self.cursor]
+            self._pending.clear()
+            if not pending or pending[0].id != self.cursor + 1:
+                pending = await asyncio.to_thread(self.log.read, self.cursor, REPLAY_PAGE)
+            # Retention may have dropped records before they were routed: every watch is told.
+            lost_to = (pending[0].id if pending else self.log.first) - 1
+            if lost_to > self.cursor:
+                log.error("dCache channels: events %d-%d were dropped by retention before "
+                          "they were routed; sending IN_Q_OVERFLOW", self.cursor + 1, lost_to)
+                notice = make_record(lost_to, "", "", "/", int(Flag.Q_OVERFLOW), b"{}")
+                await self._apply(self.registry.route([notice]), lost_to)
+                continue
+            if not pending:
+                return
+            await self._apply(self.registry.route(pending), pending[-1].id)
+
+    def _snapshots(self, channels: Iterable[Channel]) -> list[Snapshot]:
+        """Rows of the channels that still exist (one may be deleted while a request waits)."""
+        return [snapshot(ch) for ch in channels if self.registry.channels.get(ch.id) is ch]
+
+    async def _apply(self, routed: Routed, cursor: int | None = None) -> None:
         """Store what routing produced, then tell connected clients."""
         touched = {id(ch): ch for ch, _, _ in routed.events}
         for w in routed.closed:
             touched[id(w.channel)] = w.channel
-        for ch in changed or ():
-            touched[id(ch)] = ch
         for ch in touched.values():
             self.registry.trimmed(ch)
-        rows = [(ch.id, i, data) for ch, i, data in routed.events]
+        live = self.registry.channels
+        rows = [(ch.id, i, data) for ch, i, data in routed.events if live.get(ch.id) is ch]
         self.routed += len(rows)
         async with self._commit:
-            await asyncio.to_thread(self.store.save, list(touched.values()), cursor, rows)
+            await asyncio.to_thread(self.store.save, self._snapshots(touched.values()), cursor,
+                                    rows)
             if cursor is not None:
                 self.cursor = cursor
         for ch, i, data in routed.events:
@@ -160,14 +180,19 @@ class ChannelService:
 
     async def _save(self, ch: Channel) -> None:
         async with self._commit:  # so self.cursor is a committed one
-            await asyncio.to_thread(self.store.save, [ch], self.cursor)
+            await asyncio.to_thread(self.store.save, self._snapshots([ch]), self.cursor)
 
     async def expire(self, every: float = 1.0) -> None:
         while True:
-            for ch in self.registry.expired(time.time()):
-                log.info("channel %s of %s expired after %d s without a client",
-                         ch.id, ch.owner, ch.timeout)
-                await self._delete(ch)
+            try:
+                for ch in self.registry.expired(time.time()):
+                    if ch.connected or ch.id not in self.registry.channels:
+                        continue  # a client came back, or it went, while we waited
+                    log.info("channel %s of %s expired after %d s without a client",
+                             ch.id, ch.owner, ch.timeout)
+                    await self._delete(ch)
+            except Exception:
+                log.exception("expiring dCache channels failed; trying again")
             await asyncio.sleep(every)
 
     async def _delete(self, ch: Channel) -> None:
@@ -299,8 +324,8 @@ class ChannelService:
         return JSONResponse({"timeout": ch.timeout})
 
     async def patch_channel(self, request: Request) -> Response:
+        body = await _json_body(request)  # first: the channel is looked up after the last await
         ch = self._channel(request)
-        body = await _json_body(request)
         if not isinstance(body, dict) or "timeout" not in body:
             raise ChannelError(400, 'send {"timeout": <seconds>}')
         self.registry.set_timeout(ch, body["timeout"])
@@ -316,12 +341,12 @@ class ChannelService:
         return JSONResponse([w.url for w in ch.watches.values()])
 
     async def subscribe(self, request: Request) -> Response:
+        body = await request.body()  # first: the channel is looked up after the last await
         ch = self._channel(request)
         kind = request.path_params["type"]
         if kind != "inotify":
             raise ChannelError(400, f"unknown event type {kind[:40]!r}: this relay has "
                                     "'inotify'")
-        body = await request.body()
         if len(body) > MAX_BODY:
             raise ChannelError(413, f"the selector is larger than {MAX_BODY} bytes")
         w, new = self.registry.subscribe(ch, parse_selector(body))
@@ -349,13 +374,13 @@ class ChannelService:
     # -- the channel's SSE stream ----------------------------------------------------------
 
     def _connect(self, ch: Channel, last_event_id: str | None) -> Response:
+        start, loss = resume(ch, last_event_id)
         old = self.streams.get(ch.id)
         if old is not None:  # the newest client wins, as in dCache
             old.close(sse.render(system("COMPETING_CLIENT"), event="SYSTEM"))
         box = Mailbox(self.buffer_bytes)
         self.streams[ch.id] = box
         self.registry.connect(ch)
-        start, loss = resume(ch, last_event_id)
         # Live only: from the next id on (anything already pushed to the box is newer).
         last = ch.next_id - 1 if start is None else start
         return StreamingResponse(self._stream(ch, box, last, start is not None, loss),
@@ -391,9 +416,12 @@ class ChannelService:
                 if ch.id in self.registry.channels:
                     self.registry.disconnect(ch, time.time())
                     # Synchronously: a cancelled stream cannot await any more.
-                    self.store.save([ch], None)
+                    self.store.save(self._snapshots([ch]), None)
 
     async def _replay(self, ch: Channel, after: int) -> AsyncIterator[tuple[bytes, int]]:
+        if after + 1 < ch.first_id:  # the backlog moved on while this client fell behind
+            yield sse.render(system("EVENT_LOSS"), event="SYSTEM"), ch.first_id - 1
+            after = ch.first_id - 1
         while True:
             rows = await asyncio.to_thread(self.store.read, ch.id, after, REPLAY_PAGE)
             if not rows:

@@ -89,15 +89,20 @@ class FeedReader:
                 out.events.append(ev)
                 out.last_id = ev.id
             elif m.event == "gap":
-                gap = json.loads(m.data)
-                notice = self.lost(int(gap["lost_from"]), int(gap["lost_to"]), now)
-                notice.id = out.last_id = int(gap["resumes_after"])
+                try:
+                    gap = json.loads(m.data)
+                    lost_to, resumes = int(gap["lost_to"]), int(gap["resumes_after"])
+                except (ValueError, KeyError, TypeError) as e:
+                    raise ValueError(f"upstream {self.upstream} sent a gap that is not one: "
+                                     f"{m.data[:200]!r}") from e
+                notice = self.lost(lost_to, now)
+                notice.id = out.last_id = resumes
                 out.events.append(notice)
             elif m.event == "shutdown":
                 out.reconnect = True
         return out
 
-    def lost(self, lost_from: int, lost_to: int, now: int) -> Event:
+    def lost(self, lost_to: int, now: int) -> Event:
         self.gaps += 1
         return lost(self.upstream, lost_to, now)
 

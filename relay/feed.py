@@ -164,6 +164,8 @@ class Feed:
             records = await asyncio.to_thread(self.log.read, after, CATCH_UP_PAGE)
             if not records:
                 return
+            if records[0].id > after + 1:  # retention ran between two pages
+                yield records[0].id - 1, gap(after + 1, records[0].id - 1), 0
             after = records[-1].id
             if filter.matches_all:
                 yield after, b"".join(r.sse for r in records), len(records)

@@ -74,6 +74,8 @@ class Pusher:
             except (OSError, TimeoutError, websockets.WebSocketException) as e:
                 log.warning("cannot push to %s (%s: %s); retrying in %.0f s", self.cfg.url,
                             type(e).__name__, e, backoff)
+            except Exception:
+                log.exception("pushing to %s failed; retrying in %.0f s", self.cfg.url, backoff)
             else:
                 backoff = 0.5
             finally:
@@ -126,11 +128,7 @@ class Pusher:
         events = []
         first = self.log.first
         if sent + 1 < first:  # retention took what they never got
-            gap = lost(self.me, first - 1, time.time_ns())
-            gap.id, gap.via = first - 1, [self.me]
-            events.append(gap)
-            log.error("push to %s: ids %d-%d were dropped by retention before they were pushed; "
-                      "sending an overflow event", self.cfg.url, sent + 1, first - 1)
+            events.append(self._gap(sent, first - 1))
             sent = first - 1
         pending = self._pending
         if pending and pending[0].id <= sent:  # (rare: taken from the log meanwhile)
@@ -141,5 +139,14 @@ class Pusher:
         else:
             pending.clear()
             records = await asyncio.to_thread(self.log.read, sent, BATCH)
+            if records and records[0].id > sent + 1:  # retention ran between first and read
+                events.append(self._gap(sent, records[0].id - 1))
         events.extend(r.event() for r in records)
         return events
+
+    def _gap(self, sent: int, lost_to: int) -> Event:
+        log.error("push to %s: ids %d-%d were dropped by retention before they were pushed; "
+                  "sending an overflow event", self.cfg.url, sent + 1, lost_to)
+        gap = lost(self.me, lost_to, time.time_ns())
+        gap.id, gap.via = lost_to, [self.me]
+        return gap

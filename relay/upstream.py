@@ -55,6 +55,9 @@ class Puller:
                                 self.name, type(e).__name__, e, backoff)
                 except ValueError as e:
                     log.error("upstream %s: %s", self.name, e)
+                except Exception:
+                    log.exception("pulling upstream %s failed; retrying in %.0f s", self.name,
+                                  backoff)
                 finally:
                     self.connected = False
                 await asyncio.sleep(backoff)

@@ -211,6 +211,8 @@ def test_resume_points():
     ch = Channel("c", "u", Scope(), None, BASE + "/c", 300, next_id=10, first_id=5)
     assert resume(ch, None) == (None, False)  # live only, as in dCache
     assert resume(ch, "abc") == (None, False)
+    assert resume(ch, "--1") == (None, False)
+    assert resume(ch, "9" * 40) == (None, False)
     assert resume(ch, "7") == (7, False)
     assert resume(ch, "4") == (4, False)  # everything after 4 is still held
     assert resume(ch, "9") == (9, False)

@@ -157,16 +157,29 @@ def test_relay_deb_installs_and_runs(dist):
     assert installed("storage-events-relay") == ""
 
 
-SCRIPT_CASES = [  # (package, script, args, systemctl calls expected)
-    ("agent", "postinst", ["configure", ""],
-     ["daemon-reload", "restart systemd-sysctl.service"]),
+SCRIPT_CASES = [  # (package, script, args, calls expected)
+    ("agent", "postinst", ["configure", ""],  # a first install: not enabled, not started
+     ["daemon-reload", "restart systemd-sysctl.service",
+      "deb-systemd-helper unmask storage-events-agent.service",
+      "deb-systemd-helper update-state storage-events-agent.service"]),
     ("agent", "postinst", ["configure", "0.0.9-1"],
-     ["restart systemd-sysctl.service", "daemon-reload", "try-restart "
-      "storage-events-agent.service"]),
+     ["restart systemd-sysctl.service", "daemon-reload",
+      "try-restart storage-events-agent.service",
+      "deb-systemd-helper unmask storage-events-agent.service",
+      "deb-systemd-helper --quiet was-enabled storage-events-agent.service",
+      "deb-systemd-helper enable storage-events-agent.service"]),
     ("relay", "postinst", ["configure", ""],
-     ["daemon-reload", "start storage-events-relay.service"]),
+     ["daemon-reload", "start storage-events-relay.service",
+      "deb-systemd-helper unmask storage-events-relay.service",
+      "deb-systemd-helper --quiet was-enabled storage-events-relay.service",
+      "deb-systemd-helper enable storage-events-relay.service"]),
     ("relay", "prerm", ["upgrade", "0.1.0-1"], []),
     ("relay", "prerm", ["remove"], ["stop storage-events-relay.service"]),
+    ("relay", "postrm", ["remove"], ["daemon-reload",
+                                     "deb-systemd-helper mask storage-events-relay.service"]),
+    ("relay", "postrm", ["purge"], ["daemon-reload",
+                                    "deb-systemd-helper purge storage-events-relay.service",
+                                    "deb-systemd-helper unmask storage-events-relay.service"]),
 ]
 
 
@@ -196,9 +209,9 @@ def test_rpm_scriptlets_handle_the_service(dist, tmp_path, tag, arg, expected):
 
 
 def under_systemd(tmp: Path, script: Path, args: list[str]) -> list[str]:
-    """The systemctl calls of a maintainer script run as if systemd were running: in a private
-    mount namespace with /run/systemd/system present, with systemctl and deb-systemd-helper
-    recording their calls instead of acting."""
+    """The calls a maintainer script makes when systemd runs: in a private mount namespace with
+    /run/systemd/system present, systemctl and deb-systemd-helper record them instead of acting
+    (systemctl's without its name)."""
     stubs, log = tmp / "stubs", tmp / "calls"
     stubs.mkdir()
     for tool in ("systemctl", "deb-systemd-helper"):
@@ -209,4 +222,4 @@ def under_systemd(tmp: Path, script: Path, args: list[str]) -> list[str]:
         "mount -t tmpfs tmpfs /run && mkdir -p /run/systemd/system && "
         f"PATH={stubs}:$PATH sh {script} {quoted}")
     lines = log.read_text().splitlines() if log.exists() else []
-    return [line.removeprefix("systemctl ") for line in lines if line.startswith("systemctl ")]
+    return [line.removeprefix("systemctl ") for line in lines]
