@@ -54,6 +54,7 @@ def create_app(cfg: RelayConfig) -> Starlette:
             "status": "ok",
             "version": __version__,
             "relay": cfg.name,
+            "epoch": log.epoch,
             "head": log.head,
             "first": log.first,
             "subscribers": len(hub),

@@ -33,7 +33,7 @@ class TokenConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     name: str
     role: Literal["agent", "reader", "relay"]
     hash: Annotated[str, msgspec.Meta(pattern=r"^sha256:[0-9a-f]{64}$")]
-    site: Name | None = None  # agent: the one site it may publish as
+    site: Name | None = None  # agent: the one site it may publish as; relay: its name
     sites: list[str] | None = None  # reader: the sites it may read; relay: the sites it may
     # push events of (default: all)
     paths: list[str] | None = None  # reader: the path prefixes it may read (default: all)
@@ -41,6 +41,9 @@ class TokenConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     def __post_init__(self) -> None:
         if self.role == "agent" and self.site is None:
             raise ValueError(f"agent token {self.name!r} needs the site it publishes as")
+        if self.role == "relay" and self.site is None:
+            raise ValueError(f"relay token {self.name!r} needs `site`: the name of the relay "
+                             "that pushes with it")
 
 
 class JWTConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -136,6 +139,9 @@ class Authenticator:
                                 audience=self._jwt.audience, issuer=self._jwt.issuer)
         except jwt.PyJWTError as e:
             raise AuthError(f"the JWT was refused: {e}") from None
-        name = str(claims.get("sub") or "jwt")
+        sub = claims.get("sub")
+        if not isinstance(sub, str) or not sub:
+            raise AuthError("the JWT has no `sub` claim: it must say who the reader is")
+        name = f"jwt:{sub}"  # never the same owner as a configured token's name
         return Identity(name, "reader", None, _scope(name, claims.get("sites"),
                                                      claims.get("paths")))

@@ -102,7 +102,8 @@ def serve(config_file: Path | None, listen: str | None, data: str | None,
 @click.option("--name", required=True, help="Who or what the token is for (shown in logs).")
 @click.option("--role", type=click.Choice(["agent", "reader", "relay"]), required=True,
               help="agent: publishes one site; reader: reads; relay: a relay pushing its feed.")
-@click.option("--site", help="agent: the site it publishes as (required for agents).")
+@click.option("--site", help="agent: the site it publishes as; relay: the name of the relay "
+                             "that pushes with it (required for both).")
 @click.option("--sites", multiple=True,
               help="reader: a site it may read; relay: a site it may push (repeat; default all).")
 @click.option("--paths", multiple=True,
@@ -116,15 +117,15 @@ def token(name: str, role: str, site: str | None, sites: tuple[str, ...],
     from .auth import TokenConfig, hash_token, new_token
     from .filters import FilterError, normalize_prefix
 
-    if role == "agent" and not site:
-        raise click.BadParameter("agent tokens need --site", param_hint="--site")
+    if role in ("agent", "relay") and not site:
+        raise click.BadParameter(f"{role} tokens need --site", param_hint="--site")
     try:
         prefixes = [normalize_prefix(p) for p in paths]
     except FilterError as e:
         raise click.BadParameter(str(e), param_hint="--paths") from None
     secret = new_token()
     entry = TokenConfig(name=name, role=role, hash=hash_token(secret),  # type: ignore[arg-type]
-                        site=site if role == "agent" else None,
+                        site=site if role != "reader" else None,
                         sites=list(sites) or None, paths=prefixes or None)
     # JSON strings and string arrays are valid TOML.
     toml = "\n".join(f"{k} = {msgspec.json.encode(v).decode()}"

@@ -25,8 +25,8 @@ from storage_events import sse
 from storage_events.wire import Event, event_from_json
 
 # Checkpoint keys live beside agent stream positions; agents' stream names cannot start with @.
-UPSTREAM_KEY = "@upstream:{}"
-PUSHED_KEY = "@relay:{}"
+UPSTREAM_KEY = "@upstream:{}:{}"  # name, the upstream log's epoch
+PUSHED_KEY = "@{}"  # the pushing relay's stream: relay:<name>:<epoch of its log>
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 

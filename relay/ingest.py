@@ -95,6 +95,9 @@ class IngestSession:
             raise ProtocolError(f"node name {hello.node[:80]!r} is not valid")
         if not _STREAM.match(hello.stream):
             raise ProtocolError(f"stream name {hello.stream[:80]!r} is not valid")
+        if hello.role == "relay" and hello.site == self.me:
+            raise ProtocolError(f"a relay named {hello.site!r} is pushing to itself: give "
+                                "each relay its own `name`")
         if self.auth is not None:
             try:
                 who = self.auth.identify(hello.token)
@@ -103,15 +106,16 @@ class IngestSession:
             if who is not None and who.role != hello.role:
                 raise ProtocolError(f"token {who.name!r} is a {who.role} token: it cannot "
                                     f"publish as {hello.role}")
-            if who is not None and who.role == "agent" and who.site != hello.site:
-                raise ProtocolError(f"token {who.name!r} may publish as site {who.site!r}, "
-                                    f"not {hello.site!r}")
+            if who is not None and who.site != hello.site:
+                raise ProtocolError(f"token {who.name!r} may publish as "
+                                    f"{'site' if who.role == 'agent' else 'relay'} "
+                                    f"{who.site!r}, not {hello.site!r}")
             if who is not None and who.role == "relay":
                 self.sites = who.scope.sites
         if hello.role == "relay":
-            if hello.site == self.me:
-                raise ProtocolError(f"a relay named {hello.site!r} is pushing to itself: give "
-                                    "each relay its own `name`")
+            if not re.fullmatch(rf"relay:{re.escape(hello.site)}:[0-9]+", hello.stream):
+                raise ProtocolError(f"a relay's stream is relay:<its name>:<its log's epoch>, "
+                                    f"not {hello.stream[:80]!r}")
             self.loops = LoopGuard(self.me, f"relay {hello.site!r}")
         self.hello = hello
         return hello
@@ -159,7 +163,8 @@ def check_relayed(events: list[Event], previous: int, sender: str | None,
         _check_event(where, ev)
         if not (_NAME.match(ev.site) and _NAME.match(ev.node) and _STREAM.match(ev.stream)):
             raise ProtocolError(f"{where}: site, node or stream name is not valid")
-        if sites is not None and ev.site not in sites:
+        if sites is not None and ev.site not in sites and not (
+                ev.site == sender and ev.stream == f"{sender}.gap"):  # its own loss notices
             raise ProtocolError(f"{where}: relay {sender!r} may not push events of site "
                                 f"{ev.site!r}")
         if ev.id <= previous:
@@ -245,7 +250,11 @@ class Ingest:
             counter = self.relays if hello.role == "relay" else self.by_site
             counter[hello.site] += 1
             # A relay's position is the last of its ids we hold; an agent's, its stream's seq.
-            key = PUSHED_KEY.format(hello.site) if hello.role == "relay" else hello.stream
+            key = PUSHED_KEY.format(hello.stream) if hello.role == "relay" else hello.stream
+            owner = self.log.stream_site(hello.stream)
+            if hello.role == "agent" and owner not in (None, hello.site):
+                raise ProtocolError(f"stream {hello.stream!r} belongs to site {owner!r}: an "
+                                    "agent names a stream of its own")
             session.checkpoint = self.log.position(key)
             await ws.send_bytes(encode_frame(Welcome(stream=hello.stream,
                                                      acked=session.checkpoint)))

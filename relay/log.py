@@ -77,6 +77,14 @@ class EventLog(Protocol):
     def size(self) -> int:
         """Bytes of event data held."""
 
+    @property
+    def epoch(self) -> int:
+        """A random number fixed when the log was created: a new log is a new epoch."""
+
+    def stream_site(self, stream: str) -> str | None:
+        """The site a stream's events belong to (the first seen); events of that stream
+        claiming another site are dropped, so no sender can take over another's positions."""
+
     def position(self, stream: str) -> int:
         """The highest ``seq`` held for ``stream`` (0 if none)."""
 

@@ -84,8 +84,10 @@ class Pusher:
             backoff = min(backoff * 2, MAX_BACKOFF)
 
     async def _push(self, ws: websockets.ClientConnection) -> None:
+        # The log's epoch in the stream name: a log started afresh is pushed from its start.
+        stream = f"relay:{self.me}:{self.log.epoch}"
         await ws.send(encode_frame(Hello(role="relay", site=self.me, node=self.me,
-                                         stream=f"relay:{self.me}", token=self.cfg.token)))
+                                         stream=stream, token=self.cfg.token)))
         welcome = decode_to_agent(await ws.recv())
         if isinstance(welcome, Error):
             raise Refused(welcome.message)

@@ -7,6 +7,7 @@ own connection per thread; WAL lets catch-up reads run while events are being wr
 from __future__ import annotations
 
 import logging
+import secrets
 import sqlite3
 import threading
 import time
@@ -17,6 +18,8 @@ from storage_events.wire import Event, event_json, flags_mask
 from .log import Record, make_record
 
 log = logging.getLogger("storage_events.relay")
+
+EPOCH = "@epoch"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -30,8 +33,10 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE TABLE IF NOT EXISTS streams (
     stream TEXT PRIMARY KEY,
-    seq    INTEGER NOT NULL      -- highest seq stored: what the relay acknowledges; for a
-);                               -- federation peer ("upstream:…", "relay:…") its last id taken
+    seq    INTEGER NOT NULL,     -- highest seq stored: what the relay acknowledges; for a
+                                 -- federation peer ("@upstream:…", "@relay:…") its last id taken
+    site   TEXT                  -- the site the stream belongs to (NULL for peers' checkpoints)
+);
 """
 
 
@@ -53,9 +58,28 @@ class SQLiteLog:
             "SELECT coalesce(max(id), 0), min(id), coalesce(sum(length(data)), 0) FROM events"
         ).fetchone()
         self._first = first if first is not None else self._head + 1
-        self._positions: dict[str, int] = dict(
-            self._writer.execute("SELECT stream, seq FROM streams").fetchall()
-        )
+        columns = {row[1] for row in self._writer.execute("PRAGMA table_info(streams)")}
+        if "site" not in columns:  # a log written before streams were tied to their site
+            self._writer.execute("ALTER TABLE streams ADD COLUMN site TEXT")
+        rows = self._writer.execute("SELECT stream, seq, site FROM streams").fetchall()
+        self._positions: dict[str, int] = {stream: seq for stream, seq, _ in rows}
+        self._sites: dict[str, str] = {stream: site for stream, _, site in rows if site}
+        self._refused: set[tuple[str, str]] = set()  # (stream, site) claims already logged
+        if EPOCH not in self._positions:
+            # Identifies this log: peers keep checkpoints per epoch, so a log that was deleted
+            # and started again is read from its beginning, not from where the old one was.
+            self._writer.execute("INSERT INTO streams (stream, seq) VALUES (?, ?)",
+                                 (EPOCH, secrets.randbits(53)))
+            self._positions[EPOCH] = self._writer.execute(
+                "SELECT seq FROM streams WHERE stream = ?", (EPOCH,)).fetchone()[0]
+
+    @property
+    def epoch(self) -> int:
+        return self._positions[EPOCH]
+
+    def stream_site(self, stream: str) -> str | None:
+        """The site whose events a stream carries, once the log has seen it."""
+        return self._sites.get(stream)
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -84,11 +108,19 @@ class SQLiteLog:
     def append(self, events: list[Event],
                checkpoint: tuple[str, int] | None = None) -> list[Record]:
         positions: dict[str, int] = {}
+        new_sites: dict[str, str] = {}
         rows, records = [], []
         now = time.time_ns()
         head = self._head
         name = self.name
+        sites = self._sites
         for ev in events:
+            owner = sites.get(ev.stream) or new_sites.get(ev.stream)
+            if owner is None:
+                new_sites[ev.stream] = ev.site
+            elif owner != ev.site:
+                self._refuse(ev, owner)
+                continue
             last = positions.get(ev.stream, self._positions.get(ev.stream, 0))
             if ev.seq <= last:
                 continue  # already stored: a resend after a lost ack
@@ -115,15 +147,17 @@ class SQLiteLog:
         try:
             w.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
             w.executemany(
-                "INSERT INTO streams VALUES (?, ?) "
-                "ON CONFLICT(stream) DO UPDATE SET seq = excluded.seq",
-                marks.items(),
+                "INSERT INTO streams (stream, seq, site) VALUES (?, ?, ?) "
+                "ON CONFLICT(stream) DO UPDATE SET seq = excluded.seq, "
+                "site = coalesce(streams.site, excluded.site)",
+                [(key, seq, new_sites.get(key)) for key, seq in marks.items()],
             )
             w.execute("COMMIT")
         except BaseException:
             w.execute("ROLLBACK")
             raise
         self._positions.update(marks)
+        self._sites.update((k, v) for k, v in new_sites.items() if k in positions)
         if not rows:
             return []
         if self._first > self._head:  # was empty
@@ -131,6 +165,12 @@ class SQLiteLog:
         self._head = head
         self._bytes += sum(len(r[5]) for r in rows)
         return records
+
+    def _refuse(self, ev: Event, owner: str) -> None:
+        if (ev.stream, ev.site) not in self._refused:
+            self._refused.add((ev.stream, ev.site))
+            log.error("dropped events of stream %s claiming site %r: that stream belongs to site "
+                      "%r (a forged or misconfigured sender)", ev.stream, ev.site, owner)
 
     def trim(self, *, max_age: float, max_events: int, max_bytes: int) -> int:
         """Drop the oldest events beyond any limit (0: none); returns how many went."""

@@ -27,14 +27,14 @@ class Puller:
     def __init__(self, cfg: UpstreamConfig, ingest: Ingest, me: str) -> None:
         self.cfg = cfg
         self.name = cfg.label
-        self.key = UPSTREAM_KEY.format(self.name)
+        self.key = ""  # the checkpoint's key, known once the upstream's epoch is
         self.ingest = ingest
         self.connected = False
         self.loops = LoopGuard(me, f"upstream {self.name!r}")
 
     @property
     def checkpoint(self) -> int:
-        return self.ingest.log.position(self.key)
+        return self.ingest.log.position(self.key) if self.key else 0
 
     async def run(self) -> None:
         backoff = 0.5
@@ -64,6 +64,16 @@ class Puller:
                 backoff = min(backoff * 2, MAX_BACKOFF)
 
     async def _pull(self, client: httpx.AsyncClient) -> None:
+        # The checkpoint is per epoch of the upstream's log: if that log was started afresh,
+        # its ids start again, and so does the pull (what we hold already is not stored twice).
+        health = await client.get(self.cfg.url.rstrip("/") + "/healthz")
+        if health.status_code != 200:
+            raise Refused(f"HTTP {health.status_code} from {health.url}")
+        try:
+            epoch = int(health.json().get("epoch", 0))
+        except (ValueError, TypeError, AttributeError):
+            raise Refused(f"{health.url} did not answer as a storage-events relay") from None
+        self.key = UPSTREAM_KEY.format(self.name, epoch)
         since = self.checkpoint
         url = self.cfg.url.rstrip("/") + "/events"
         params = {"since": str(since) if since else "earliest"}

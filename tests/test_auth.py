@@ -237,13 +237,16 @@ def test_jwt_claims_become_the_readers_scope(tmp_path, algorithm):
     if algorithm == "ES256":
         claims["aud"] = "relay"
     who = auth.identify(jwt.encode(claims, sign, algorithm=algorithm))
-    assert who is not None and who.name == "dave" and who.role == "reader"
+    assert who is not None and who.name == "jwt:dave" and who.role == "reader"
     assert who.scope.allows("x", "/p/q") and not who.scope.allows("x", "/pq")
     assert not who.scope.allows("y", "/p/q")
     with pytest.raises(AuthError, match="'paths' must be a list"):
         auth.identify(jwt.encode({**claims, "paths": "/p"}, sign, algorithm=algorithm))
     with pytest.raises(AuthError, match="JWT was refused"):
         auth.identify(jwt.encode({**claims, "exp": 1}, sign, algorithm=algorithm))
+    with pytest.raises(AuthError, match="no `sub` claim"):
+        auth.identify(jwt.encode({k: v for k, v in claims.items() if k != "sub"}, sign,
+                                 algorithm=algorithm))
 
 
 def test_token_config_rules():

@@ -23,9 +23,9 @@ def config(path: Path, name: str, *, tokens: list[tuple[str, str, str, str | Non
     for tname, role, secret, site in tokens:
         lines += ["[[token]]", f'name = "{tname}"', f'role = "{role}"',
                   f'hash = "{hash_token(secret)}"']
-        if role == "agent":
+        if role in ("agent", "relay"):  # the site it publishes as; a relay's own name
             lines.append(f'site = "{site}"')
-        elif site:
+        if role != "agent" and site:
             lines.append(f'sites = ["{site}"]')
     for url, token in upstream:
         lines += ["[[upstream]]", f'url = "{url}"', "idle_timeout = 4.0"]

@@ -60,14 +60,14 @@ def test_loop_guard_drops_what_came_round_and_says_so_once():
 
 def session(me: str = "central", sites: list[str] | None = None) -> IngestSession:
     auth = Authenticator([TokenConfig(name="r1", role="relay", hash=hash_token("t-relay"),
-                                      sites=sites),
+                                      site="site1", sites=sites),
                           TokenConfig(name="ag", role="agent", site="s",
                                       hash=hash_token("t-agent"))], None)
     return IngestSession(IngestLimits(), auth, me)
 
 
 def hello(site: str = "site1", token: str = "t-relay", role: str = "relay") -> bytes:
-    return encode_frame(Hello(role=role, site=site, node=site, stream=f"relay:{site}",
+    return encode_frame(Hello(role=role, site=site, node=site, stream=f"relay:{site}:42",
                               token=token))
 
 
@@ -78,16 +78,23 @@ def test_a_pushing_relay_is_checked():
         session().receive(hello(role="agent"))
     with pytest.raises(ProtocolError, match="pushing to itself"):
         session().receive(hello(site="central"))
+    with pytest.raises(ProtocolError, match="may publish as relay 'site1', not 'site2'"):
+        session().receive(hello(site="site2"))  # a relay token is bound to its relay
+    with pytest.raises(ProtocolError, match="a relay's stream is relay:<its name>"):
+        session().receive(encode_frame(Hello(role="relay", site="site1", node="site1",
+                                             stream="relay:other:1", token="t-relay")))
     s = session(sites=["s"])
     s.receive(hello())
     batch = [ev("x", 1, id=5, via=["site1"]), ev("y", 9, id=6, via=["o", "site1"]),
              ev("z", 1, id=7, via=["central", "site1"])]
     assert [e.stream for e in s.receive(encode_frame(Batch(batch)))] == ["x", "y"]
     assert s.checkpoint == 7 and s.loops is not None and s.loops.looped == 1
+    notice = ev("site1.gap", 30, id=8, via=["site1"], site="site1", flag="IN_Q_OVERFLOW")
+    assert s.receive(encode_frame(Batch([notice]))) == [notice]  # its own loss notices pass
     for bad, message in (
         ([ev("x", 2, id=7, via=["site1"])], "ids must increase"),
-        ([ev("x", 2, id=8, via=["other"])], "via must end with the pushing relay"),
-        ([ev("x", 2, id=8, via=["site1"], site="t")], "may not push events of site 't'"),
+        ([ev("x", 2, id=9, via=["other"])], "via must end with the pushing relay"),
+        ([ev("x", 2, id=9, via=["site1"], site="t")], "may not push events of site 't'"),
     ):
         with pytest.raises(ProtocolError, match=message):
             s.receive(encode_frame(Batch(bad)))
@@ -115,7 +122,20 @@ def test_two_routes_store_each_event_once_with_its_origin(tmp_path):
     assert log.position("@upstream:site1") == 5 and log.position("@upstream:regional") == 108
     mine = log.append([ev("local:1", 1)])
     assert mine[0].event().via == ["central"] and mine[0].event().origin_id == mine[0].id
+    epoch = log.epoch
     log.close()
     reopened = SQLiteLog(tmp_path, name="central")  # checkpoints are durable
     assert reopened.position("@upstream:site1") == 5 and reopened.head == 9
+    assert reopened.epoch == epoch
     reopened.close()
+    assert SQLiteLog(tmp_path / "new", name="central").epoch != epoch  # a new log, a new epoch
+
+
+def test_a_stream_belongs_to_its_first_site(tmp_path):
+    log = SQLiteLog(tmp_path, name="central")
+    assert len(log.append([ev("n:1", 1, site="a")])) == 1
+    forged = log.append([ev("n:1", 2, site="b"), ev("m:1", 1, site="b")])
+    assert [r.event().stream for r in forged] == ["m:1"]  # n:1's position is untouched
+    assert log.position("n:1") == 1 and log.stream_site("n:1") == "a"
+    log.close()
+    assert SQLiteLog(tmp_path, name="central").stream_site("n:1") == "a"
