@@ -199,6 +199,7 @@ class Routed:
 @dataclass(frozen=True, slots=True)
 class Limits:
     per_user: int = 128
+    watches: int = 10_000  # per channel
     timeout: int = 300
     max_timeout: int = 86400
     backlog: int = 16383
@@ -285,6 +286,9 @@ class Registry:
                 w.oneshot = mask.oneshot
                 w.selector = sel
                 return w, False
+        if len(ch.watches) >= self.limits.watches:
+            raise ChannelError(400, f"channel {ch.id} already has {self.limits.watches} "
+                                    "subscriptions: use another channel")
         sid = watch_id(sel.site, sel.path)
         while sid in ch.watches:  # the id's object has moved away and something took its place
             sid = watch_id(sel.site, sel.path + "\0" + secrets.token_hex(4))
@@ -319,7 +323,8 @@ class Registry:
         for r in records:
             if r.flags & _OVERFLOW:
                 for w in self._all():
-                    if under(w.path, r.path) or under(r.path, w.path):
+                    if (under(w.path, r.path) or under(r.path, w.path)) and \
+                            self._loss_visible(w, r):
                         self._emit(out, w, r, Payload(["IN_Q_OVERFLOW"]))
                 continue
             parent = r.path.rpartition("/")[0] or "/"
@@ -335,6 +340,10 @@ class Registry:
                 self._follow(r)
         return out
 
+    @property
+    def has_watches(self) -> bool:
+        return bool(self._by_path)
+
     def _all(self) -> list[Watch]:
         return [w for ws in self._by_path.values() for w in ws]
 
@@ -342,6 +351,13 @@ class Registry:
         if w.site is not None and r.site != w.site:
             return False
         return w.channel.scope.allows(r.site, r.path)
+
+    def _loss_visible(self, w: Watch, r: Record) -> bool:
+        if not r.site:  # the router's own notice: records were lost before routing
+            return True
+        if w.site is not None and r.site != w.site:
+            return False
+        return w.channel.scope.allows(r.site, r.path, overflow=True)
 
     def _child(self, out: Routed, w: Watch, r: Record) -> None:
         bits = r.flags & _CHILD_EVENTS & w.mask

@@ -24,7 +24,8 @@ class UpstreamConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     url: str  # its base URL, http(s)://host:port
     name: RelayName | None = None  # names its checkpoint and its log lines; default: from url
     token: str | None = None  # a reader token of that relay
-    idle_timeout: Positive = 60.0  # reconnect when nothing, not even a heartbeat, came for this
+    idle_timeout: Positive = 45.0  # reconnect when nothing, not even a heartbeat, came for this
+    # long (3 heartbeats at the default 15 s): a link that died silently is noticed
     ca_file: str | None = None  # to check its TLS certificate (default: the system's CAs)
 
     def __post_init__(self) -> None:

@@ -104,12 +104,9 @@ class ChannelService:
 
     def notify(self, records: list[Record]) -> None:
         """Hub listener: new records were stored."""
-        if self._has_watches():
+        if self.registry.has_watches:
             self._pending.extend(records)
         self._wake.set()
-
-    def _has_watches(self) -> bool:
-        return any(ch.watches for ch in self.registry.channels.values())
 
     async def run(self) -> None:
         """Route stored records to channels, in id order, from the persisted cursor on."""
@@ -125,7 +122,7 @@ class ChannelService:
 
     async def _route(self) -> None:
         while self.cursor < self.log.head:
-            if not self._has_watches():
+            if not self.registry.has_watches:
                 self._pending.clear()
                 self.cursor = self.log.head  # persisted with the next subscription
                 return

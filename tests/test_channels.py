@@ -134,8 +134,11 @@ def test_overflow_reaches_every_watch_it_may_concern(reg):
     ch = channel(reg)
     inside, _ = reg.subscribe(ch, Selector("/data/a/b", ["IN_CREATE"]))
     reg.subscribe(ch, Selector("/elsewhere"))
+    reg.subscribe(ch, Selector("/data/c", site="t"))  # another site's loss only
+    scoped = channel(reg, owner="v", scope=Scope(frozenset({"t"}), None))
+    reg.subscribe(scoped, Selector("/data/a"))  # may read site t only
     ev = Log()
-    got = received(reg, [ev("/data", "IN_Q_OVERFLOW")])
+    got = received(reg, [ev("/data", "IN_Q_OVERFLOW")])  # site s lost events
     assert got == [(ch.id, 0, inside.sid, {"mask": ["IN_Q_OVERFLOW"]})]
 
 
