@@ -36,6 +36,9 @@ from pathlib import Path
 import httpx
 from harness import BIN, stop, tmpfs
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from netns import Hosts  # the tests' hosts, shared rather than copied
+
 from storage_events.relay.auth import hash_token
 
 SITES = ["site1", "site2", "site3"]
@@ -82,56 +85,6 @@ with open(out, "w") as f, httpx.Client(timeout=httpx.Timeout(10, read=None)) as 
 """
 
 
-def ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
-
-
-class Hosts:
-    """A network namespace per host, each a veth into one bridge in the root namespace."""
-
-    def __init__(self, names: list[str]) -> None:
-        tag = f"fb{os.getpid() % 100000}"
-        subnet = f"10.251.{os.getpid() % 250}"  # clear of the tests' 10.100-199.0.0/24
-        self.bridge = f"{tag}br"
-        self._made: list[tuple[str, ...]] = []
-        self.addr: dict[str, str] = {}
-        self.ns: dict[str, str] = {}
-        self.link: dict[str, str] = {}
-        try:
-            ip("link", "add", self.bridge, "type", "bridge")
-            self._made.append(("link", "del", self.bridge))
-            ip("addr", "add", f"{subnet}.254/24", "dev", self.bridge)
-            ip("link", "set", self.bridge, "up")
-            for i, name in enumerate(names, 1):
-                ns, outer, inner = f"{tag}{name}", f"{tag}h{i}", f"{tag}n{i}"
-                ip("netns", "add", ns)
-                self._made.append(("netns", "del", ns))
-                ip("link", "add", outer, "type", "veth", "peer", "name", inner)
-                ip("link", "set", inner, "netns", ns)
-                ip("-n", ns, "addr", "add", f"{subnet}.{i}/24", "dev", inner)
-                ip("-n", ns, "link", "set", inner, "up")
-                ip("-n", ns, "link", "set", "lo", "up")
-                ip("link", "set", outer, "master", self.bridge, "up")
-                self.addr[name], self.ns[name], self.link[name] = f"{subnet}.{i}", ns, outer
-        except BaseException:
-            self.close()
-            raise
-
-    def exec(self, name: str) -> list[str]:
-        return ["ip", "netns", "exec", self.ns[name]]
-
-    def cut(self, name: str) -> None:
-        ip("link", "set", self.link[name], "down")
-
-    def heal(self, name: str) -> None:
-        ip("link", "set", self.link[name], "up")
-
-    def close(self) -> None:
-        for args in reversed(self._made):
-            subprocess.run(["ip", *args], capture_output=True)
-        self._made.clear()
-
-
 def relay_config(path: Path, name: str, *, tokens: list[str], upstream: list[str] = (),
                  push: list[str] = ()) -> Path:
     """``tokens``: [[token]] blocks as text; ``upstream``/``push``: URLs."""
@@ -146,9 +99,9 @@ def relay_config(path: Path, name: str, *, tokens: list[str], upstream: list[str
 
 def token(name: str, role: str, secret: str, site: str | None = None) -> str:
     text = f'[[token]]\nname = "{name}"\nrole = "{role}"\nhash = "{hash_token(secret)}"'
-    if role == "agent":
+    if role in ("agent", "relay"):  # a relay token names the relay that pushes with it
         text += f'\nsite = "{site}"'
-    elif role == "relay" and site:
+    if role == "relay":
         text += f'\nsites = ["{site}"]'
     return text
 
@@ -454,7 +407,8 @@ def main() -> None:
     if args.steady < 10:
         ap.error("--steady must be at least 10 (the before-cut window is its last 10 s)")
     results = []
-    hosts = Hosts(["central", *SITES])
+    hosts = Hosts(["central", *SITES], prefix="fb", subnets=range(200, 250))  # not the tests'
+
     try:
         with tmpfs("4g") as base:
             for run in range(args.runs):
