@@ -60,7 +60,8 @@ class Snapshot:
 
     id: str
     row: tuple
-    watches: list[tuple]
+    watches: list[tuple] | None  # None: unchanged since they were last saved
+    watch_version: int
     first_id: int
 
 
@@ -71,9 +72,11 @@ def snapshot(ch: Channel) -> Snapshot:
            _json.encode(list(scope.prefixes)) if scope.prefixes is not None else None,
            ch.client_id, ch.url, ch.timeout, ch.next_id, ch.first_id, int(ch.connected),
            ch.disconnected_at)
-    watches = [(ch.id, w.sid, w.site, w.path, w.mask, int(w.oneshot), _json.encode(w.selector))
-               for w in ch.watches.values()]
-    return Snapshot(ch.id, row, watches, ch.first_id)
+    watches = None
+    if ch.watch_version != ch.saved_watch_version:
+        watches = [(ch.id, w.sid, w.site, w.path, w.mask, int(w.oneshot),
+                    _json.encode(w.selector)) for w in ch.watches.values()]
+    return Snapshot(ch.id, row, watches, ch.watch_version, ch.first_id)
 _selector = msgspec.json.Decoder(Selector)
 _names = msgspec.json.Decoder(list[str] | None)
 
@@ -127,9 +130,10 @@ class ChannelStore:
                 for snap in channels:
                     db.execute("INSERT OR REPLACE INTO channels VALUES "
                                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", snap.row)
-                    db.execute("DELETE FROM watches WHERE channel = ?", (snap.id,))
-                    db.executemany("INSERT INTO watches VALUES (?, ?, ?, ?, ?, ?, ?)",
-                                   snap.watches)
+                    if snap.watches is not None:
+                        db.execute("DELETE FROM watches WHERE channel = ?", (snap.id,))
+                        db.executemany("INSERT INTO watches VALUES (?, ?, ?, ?, ?, ?, ?)",
+                                       snap.watches)
                     db.execute("DELETE FROM backlog WHERE channel = ? AND id < ?",
                                (snap.id, snap.first_id))
                 if backlog:

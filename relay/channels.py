@@ -163,6 +163,10 @@ class Channel:
     connected: bool = False
     disconnected_at: float = 0.0  # wall clock; the channel expires `timeout` s after it
     watches: dict[str, Watch] = field(default_factory=dict)
+    # Watches change rarely and events often: storage rewrites them only when this moved on
+    # from the version it last saved.
+    watch_version: int = 0
+    saved_watch_version: int = -1
 
 
 class Payload(msgspec.Struct, omit_defaults=True):
@@ -226,6 +230,7 @@ class Registry:
 
     def add(self, ch: Channel) -> None:
         """Put back a channel loaded from storage."""
+        ch.saved_watch_version = ch.watch_version
         self.channels[ch.id] = ch
         for w in ch.watches.values():
             self._by_path.setdefault(w.path, set()).add(w)
@@ -285,6 +290,7 @@ class Registry:
                 w.mask = w.mask | mask.events if mask.add else mask.events
                 w.oneshot = mask.oneshot
                 w.selector = sel
+                ch.watch_version += 1
                 return w, False
         if len(ch.watches) >= self.limits.watches:
             raise ChannelError(400, f"channel {ch.id} already has {self.limits.watches} "
@@ -294,6 +300,7 @@ class Registry:
             sid = watch_id(sel.site, sel.path + "\0" + secrets.token_hex(4))
         w = Watch(sid, ch, sel.site, sel.path, mask.events, mask.oneshot, sel)
         ch.watches[sid] = w
+        ch.watch_version += 1
         self._by_path.setdefault(w.path, set()).add(w)
         return w, True
 
@@ -305,6 +312,7 @@ class Registry:
 
     def unsubscribe(self, w: Watch) -> None:
         w.channel.watches.pop(w.sid, None)
+        w.channel.watch_version += 1
         self._drop(w)
 
     def _drop(self, w: Watch) -> None:
@@ -408,6 +416,7 @@ class Registry:
             for w in self._by_path.pop(path):
                 if w.site is None or w.site == r.site:
                     w.path = r.path + path[len(old):]
+                    w.channel.watch_version += 1
                 self._by_path.setdefault(w.path, set()).add(w)
 
     def _emit(self, out: Routed, w: Watch, r: Record, payload: Payload) -> bool:

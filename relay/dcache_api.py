@@ -146,6 +146,12 @@ class ChannelService:
         """Rows of the channels that still exist (one may be deleted while a request waits)."""
         return [snapshot(ch) for ch in channels if self.registry.channels.get(ch.id) is ch]
 
+    def _saved(self, snaps: list[Snapshot]) -> None:
+        for snap in snaps:
+            ch = self.registry.channels.get(snap.id)
+            if ch is not None:
+                ch.saved_watch_version = max(ch.saved_watch_version, snap.watch_version)
+
     async def _apply(self, routed: Routed, cursor: int | None = None) -> None:
         """Store what routing produced, then tell connected clients."""
         touched = {id(ch): ch for ch, _, _ in routed.events}
@@ -157,8 +163,9 @@ class ChannelService:
         rows = [(ch.id, i, data) for ch, i, data in routed.events if live.get(ch.id) is ch]
         self.routed += len(rows)
         async with self._commit:
-            await asyncio.to_thread(self.store.save, self._snapshots(touched.values()), cursor,
-                                    rows)
+            snaps = self._snapshots(touched.values())
+            await asyncio.to_thread(self.store.save, snaps, cursor, rows)
+            self._saved(snaps)
             if cursor is not None:
                 self.cursor = cursor
         for ch, i, data in routed.events:
@@ -177,7 +184,9 @@ class ChannelService:
 
     async def _save(self, ch: Channel) -> None:
         async with self._commit:  # so self.cursor is a committed one
-            await asyncio.to_thread(self.store.save, self._snapshots([ch]), self.cursor)
+            snaps = self._snapshots([ch])
+            await asyncio.to_thread(self.store.save, snaps, self.cursor)
+            self._saved(snaps)
 
     async def expire(self, every: float = 1.0) -> None:
         while True:
@@ -413,7 +422,9 @@ class ChannelService:
                 if ch.id in self.registry.channels:
                     self.registry.disconnect(ch, time.time())
                     # Synchronously: a cancelled stream cannot await any more.
-                    self.store.save(self._snapshots([ch]), None)
+                    snaps = self._snapshots([ch])
+                    self.store.save(snaps, None)
+                    self._saved(snaps)
 
     async def _replay(self, ch: Channel, after: int) -> AsyncIterator[tuple[bytes, int]]:
         if after + 1 < ch.first_id:  # the backlog moved on while this client fell behind

@@ -232,3 +232,29 @@ def test_backlog_keeps_the_newest(reg):
     reg.route([ev(f"/d/{i}", "IN_CREATE") for i in range(8)])
     reg.trimmed(ch)
     assert (ch.first_id, ch.next_id) == (3, 8)
+
+
+def test_the_store_keeps_channels_watches_and_backlog_across_a_restart(tmp_path):
+    from storage_events.relay.channel_store import ChannelStore, snapshot
+
+    store, reg = ChannelStore(tmp_path), Registry(Limits())
+    ch = reg.create("u", Scope(frozenset({"s"}), ("/d",)), "client", BASE, 5.0)
+    w, _ = reg.subscribe(ch, Selector("/d/in", ["IN_CREATE"]))
+    ev = Log()
+    routed = reg.route([ev("/d/in/a", "IN_CREATE"), ev("/d/in/b", "IN_CREATE")])
+    first = snapshot(ch)
+    store.save([first], 2, [(c.id, i, data) for c, i, data in routed.events])
+    ch.saved_watch_version = first.watch_version
+    again = snapshot(ch)
+    assert again.watches is None  # unchanged watches are not written again
+    store.save([again], 2)
+    store.close()
+
+    store, loaded = ChannelStore(tmp_path), Registry(Limits())
+    assert store.load(loaded, 9.0) == 2
+    back = loaded.channels[ch.id]
+    assert (back.owner, back.client_id, back.scope, back.next_id) == ("u", "client", ch.scope, 2)
+    assert list(back.watches) == [w.sid] and back.watches[w.sid].selector.flags == ["IN_CREATE"]
+    assert [i for i, _ in store.read(ch.id, -1, 10)] == [0, 1]
+    assert received(loaded, [ev("/d/in/c", "IN_CREATE")])[0][1] == 2  # ids carry on
+    store.close()
