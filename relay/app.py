@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from .dcache_api import ChannelService
 from .feed import Feed
 from .hub import Hub
 from .ingest import Ingest, IngestLimits
+from .log import EventLog
 from .metrics import metrics_endpoint
 from .push import Pusher
 from .sites import sites_endpoint
@@ -33,7 +35,17 @@ from .web import page
 
 
 def create_app(cfg: RelayConfig) -> Starlette:
-    log = SQLiteLog(Path(cfg.data), synchronous=cfg.durability.upper(), name=cfg.name)
+    servers = cfg.nats_servers()
+    log: EventLog
+    shared = None  # the NATS log, whose subscription feeds this relay's hub
+    if servers:
+        from .nats_log import NATSLog
+
+        log = shared = NATSLog(servers, name=cfg.name, stream=cfg.nats_stream,
+                      replicas=cfg.nats_replicas, max_age=cfg.retention_days * 86400,
+                      max_events=cfg.retention_events, max_bytes=cfg.retention_bytes)
+    else:
+        log = SQLiteLog(Path(cfg.data), synchronous=cfg.durability.upper(), name=cfg.name)
     hub = Hub()
     auth = Authenticator(cfg.token, cfg.jwt)
     ingest = Ingest(log, hub, IngestLimits(max_batch=cfg.max_batch), auth, me=cfg.name)
@@ -69,6 +81,9 @@ def create_app(cfg: RelayConfig) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if shared is not None:
+            shared.listener = functools.partial(asyncio.get_running_loop().call_soon_threadsafe,
+                                                hub.publish)
         tasks = [asyncio.create_task(job) for job in (
             retention(), channels.run(), channels.expire(),
             *(p.run() for p in pullers), *(p.run() for p in pushers))]

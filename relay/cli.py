@@ -28,6 +28,8 @@ def main() -> None:
               help="TOML config file; flags override it.")
 @click.option("--listen", help="HOST:PORT to serve on (default 127.0.0.1:8808).")
 @click.option("--data", help="Directory of the embedded event log (SQLite).")
+@click.option("--store", metavar="nats://HOST:PORT[,…]",
+              help="Keep the event log on a NATS JetStream stream instead (scale-out).")
 @click.option("--insecure", is_flag=True, default=None,
               help="Allow a non-loopback address without authentication.")
 @click.option("--certfile", help="TLS certificate (PEM): serve https:// and wss://.")
@@ -39,14 +41,14 @@ def main() -> None:
 @click.option("-v", "--verbose", count=True, help="More log output.")
 @log_format_option
 @version_option
-def serve(config_file: Path | None, listen: str | None, data: str | None,
+def serve(config_file: Path | None, listen: str | None, data: str | None, store: str | None,
           insecure: bool | None, certfile: str | None, keyfile: str | None,
           name: str | None, upstreams: tuple[str, ...], verbose: int, log_format: str) -> None:
     """Run the relay: /ingest for agents, /events for subscribers."""
     setup_logging(verbose, log_format)
     cfg = load_config(config_file, RelayConfig,
                       {"listen": listen, "data": data, "insecure": insecure,
-                       "certfile": certfile, "keyfile": keyfile, "name": name})
+                       "certfile": certfile, "keyfile": keyfile, "name": name, "store": store})
     try:
         cfg.upstream = [*cfg.upstream, *(UpstreamConfig(url=u) for u in upstreams)]
     except ValueError as e:
@@ -61,6 +63,7 @@ def serve(config_file: Path | None, listen: str | None, data: str | None,
         import uvicorn
 
         from .app import create_app
+        from .log import StoreError
     except ImportError as e:
         raise click.ClickException(
             f"the relay needs its extra dependencies ({e.name} is missing): "
@@ -68,7 +71,7 @@ def serve(config_file: Path | None, listen: str | None, data: str | None,
         ) from None
     try:
         app = create_app(cfg)
-    except (OSError, sqlite3.Error) as e:
+    except (OSError, sqlite3.Error, StoreError) as e:
         raise click.ClickException(f"cannot start: {e}") from None
     except ValueError as e:
         raise click.ClickException(f"config: {e}") from None

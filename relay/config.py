@@ -60,7 +60,13 @@ class RelayConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # Unique in a federation: stamped on every event this relay stores (`via`), which is how
     # loops are found.
     name: RelayName = msgspec.field(default_factory=lambda: _hostname())
-    data: str = "storage-events-data"  # directory of the embedded SQLite log
+    data: str = "storage-events-data"  # directory of the embedded SQLite log (and channels)
+    # nats://HOST:PORT[,nats://…]: the event log on a NATS JetStream stream instead, shared by
+    # every relay given the same servers and stream (scale-out).
+    store: str | None = None
+    nats_stream: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")] = \
+        "STORAGE_EVENTS"
+    nats_replicas: Annotated[int, msgspec.Meta(ge=1, le=5)] = 1
     # Serving anonymous agents and readers on a non-loopback address needs this, explicitly.
     insecure: bool = False
     heartbeat: Positive = 15.0  # seconds between SSE heartbeat comments on an idle feed
@@ -87,6 +93,16 @@ class RelayConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     channel_backlog: PositiveInt = 16383  # events kept per channel for reconnecting clients
     upstream: list[UpstreamConfig] = []  # relays whose feeds this one pulls
     push: list[PushConfig] = []  # relays this one pushes its log to
+
+    def nats_servers(self) -> list[str]:
+        servers = [s.strip() for s in (self.store or "").split(",") if s.strip()]
+        for server in servers:
+            if not server.startswith(("nats://", "tls://")):
+                raise ValueError(f"store {server!r}: give NATS servers as nats://HOST:PORT")
+        if self.store and (self.upstream or self.push):
+            raise ValueError("federation ([[upstream]], [[push]]) is not available with the "
+                             "NATS store yet: use it with the embedded log")
+        return servers
 
     def host_port(self) -> tuple[str, int]:
         host, sep, port = self.listen.rpartition(":")

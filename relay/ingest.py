@@ -198,7 +198,6 @@ class Ingest:
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="log-writer")
         self._lock = asyncio.Lock()
         self.connections = 0
-        self.stored = 0  # events stored since start
         self.by_site: Counter[str] = Counter()  # open agent connections
         self.relays: Counter[str] = Counter()  # open connections of relays pushing to us
         self.last_ts: dict[str, int] = {}  # newest event time stored, by site
@@ -222,7 +221,6 @@ class Ingest:
             records = await loop.run_in_executor(
                 self._writer, functools.partial(self.log.append, events, checkpoint))
             self.hub.publish(records)
-            self.stored += len(records)
 
     def count_loops(self, guard: LoopGuard) -> None:
         if guard.report is not None:

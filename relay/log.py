@@ -42,6 +42,34 @@ class Record:
         return self._redacted
 
 
+class LogCounters:
+    """What both logs keep in memory and hand out without I/O."""
+
+    _head: int
+    _first: int
+    _bytes: int
+    _sites: dict[str, str]
+
+    @property
+    def head(self) -> int:
+        return self._head
+
+    @property
+    def first(self) -> int:
+        return self._first
+
+    @property
+    def size(self) -> int:
+        return self._bytes
+
+    def stream_site(self, stream: str) -> str | None:
+        return self._sites.get(stream)
+
+
+class StoreError(Exception):
+    """The event log's storage cannot be used; the message says why and what to do."""
+
+
 _OVERFLOW = int(Flag.Q_OVERFLOW)
 
 
@@ -76,6 +104,8 @@ class EventLog(Protocol):
     @property
     def size(self) -> int:
         """Bytes of event data held."""
+
+    stored: int  # events this relay stored since it started
 
     @property
     def epoch(self) -> int:

@@ -29,7 +29,7 @@ class RelayCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         yield CounterMetricFamily("storage_events_relay_events_in",
-                                  "Events stored since start", value=self.ingest.stored)
+                                  "Events stored since start", value=self.log.stored)
         yield CounterMetricFamily("storage_events_relay_events_out",
                                   "Events delivered to subscribers since start",
                                   value=self.feed.delivered)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from storage_events.wire import Event, event_json, flags_mask
 
-from .log import Record, make_record
+from .log import LogCounters, Record, make_record
 
 log = logging.getLogger("storage_events.relay")
 
@@ -40,10 +40,11 @@ CREATE TABLE IF NOT EXISTS streams (
 """
 
 
-class SQLiteLog:
+class SQLiteLog(LogCounters):
     def __init__(self, directory: Path, *, synchronous: str = "NORMAL",
                  name: str = "relay") -> None:
         self.name = name  # this relay's name, stamped on every event it stores
+        self.stored = 0
         directory.mkdir(parents=True, exist_ok=True)
         self.path = directory / "events.sqlite3"
         self._synchronous = synchronous
@@ -77,10 +78,6 @@ class SQLiteLog:
     def epoch(self) -> int:
         return self._positions[EPOCH]
 
-    def stream_site(self, stream: str) -> str | None:
-        """The site whose events a stream carries, once the log has seen it."""
-        return self._sites.get(stream)
-
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
@@ -89,18 +86,6 @@ class SQLiteLog:
         conn.execute(f"PRAGMA synchronous={self._synchronous}")
         conn.execute("PRAGMA busy_timeout=10000")
         return conn
-
-    @property
-    def head(self) -> int:
-        return self._head
-
-    @property
-    def first(self) -> int:
-        return self._first
-
-    @property
-    def size(self) -> int:
-        return self._bytes
 
     def position(self, stream: str) -> int:
         return self._positions.get(stream, 0)
@@ -163,6 +148,7 @@ class SQLiteLog:
         if self._first > self._head:  # was empty
             self._first = self._head + 1
         self._head = head
+        self.stored += len(rows)
         self._bytes += sum(len(r[5]) for r in rows)
         return records
 

@@ -1,0 +1,264 @@
+"""The event log on a NATS JetStream stream (``--store nats://…``): for scale-out.
+
+Relays on the same stream are stateless replicas: an event stored through any of them gets the
+stream's sequence number as its global id, and every relay hears every event from its own
+subscription to the stream, in stream order, so all of them serve the same feed and the same
+catch-up. JetStream replicates the stream over its cluster (``nats_replicas``) and applies
+retention itself.
+
+Exactly once: each event is published with ``Nats-Msg-Id: <stream>:<seq>``, so JetStream drops
+a copy published again within its duplicate window (an agent resending after a lost ack, or
+reconnecting through another relay); positions of streams are read back from the stream.
+
+The nats-py client is asyncio; this class keeps it on a loop of its own, in a thread, so the
+log offers the same blocking interface as :class:`~.sqlite_log.SQLiteLog`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import threading
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import msgspec
+
+from storage_events.wire import Event, event_from_json, event_json, flags_mask
+
+from .log import LogCounters, Record, StoreError, make_record
+
+log = logging.getLogger("storage_events.relay")
+
+SUBJECTS = "storage-events.stream"
+_ID0 = b'{"id":0,'  # every event is stored with id 0: its id is the sequence JetStream gives it
+
+
+def subject(stream: str) -> str:
+    return f"{SUBJECTS}.{stream.encode().hex()}"  # any stream name, as one subject token
+
+
+class NATSLog(LogCounters):
+    def __init__(self, servers: list[str], *, name: str, stream: str = "STORAGE_EVENTS",
+                 replicas: int = 1, max_age: float = 0, max_events: int = 0,
+                 max_bytes: int = 0, duplicate_window: float = 600.0) -> None:
+        self.name = name
+        self.stream = stream
+        self.listener: Callable[[list[Record]], None] | None = None  # called on the NATS thread
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="nats",
+                                        daemon=True)
+        self._thread.start()
+        self._head = self._first = 0
+        self._bytes = 0
+        self._epoch = 0
+        self.stored = 0
+        self._positions: dict[str, int] = {}
+        self._sites: dict[str, str] = {}
+        self._limits = (replicas, max_age, max_events, max_bytes, duplicate_window)
+        try:
+            self._call(self._start(servers), timeout=30)
+        except Exception:
+            self.close()
+            raise
+
+    def _call(self, coro: Coroutine[Any, Any, Any], timeout: float = 30) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    async def _start(self, servers: list[str]) -> None:
+        import nats
+        from nats.errors import Error as NATSError
+        from nats.js import api
+        from nats.js.errors import NotFoundError
+
+        async def error(e: Exception) -> None:
+            log.warning("NATS: %s", e)
+
+        async def disconnected() -> None:
+            log.warning("NATS: disconnected, reconnecting")
+
+        async def reconnected() -> None:
+            log.info("NATS: reconnected to %s", self._nc.connected_url.netloc)
+
+        options: dict[str, Any] = {"servers": servers, "connect_timeout": 5,
+                                   "name": f"storage-events-relay {self.name}",
+                                   "error_cb": error}
+        try:  # once without retrying, so that a wrong address is an error at start
+            probe = await asyncio.wait_for(nats.connect(
+                allow_reconnect=False, max_reconnect_attempts=0, **options), 10)
+            await probe.close()
+        except Exception as e:
+            raise StoreError(f"cannot connect to NATS at {', '.join(servers)}: "
+                             f"{str(e) or 'no server answered within 10 s'}; check the "
+                             "addresses and that nats-server runs with JetStream") from None
+        self._nc = await nats.connect(allow_reconnect=True, max_reconnect_attempts=-1,
+                                      disconnected_cb=disconnected, reconnected_cb=reconnected,
+                                      **options)
+        self._js = self._nc.jetstream()
+        replicas, max_age, max_events, max_bytes, window = self._limits
+        config = api.StreamConfig(
+            name=self.stream, subjects=[f"{SUBJECTS}.*"], storage=api.StorageType.FILE,
+            num_replicas=replicas, max_age=max_age or None, max_msgs=max_events or None,
+            max_bytes=max_bytes or None, duplicate_window=window,
+            discard=api.DiscardPolicy.OLD)
+        try:
+            try:
+                info = await self._js.stream_info(self.stream)
+                info = await self._js.update_stream(config)
+            except NotFoundError:
+                info = await self._js.add_stream(config)
+        except NATSError as e:
+            raise StoreError(f"cannot use JetStream stream {self.stream!r}: {e} (is "
+                                 "JetStream enabled, with enough servers for "
+                                 f"{replicas} replicas?)") from None
+        self._state(info.state)
+        self._epoch = int.from_bytes(
+            hashlib.blake2b(str(info.created).encode(), digest_size=6).digest(), "big")
+        self._pending: list[Record] = []
+        # Every relay hears every event, in stream order, from the next one on.
+        self._sub = await self._js.subscribe(
+            f"{SUBJECTS}.*", stream=self.stream, cb=self._received, ordered_consumer=True,
+            deliver_policy=api.DeliverPolicy.NEW, idle_heartbeat=5.0)
+        self._refresher = asyncio.get_running_loop().create_task(self._refresh())
+
+    def _state(self, state: Any) -> None:
+        self._head = max(self._head, state.last_seq)
+        self._first = state.first_seq if state.messages else self._head + 1
+        self._bytes = state.bytes
+
+    async def _refresh(self) -> None:
+        """first and size move with JetStream's retention, which happens over there."""
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                self._state((await self._js.stream_info(self.stream)).state)
+            except Exception as e:  # the cluster may be electing a leader: keep going
+                log.warning("NATS stream %s: no state (%s)", self.stream, e)
+
+    def _record(self, seq: int, data: bytes) -> Record:
+        if not data.startswith(_ID0):
+            raise ValueError(f"message {seq} of stream {self.stream} is not a stored event")
+        data = b'{"id":%d,' % seq + data[len(_ID0):]
+        ev = event_from_json(data)
+        self._positions[ev.stream] = max(self._positions.get(ev.stream, 0), ev.seq)
+        self._sites.setdefault(ev.stream, ev.site)
+        return make_record(seq, ev.site, ev.node, ev.path, flags_mask(ev.flags), data, ev)
+
+    async def _received(self, msg: Any) -> None:
+        seq = msg.metadata.sequence.stream
+        try:
+            self._pending.append(self._record(seq, msg.data))
+        except (ValueError, msgspec.DecodeError, msgspec.ValidationError) as e:
+            log.error("skipping message %d of NATS stream %s: %s", seq, self.stream, e)
+        self._head = max(self._head, seq)
+        if len(self._pending) == 1:  # hand them over together, once this burst is read
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        records, self._pending = self._pending, []
+        if records and self.listener is not None:
+            self.listener(records)
+
+    # -- the EventLog interface ------------------------------------------------------------
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    def position(self, stream: str) -> int:
+        if stream.startswith("@"):
+            raise StoreError("federation checkpoints are not kept in the NATS store")
+        if stream not in self._positions:
+            self._positions[stream] = self._call(self._last_seq(stream), timeout=10)
+        return self._positions[stream]
+
+    async def _last_seq(self, stream: str) -> int:
+        from nats.js.errors import NotFoundError
+
+        try:
+            msg = await self._js.get_last_msg(self.stream, subject(stream))
+        except NotFoundError:
+            return 0
+        ev = event_from_json(msg.data)
+        self._sites.setdefault(stream, ev.site)
+        return ev.seq
+
+    def append(self, events: list[Event],
+               checkpoint: tuple[str, int] | None = None) -> list[Record]:
+        """Publish; returns no records: they reach the hub through the subscription, on every
+        relay of the stream alike."""
+        if checkpoint is not None:
+            raise StoreError("federation checkpoints are not kept in the NATS store")
+        return self._call(self._append(events))
+
+    async def _append(self, events: list[Event]) -> list[Record]:
+        futures = []
+        positions: dict[str, int] = {}
+        for ev in events:
+            owner = self._sites.get(ev.stream)
+            if owner is not None and owner != ev.site:
+                log.error("dropped an event of stream %s claiming site %r: it belongs to %r",
+                          ev.stream, ev.site, owner)
+                continue
+            last = positions.get(ev.stream, self._positions.get(ev.stream, 0))
+            if ev.seq <= last:
+                continue
+            positions[ev.stream] = ev.seq
+            ev.id = 0
+            ev.via = [*ev.via, self.name]
+            futures.append(await self._js.publish_async(
+                subject(ev.stream), event_json(ev), stream=self.stream,
+                headers={"Nats-Msg-Id": f"{ev.stream}:{ev.seq}"}))
+        acks = await asyncio.gather(*futures)
+        self.stored += sum(not a.duplicate for a in acks)
+        for stream, seq in positions.items():
+            self._positions[stream] = max(self._positions.get(stream, 0), seq)
+        for ev in events:
+            self._sites.setdefault(ev.stream, ev.site)
+        if acks:
+            self._head = max(self._head, max(a.seq for a in acks))
+        return []
+
+    def trim(self, *, max_age: float, max_events: int, max_bytes: int) -> int:
+        return 0  # JetStream applies the stream's limits itself
+
+    def read(self, after: int, limit: int) -> list[Record]:
+        if after >= self._head:
+            return []
+        return self._call(self._read(after, min(limit, self._head - after)))
+
+    async def _read(self, after: int, count: int) -> list[Record]:
+        from nats.js import api
+        from nats.js.errors import FetchTimeoutError
+
+        sub = await self._js.pull_subscribe(
+            f"{SUBJECTS}.*", stream=self.stream, config=api.ConsumerConfig(
+                deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after + 1,
+                ack_policy=api.AckPolicy.NONE, inactive_threshold=30.0))
+        records: list[Record] = []
+        try:
+            while len(records) < count:
+                try:
+                    msgs = await sub.fetch(count - len(records), timeout=2.0)
+                except FetchTimeoutError:
+                    break  # retention took some meanwhile
+                records.extend(self._record(m.metadata.sequence.stream, m.data) for m in msgs)
+        finally:
+            await sub.unsubscribe()
+        return records
+
+    def close(self) -> None:
+        async def stop() -> None:
+            if hasattr(self, "_refresher"):
+                self._refresher.cancel()
+            if hasattr(self, "_nc"):
+                await self._nc.drain()
+
+        if self._thread.is_alive():
+            try:
+                self._call(stop(), timeout=10)
+            except Exception as e:
+                log.warning("closing the NATS connection: %s", e)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(5)
