@@ -7,6 +7,7 @@ store or why the connection must close. :class:`Ingest` is the thin WebSocket sh
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import re
@@ -32,7 +33,7 @@ from storage_events.wire import (
 from .auth import Authenticator, AuthError
 from .federation import PUSHED_KEY, LoopGuard
 from .hub import Hub
-from .log import EventLog
+from .log import EventLog, StoreError
 
 log = logging.getLogger("storage_events.relay")
 
@@ -242,18 +243,22 @@ class Ingest:
         counter: Counter[str] | None = None
         self.connections += 1
         try:
-            hello = session.receive(await _receive(ws, timeout=10))
+            try:
+                hello = session.receive(await _receive(ws, timeout=10))
+            except TimeoutError:
+                raise ProtocolError("no hello within 10 s") from None
             assert isinstance(hello, Hello)
             peer = f"{hello.role} {hello.site}/{hello.node} ({peer})"
             counter = self.relays if hello.role == "relay" else self.by_site
             counter[hello.site] += 1
             # A relay's position is the last of its ids we hold; an agent's, its stream's seq.
             key = PUSHED_KEY.format(hello.stream) if hello.role == "relay" else hello.stream
+            # (Off the event loop: a shared store may have to ask its servers.)
+            session.checkpoint = await asyncio.to_thread(self.log.position, key)
             owner = self.log.stream_site(hello.stream)
             if hello.role == "agent" and owner not in (None, hello.site):
                 raise ProtocolError(f"stream {hello.stream!r} belongs to site {owner!r}: an "
                                     "agent names a stream of its own")
-            session.checkpoint = self.log.position(key)
             await ws.send_bytes(encode_frame(Welcome(stream=hello.stream,
                                                      acked=session.checkpoint)))
             log.info("%s connected, stream %s", peer, hello.stream)
@@ -269,8 +274,12 @@ class Ingest:
         except ProtocolError as e:
             log.warning("closing ingest connection from %s: %s", peer, e)
             await _refuse(ws, str(e), e.code)
-        except TimeoutError:
-            await _refuse(ws, "no hello within 10 s", 1008)
+        except StoreError as e:
+            # Not the sender's fault: close without an error frame, so it retries soon and
+            # resends what was not acknowledged.
+            log.error("cannot store events from %s: %s", peer, e)
+            with contextlib.suppress(RuntimeError, WebSocketDisconnect, OSError):
+                await ws.close(1011, "the relay cannot store events right now; retry")
         except WebSocketDisconnect:
             log.info("%s disconnected", peer)
         finally:

@@ -17,6 +17,7 @@ log offers the same blocking interface as :class:`~.sqlite_log.SQLiteLog`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import threading
@@ -32,6 +33,7 @@ from .log import LogCounters, Record, StoreError, make_record
 log = logging.getLogger("storage_events.relay")
 
 SUBJECTS = "storage-events.stream"
+ACK_TIMEOUT = 10.0  # seconds JetStream may take to acknowledge a batch
 _ID0 = b'{"id":0,'  # every event is stored with id 0: its id is the sequence JetStream gives it
 
 
@@ -54,11 +56,12 @@ class NATSLog(LogCounters):
         self._bytes = 0
         self._epoch = 0
         self.stored = 0
-        self._positions: dict[str, int] = {}
+        self._positions: dict[str, int] = {}  # per stream: the last seq stored, as acknowledged
+        self._suspect: dict[str, int] = {}  # per stream: resend after this (a batch failed)
         self._sites: dict[str, str] = {}
         self._limits = (replicas, max_age, max_events, max_bytes, duplicate_window)
         try:
-            self._call(self._start(servers), timeout=30)
+            self._call(self._start(servers), timeout=60)
         except Exception:
             self.close()
             raise
@@ -102,24 +105,41 @@ class NATSLog(LogCounters):
             num_replicas=replicas, max_age=max_age or None, max_msgs=max_events or None,
             max_bytes=max_bytes or None, duplicate_window=window,
             discard=api.DiscardPolicy.OLD)
-        try:
+        # A cluster that is starting with us may not have a JetStream leader yet: keep asking
+        # for a while before calling it an error.
+        deadline = asyncio.get_running_loop().time() + 30
+        while True:
             try:
-                info = await self._js.stream_info(self.stream)
-                info = await self._js.update_stream(config)
-            except NotFoundError:
-                info = await self._js.add_stream(config)
-        except NATSError as e:
-            raise StoreError(f"cannot use JetStream stream {self.stream!r}: {e} (is "
-                                 "JetStream enabled, with enough servers for "
-                                 f"{replicas} replicas?)") from None
+                try:
+                    await self._js.stream_info(self.stream)
+                    info = await self._js.update_stream(config)
+                except NotFoundError:
+                    info = await self._js.add_stream(config)
+                break
+            except NATSError as e:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise StoreError(f"cannot use JetStream stream {self.stream!r}: {e} (is "
+                                     "JetStream enabled, with enough servers for "
+                                     f"{replicas} replicas?)") from None
+                log.warning("JetStream not ready (%s); asking again", e)
+                await asyncio.sleep(1)
         self._state(info.state)
         self._epoch = int.from_bytes(
             hashlib.blake2b(str(info.created).encode(), digest_size=6).digest(), "big")
         self._pending: list[Record] = []
+        self._delivered = self._head  # the last sequence handed to the listener
         # Every relay hears every event, in stream order, from the next one on.
         self._sub = await self._js.subscribe(
             f"{SUBJECTS}.*", stream=self.stream, cb=self._received, ordered_consumer=True,
-            deliver_policy=api.DeliverPolicy.NEW, idle_heartbeat=5.0)
+            config=api.ConsumerConfig(deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+                                      opt_start_seq=self._head + 1),
+            idle_heartbeat=5.0)
+        # nats-py re-creates an ordered consumer after a reconnect from the last sequence it
+        # delivered, which is 0 until the first message: tell it where we started instead,
+        # or an idle relay would be sent the whole stream again.
+        jsi = getattr(self._sub, "_jsi", None)
+        if jsi is not None and hasattr(jsi, "_sseq"):
+            jsi._sseq = self._head
         self._refresher = asyncio.get_running_loop().create_task(self._refresh())
 
     def _state(self, state: Any) -> None:
@@ -141,12 +161,14 @@ class NATSLog(LogCounters):
             raise ValueError(f"message {seq} of stream {self.stream} is not a stored event")
         data = b'{"id":%d,' % seq + data[len(_ID0):]
         ev = event_from_json(data)
-        self._positions[ev.stream] = max(self._positions.get(ev.stream, 0), ev.seq)
         self._sites.setdefault(ev.stream, ev.site)
         return make_record(seq, ev.site, ev.node, ev.path, flags_mask(ev.flags), data, ev)
 
     async def _received(self, msg: Any) -> None:
         seq = msg.metadata.sequence.stream
+        if seq <= self._delivered:
+            return  # a consumer re-created after a reconnect may start earlier
+        self._delivered = seq
         try:
             self._pending.append(self._record(seq, msg.data))
         except (ValueError, msgspec.DecodeError, msgspec.ValidationError) as e:
@@ -167,22 +189,30 @@ class NATSLog(LogCounters):
         return self._epoch
 
     def position(self, stream: str) -> int:
+        """The last seq of ``stream`` this relay knows to be stored: what it acknowledged, or
+        on a first hello the stream's last message (read off the event loop)."""
         if stream.startswith("@"):
             raise StoreError("federation checkpoints are not kept in the NATS store")
-        if stream not in self._positions:
-            self._positions[stream] = self._call(self._last_seq(stream), timeout=10)
-        return self._positions[stream]
+        return self._call(self._position(stream), timeout=15)
 
-    async def _last_seq(self, stream: str) -> int:
+    async def _position(self, stream: str) -> int:
+        from nats.errors import Error as NATSError
         from nats.js.errors import NotFoundError
 
-        try:
-            msg = await self._js.get_last_msg(self.stream, subject(stream))
-        except NotFoundError:
-            return 0
-        ev = event_from_json(msg.data)
-        self._sites.setdefault(stream, ev.site)
-        return ev.seq
+        if stream not in self._positions:
+            try:
+                msg = await self._js.get_last_msg(self.stream, subject(stream))
+                ev = event_from_json(msg.data)
+                self._sites.setdefault(stream, ev.site)
+                seq = ev.seq
+            except NotFoundError:
+                seq = 0
+            except NATSError as e:
+                raise StoreError(f"cannot read stream {stream}'s position: {e}") from None
+            self._positions[stream] = max(self._positions.get(stream, 0), seq)
+        # After a batch that failed part-way, later events of it may be stored while an
+        # earlier one is not: have the sender resend from the start of that batch.
+        return min(self._positions[stream], self._suspect.get(stream, self._positions[stream]))
 
     def append(self, events: list[Event],
                checkpoint: tuple[str, int] | None = None) -> list[Record]:
@@ -190,14 +220,16 @@ class NATSLog(LogCounters):
         relay of the stream alike."""
         if checkpoint is not None:
             raise StoreError("federation checkpoints are not kept in the NATS store")
-        return self._call(self._append(events))
+        return self._call(self._append(events), timeout=ACK_TIMEOUT + 5)
 
     async def _append(self, events: list[Event]) -> list[Record]:
         futures = []
         positions: dict[str, int] = {}
+        firsts: dict[str, int] = {}
+        new_sites: dict[str, str] = {}
         for ev in events:
-            owner = self._sites.get(ev.stream)
-            if owner is not None and owner != ev.site:
+            owner = self._sites.get(ev.stream) or new_sites.setdefault(ev.stream, ev.site)
+            if owner != ev.site:
                 log.error("dropped an event of stream %s claiming site %r: it belongs to %r",
                           ev.stream, ev.site, owner)
                 continue
@@ -205,17 +237,27 @@ class NATSLog(LogCounters):
             if ev.seq <= last:
                 continue
             positions[ev.stream] = ev.seq
+            firsts.setdefault(ev.stream, ev.seq)
             ev.id = 0
             ev.via = [*ev.via, self.name]
             futures.append(await self._js.publish_async(
                 subject(ev.stream), event_json(ev), stream=self.stream,
                 headers={"Nats-Msg-Id": f"{ev.stream}:{ev.seq}"}))
-        acks = await asyncio.gather(*futures)
+        try:
+            acks = await asyncio.wait_for(asyncio.gather(*futures), ACK_TIMEOUT)
+        except Exception as e:
+            for future in futures:
+                future.cancel()
+            for stream, first in firsts.items():
+                self._suspect[stream] = min(self._suspect.get(stream, first - 1), first - 1)
+            raise StoreError(f"JetStream did not store a batch of {len(futures)} events "
+                             f"({str(e) or type(e).__name__})") from None
         self.stored += sum(not a.duplicate for a in acks)
         for stream, seq in positions.items():
             self._positions[stream] = max(self._positions.get(stream, 0), seq)
-        for ev in events:
-            self._sites.setdefault(ev.stream, ev.site)
+            self._suspect.pop(stream, None)
+        for stream, site in new_sites.items():
+            self._sites.setdefault(stream, site)
         if acks:
             self._head = max(self._head, max(a.seq for a in acks))
         return []
@@ -226,26 +268,43 @@ class NATSLog(LogCounters):
     def read(self, after: int, limit: int) -> list[Record]:
         if after >= self._head:
             return []
-        return self._call(self._read(after, min(limit, self._head - after)))
+        return self._call(self._read(after, limit, self._head))
 
-    async def _read(self, after: int, count: int) -> list[Record]:
+    async def _read(self, after: int, limit: int, head: int) -> list[Record]:
+        from nats.errors import Error as NATSError
+        from nats.errors import TimeoutError as NATSTimeout
         from nats.js import api
-        from nats.js.errors import FetchTimeoutError
 
-        sub = await self._js.pull_subscribe(
-            f"{SUBJECTS}.*", stream=self.stream, config=api.ConsumerConfig(
-                deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after + 1,
-                ack_policy=api.AckPolicy.NONE, inactive_threshold=30.0))
-        records: list[Record] = []
         try:
-            while len(records) < count:
+            sub = await self._js.pull_subscribe(
+                f"{SUBJECTS}.*", stream=self.stream, config=api.ConsumerConfig(
+                    deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+                    opt_start_seq=after + 1, ack_policy=api.AckPolicy.NONE,
+                    inactive_threshold=30.0))
+        except NATSError as e:
+            raise StoreError(f"cannot read the NATS stream {self.stream}: {e}") from None
+        records: list[Record] = []
+        last = after
+        try:
+            # Up to what this relay knew was stored when asked; retention may have removed
+            # some meanwhile, which a timeout then says.
+            while len(records) < limit and last < head:
                 try:
-                    msgs = await sub.fetch(count - len(records), timeout=2.0)
-                except FetchTimeoutError:
-                    break  # retention took some meanwhile
-                records.extend(self._record(m.metadata.sequence.stream, m.data) for m in msgs)
+                    msgs = await sub.fetch(min(limit - len(records), head - last), timeout=2.0)
+                except NATSTimeout:
+                    break
+                for m in msgs:
+                    last = m.metadata.sequence.stream
+                    try:
+                        records.append(self._record(last, m.data))
+                    except (ValueError, msgspec.DecodeError, msgspec.ValidationError) as e:
+                        log.error("skipping message %d of NATS stream %s: %s", last,
+                                  self.stream, e)
         finally:
-            await sub.unsubscribe()
+            with contextlib.suppress(Exception):
+                name = (await sub.consumer_info()).name
+                await sub.unsubscribe()
+                await self._js.delete_consumer(self.stream, name)
         return records
 
     def close(self) -> None:
