@@ -30,32 +30,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
-from harness import BIN, Stack, make_root, rss_mib, stop, sysctl, tmpfs, wait_line
+from harness import BIN, PACED, Stack, make_root, rss_mib, stop, sysctl, tmpfs, wait_line
 from harness import burst as burst_files
 
 TREE = (10, 100, 100)  # 10 * 100 * 100 leaves: 101,011 directories with the inner ones
 FILES = 200_000
 EVENTS = ["-e", "create", "-e", "close_write", "-e", "delete", "-e", "moved_from",
           "-e", "moved_to", "-e", "attrib"]
-
-PACED = r"""
-import os, sys, time
-root, rate, secs = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-n = int(rate * secs)
-start = time.monotonic() + 0.2
-out = []
-for i in range(n):
-    due = start + i / rate
-    while (now := time.monotonic()) < due:
-        time.sleep(max(0.0, due - now - 0.0002))
-    p = os.path.join(root, f"d{i % 10:03d}", f"p{i:07d}")
-    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    os.write(fd, b"x")
-    t = time.monotonic()
-    os.close(fd)
-    out.append(f"{p} {t}")
-print("\n".join(out))
-"""
 
 RACE = r"""
 import os, sys

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 import httpx
-from harness import BIN, stop, tmpfs
+from harness import BIN, PACED, stop, tmpfs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from netns import Hosts  # the tests' hosts, shared rather than copied
@@ -44,24 +44,6 @@ from storage_events.relay.auth import hash_token
 SITES = ["site1", "site2", "site3"]
 MODE = {"site1": "pull", "site2": "pull", "site3": "push"}
 SECRET = {n: f"bench-{n}-0123456789abcdef" for n in ("reader", "pull", "push", *SITES)}
-
-WRITER = r"""
-import os, sys, time
-root, rate, secs, start = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
-n = int(rate * secs)
-out = []
-for i in range(n):
-    due = start + i / rate
-    while (now := time.monotonic()) < due:
-        time.sleep(max(0.0, due - now - 0.0002))
-    p = os.path.join(root, f"d{i % 10:03d}", f"f{i:07d}")
-    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    os.write(fd, b"x")
-    t = time.monotonic()
-    os.close(fd)
-    out.append(f"{p} {t}")
-print("\n".join(out))
-"""
 
 # A subscriber of its own: stamps each chunk as it arrives, then parses it; one line per event.
 SUBSCRIBER = r"""
@@ -237,7 +219,7 @@ def one_run(base: Path, hosts: Hosts, run: int, args: argparse.Namespace) -> dic
         cut3 = cut1 + cut + args.settle
         total = cut3 + cut + args.settle
         t0 = time.monotonic() + 1.0
-        writers = {s: start("", f"writer-{s}", [sys.executable, "-c", WRITER, roots[s],
+        writers = {s: start("", f"writer-{s}", [sys.executable, "-c", PACED, roots[s],
                                                  args.rate, total, t0], stdout=subprocess.PIPE)
                    for s in SITES}
 

@@ -112,6 +112,29 @@ def burst(root: Path, n: int, dirs: int) -> tuple[float, float]:
     return float(out[0]), float(out[1])
 
 
+# A writer closing files at a steady rate in ROOT/d000..d009, from START (CLOCK_MONOTONIC; default:
+# 0.2 s from now); prints "PATH CLOSE_TIME" per file, for latency matching by path.
+# Run as: python -c PACED ROOT RATE SECONDS [START]
+PACED = r"""
+import os, sys, time
+root, rate, secs = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+start = float(sys.argv[4]) if len(sys.argv) > 4 else time.monotonic() + 0.2
+n = int(rate * secs)
+out = []
+for i in range(n):
+    due = start + i / rate
+    while (now := time.monotonic()) < due:
+        time.sleep(max(0.0, due - now - 0.0002))
+    p = os.path.join(root, f"d{i % 10:03d}", f"p{i:07d}")
+    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.write(fd, b"x")
+    t = time.monotonic()
+    os.close(fd)
+    out.append(f"{p} {t}")
+print("\n".join(out))
+"""
+
+
 def make_root(base: Path, name: str, dirs: int) -> Path:
     root = base / name
     shutil.rmtree(root, ignore_errors=True)

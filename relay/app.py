@@ -42,8 +42,9 @@ def create_app(cfg: RelayConfig) -> Starlette:
         from .nats_log import NATSLog
 
         log = shared = NATSLog(servers, name=cfg.name, stream=cfg.nats_stream,
-                      replicas=cfg.nats_replicas, max_age=cfg.retention_days * 86400,
-                      max_events=cfg.retention_events, max_bytes=cfg.retention_bytes)
+                               replicas=cfg.nats_replicas, max_age=cfg.retention_days * 86400,
+                               max_events=cfg.retention_events,
+                               max_bytes=cfg.retention_bytes)
     else:
         log = SQLiteLog(Path(cfg.data), synchronous=cfg.durability.upper(), name=cfg.name)
     hub = Hub()

@@ -130,6 +130,13 @@ class Authenticator:
             return self._from_jwt(bearer)
         raise AuthError("the token is not valid for this relay")
 
+    def reader(self, bearer: str | None) -> Identity | None:
+        """The caller as a reader (None: anonymous, allowed); other roles are refused (403)."""
+        who = self.identify(bearer)
+        if who is not None and who.role != "reader":
+            raise AuthError(f"token {who.name!r} is an {who.role} token: it cannot read", 403)
+        return who
+
     def _from_jwt(self, token: str) -> Identity:
         import jwt  # PyJWT, only where JWTs are configured
 

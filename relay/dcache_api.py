@@ -168,11 +168,12 @@ class ChannelService:
             self._saved(snaps)
             if cursor is not None:
                 self.cursor = cursor
+        items: dict[str, list[tuple[int, bytes]]] = {}
         for ch, i, data in routed.events:
-            box = self.streams.get(ch.id)
-            if box is not None:
-                item = sse.render(data, event="inotify", id=i)
-                box.push([(i, item)], len(item))
+            if ch.id in self.streams:
+                items.setdefault(ch.id, []).append((i, sse.render(data, event="inotify", id=i)))
+        for cid, batch in items.items():
+            self.streams[cid].push(batch, sum(len(b) for _, b in batch))
         for w in routed.closed:
             self._tell(w.channel, system("SUBSCRIPTION_CLOSED", w.url))
 
@@ -220,11 +221,9 @@ class ChannelService:
     def _caller(self, request: Request) -> tuple[str, Scope]:
         if not self.auth.enabled:
             return ANONYMOUS, Scope()
-        who = self.auth.identify(bearer(request.headers.get("authorization", ""),
-                                        request.query_params.get("access_token")))
-        assert who is not None
-        if who.role != "reader":
-            raise AuthError(f"token {who.name!r} is an {who.role} token: it cannot read", 403)
+        who = self.auth.reader(bearer(request.headers.get("authorization", ""),
+                                      request.query_params.get("access_token")))
+        assert who is not None  # enabled: no anonymous callers
         return who.name, who.scope
 
     def _channel(self, request: Request) -> Channel:
@@ -347,14 +346,12 @@ class ChannelService:
         return JSONResponse([w.url for w in ch.watches.values()])
 
     async def subscribe(self, request: Request) -> Response:
-        body = await request.body()  # first: the channel is looked up after the last await
+        body = await _body(request)  # first: the channel is looked up after the last await
         ch = self._channel(request)
         kind = request.path_params["type"]
         if kind != "inotify":
             raise ChannelError(400, f"unknown event type {kind[:40]!r}: this relay has "
                                     "'inotify'")
-        if len(body) > MAX_BODY:
-            raise ChannelError(413, f"the selector is larger than {MAX_BODY} bytes")
         w, new = self.registry.subscribe(ch, parse_selector(body))
         await self._save(ch)
         if not new:
@@ -438,10 +435,15 @@ class ChannelService:
             yield b"".join(sse.render(data, event="inotify", id=i) for i, data in rows), after
 
 
-async def _json_body(request: Request, required: bool = True) -> Any:
+async def _body(request: Request) -> bytes:
     body = await request.body()
     if len(body) > MAX_BODY:
         raise ChannelError(413, f"the request body is larger than {MAX_BODY} bytes")
+    return body
+
+
+async def _json_body(request: Request, required: bool = True) -> Any:
+    body = await _body(request)
     if not body.strip():
         if required:
             raise ChannelError(400, "this request needs a JSON body")

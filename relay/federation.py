@@ -30,6 +30,11 @@ PUSHED_KEY = "@{}"  # the pushing relay's stream: relay:<name>:<epoch of its log
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
+class PeerRefused(Exception):
+    """A peer relay answered, but refused the link (a bad token, a bad resume point, …):
+    retrying at once would not help."""
+
+
 class LoopGuard:
     """Drops events that already passed through this relay, and words the error once."""
 

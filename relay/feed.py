@@ -76,12 +76,10 @@ class Feed:
         """(identity name, reading scope) of the caller; raises :class:`AuthError`."""
         if self.auth is None:
             return None, None
-        who = self.auth.identify(bearer(request.headers.get("authorization", ""),
-                                        request.query_params.get("access_token")))
+        who = self.auth.reader(bearer(request.headers.get("authorization", ""),
+                                      request.query_params.get("access_token")))
         if who is None:
             return None, None
-        if who.role != "reader":
-            raise AuthError(f"token {who.name!r} is an {who.role} token: it cannot read", 403)
         wanted = set(request.query_params.getlist("site"))
         allowed = who.scope.sites
         if wanted and allowed is not None and not wanted <= allowed:

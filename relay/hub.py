@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+from storage_events import sse
+
 from .filters import Filter
 from .log import Record
 
@@ -115,4 +117,4 @@ class Hub:
 
     def close(self) -> None:
         for sub in self._subs:
-            sub.close(b"event: shutdown\ndata: {}\n\n")
+            sub.close(sse.render(b"{}", event="shutdown"))

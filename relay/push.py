@@ -24,7 +24,7 @@ from storage_events.wire import (
 )
 
 from .config import PushConfig
-from .federation import lost
+from .federation import PeerRefused, lost
 from .log import EventLog, Record
 
 log = logging.getLogger("storage_events.relay")
@@ -33,10 +33,6 @@ BATCH = 1000
 WINDOW = 20_000  # events sent and not yet acknowledged, at most
 PENDING = 50_000  # records kept from notify() for the next batches; beyond, read the log
 MAX_BACKOFF = 10.0
-
-
-class Refused(Exception):
-    pass
 
 
 class Pusher:
@@ -69,7 +65,7 @@ class Pusher:
                 async with websockets.connect(self.url, ssl=context, max_size=None,
                                               open_timeout=10, compression=None) as ws:
                     await self._push(ws)
-            except Refused as e:
+            except PeerRefused as e:
                 log.error("relay %s refused our push: %s", self.cfg.url, e)
             except (OSError, TimeoutError, websockets.WebSocketException) as e:
                 log.warning("cannot push to %s (%s: %s); retrying in %.0f s", self.cfg.url,
@@ -90,7 +86,7 @@ class Pusher:
                                          stream=stream, token=self.cfg.token)))
         welcome = decode_to_agent(await ws.recv())
         if isinstance(welcome, Error):
-            raise Refused(welcome.message)
+            raise PeerRefused(welcome.message)
         assert isinstance(welcome, Welcome)
         self.position = sent = welcome.acked
         self._pending.clear()
@@ -118,7 +114,7 @@ class Pusher:
             while True:
                 reply = decode_to_agent(await ws.recv())
                 if isinstance(reply, Error):
-                    raise Refused(reply.message)
+                    raise PeerRefused(reply.message)
                 assert isinstance(reply, Ack)
                 self.position = reply.seq
                 self._wake.set()

@@ -11,16 +11,12 @@ import time
 import httpx
 
 from .config import UpstreamConfig
-from .federation import UPSTREAM_KEY, FeedReader, LoopGuard
+from .federation import UPSTREAM_KEY, FeedReader, LoopGuard, PeerRefused
 from .ingest import Ingest, ProtocolError, check_relayed
 
 log = logging.getLogger("storage_events.relay")
 
 MAX_BACKOFF = 10.0
-
-
-class Refused(Exception):
-    """The upstream answered, but not with a feed (bad token, bad resume point, …)."""
 
 
 class Puller:
@@ -48,7 +44,7 @@ class Puller:
                 try:
                     await self._pull(client)
                     backoff = 0.5  # it ended cleanly (the upstream restarts): come back soon
-                except Refused as e:
+                except PeerRefused as e:
                     log.error("upstream %s refused the feed: %s", self.name, e)
                 except (httpx.HTTPError, OSError) as e:
                     log.warning("upstream %s unreachable (%s: %s); retrying in %.0f s",
@@ -66,21 +62,22 @@ class Puller:
     async def _pull(self, client: httpx.AsyncClient) -> None:
         # The checkpoint is per epoch of the upstream's log: if that log was started afresh,
         # its ids start again, and so does the pull (what we hold already is not stored twice).
-        health = await client.get(self.cfg.url.rstrip("/") + "/healthz")
+        base = self.cfg.url.rstrip("/")
+        health = await client.get(base + "/healthz")
         if health.status_code != 200:
-            raise Refused(f"HTTP {health.status_code} from {health.url}")
+            raise PeerRefused(f"HTTP {health.status_code} from {health.url}")
         try:
             epoch = int(health.json().get("epoch", 0))
         except (ValueError, TypeError, AttributeError):
-            raise Refused(f"{health.url} did not answer as a storage-events relay") from None
+            raise PeerRefused(f"{health.url} did not answer as a storage-events relay") from None
         self.key = UPSTREAM_KEY.format(self.name, epoch)
         since = self.checkpoint
-        url = self.cfg.url.rstrip("/") + "/events"
+        url = base + "/events"
         params = {"since": str(since) if since else "earliest"}
         async with client.stream("GET", url, params=params) as r:
             if r.status_code != 200:
                 body = (await r.aread()).decode("utf-8", "replace").strip()[:500]
-                raise Refused(f"HTTP {r.status_code} from {url}: {body}")
+                raise PeerRefused(f"HTTP {r.status_code} from {url}: {body}")
             self.connected = True
             log.info("pulling upstream %s (%s) after its id %d", self.name, url, since)
             reader = FeedReader(self.name)
@@ -90,7 +87,7 @@ class Puller:
                     try:
                         check_relayed(taken.events, 0, None)
                     except ProtocolError as e:
-                        raise Refused(f"it sent an event this relay cannot take: {e}") from None
+                        raise PeerRefused(f"it sent an event this relay cannot take: {e}") from None
                     fresh = self.loops.admit(taken.events)
                     self.ingest.count_loops(self.loops)
                     await self.ingest.store(fresh, (self.key, taken.last_id))
