@@ -54,6 +54,21 @@ class KernelReader:
             chunks, self._chunks, self._buffered = self._chunks, [], 0
         return chunks
 
+    def drain(self) -> list[bytes]:
+        """What was read but not taken, then what the kernel holds right now, in order (the
+        watcher checks a new watch against everything queued up to that moment)."""
+        with self._lock:
+            chunks, self._chunks, self._buffered = self._chunks, [], 0
+            while True:
+                try:
+                    data = os.read(self.fd, _READ_SIZE)
+                except BlockingIOError:
+                    break
+                chunks.append(data)
+                if len(data) < _READ_SIZE - 4096:
+                    break  # the queue was empty
+        return chunks
+
     def _run(self) -> None:
         poller = select.poll()
         poller.register(self.fd, select.POLLIN)
@@ -73,14 +88,16 @@ class KernelReader:
             full_reported = False
             if not poller.poll(100):
                 continue
-            try:
-                data = os.read(self.fd, _READ_SIZE)
-            except BlockingIOError:
-                continue
-            except OSError as e:  # the fd was closed under us: the agent is stopping
-                log.debug("inotify reader stops: %s", e)
-                return
+            # Read and append under the lock: drain() reads the same fd, and the order of the
+            # chunks is the order of the events.
             with self._lock:
+                try:
+                    data = os.read(self.fd, _READ_SIZE)
+                except BlockingIOError:
+                    continue
+                except OSError as e:  # the fd was closed under us: the agent is stopping
+                    log.debug("inotify reader stops: %s", e)
+                    return
                 was_empty = not self._chunks
                 self._chunks.append(data)
                 self._buffered += len(data)

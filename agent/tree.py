@@ -1,21 +1,27 @@
 """The agent's sans-I/O core: kernel inotify events in; changes to publish and watch commands out.
 
-It keeps a model of the watched trees: a node per directory (its watch descriptor, its parent,
-its name) holding its entries, subdirectories as nodes and files as ``(inode, mtime_ns, size)``.
-A path is always computed from a node's current place, so moving a directory with 10,000
-watched descendants is one re-link, and nothing is ever published under a directory's old path.
+It keeps a model of the watched trees: a node per directory (its watch descriptor, its device and
+inode, its parent, its name) holding its entries, subdirectories as nodes and files as
+``(inode, mtime_ns, size)``. A path is always computed from a node's current place, so moving a
+directory with 10,000 watched descendants is one re-link, and nothing is ever published under a
+directory's old path.
 
-The same model is the snapshot a rescan compares against: after a kernel queue overflow, and
-at start-up against the snapshot saved when the agent last stopped, the difference between the
-model and a fresh listing is published as synthetic events, so the subscriber's picture of the
-tree ends up exactly right.
+A directory is identified by what it is, never by a path remembered from before. The kernel's
+queue lags behind the disk: when an event says ``n`` was created in ``X``, ``X`` may have been
+renamed since, and a path built from the model would reach another directory. So the tree only
+asks for watches by node (:class:`WatchDir`); the I/O shell (:mod:`.watcher`) reaches the node's
+parent by its recorded device and inode, opens the child beneath it without following symlinks,
+and hands back what it found (:meth:`Tree.watched`), or defers the command until the queue has
+caught up with the disk.
 
-The I/O shell (:mod:`.watcher`) adds the watches and lists the directories this class asks for
-(:class:`WatchDir`), feeding the results back through :meth:`Tree.watched`.
+The model is also what subscribers were told. A listing is compared with it and only the
+differences are published (new directories, rescans after an overflow, directories that come
+back, restarts against the snapshot of the last run), so replaying the feed reproduces the tree.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,13 +44,20 @@ WATCH_MASK = int(
 )
 # Plain ints: enum arithmetic on the per-event path costs more than the rest of the handling.
 _CREATE, _DELETE, _CLOSE_WRITE = int(Flag.CREATE), int(Flag.DELETE), int(Flag.CLOSE_WRITE)
-_MOVED_FROM, _MOVED_TO = int(Flag.MOVED_FROM), int(Flag.MOVED_TO)
+_MOVED_FROM, _MOVED_TO, _ATTRIB = int(Flag.MOVED_FROM), int(Flag.MOVED_TO), int(Flag.ATTRIB)
 _Q_OVERFLOW, _IGNORED, _ISDIR = int(Flag.Q_OVERFLOW), int(Flag.IGNORED), int(Flag.ISDIR)
-_SELF_EVENTS = int(Flag.DELETE_SELF | Flag.MOVE_SELF | Flag.UNMOUNT)
+_UNMOUNT = int(Flag.UNMOUNT)
+_ROOT_GONE = int(Flag.DELETE_SELF | Flag.MOVE_SELF | Flag.UNMOUNT)
+# Events that change which directory entry a name in a watched directory stands for.
+NAME_EVENTS = _CREATE | _DELETE | _MOVED_FROM | _MOVED_TO
 
-FileStat = tuple[int, int, int]  # inode, mtime_ns, size
-_UNWATCHABLE, _UNREACHED = -1, -2  # wd of a directory in the model that has no watch
-UNKNOWN: FileStat = (0, 0, -1)  # changed since it was last listed; the shell stats it on saving
+# A file: inode, mtime_ns, size. Size -1: changed since it was listed, and mtime is then the
+# wall-clock time the agent read that change (see _changed).
+FileStat = tuple[int, int, int]
+_UNWATCHED = -1  # wd of a directory in the model without a watch (yet, or for good)
+# A change that reached the disk this long before the agent read an event can carry an mtime
+# older than the read: file times come from a clock that ticks in jiffies.
+_CLOCK_SLACK_NS = 50_000_000
 # One listed directory entry: name, is_dir, inode, mtime_ns, size (the last two 0 for dirs).
 Listing = list[tuple[str, bool, int, int, int]]
 
@@ -61,19 +74,13 @@ class Change:
     synthetic: bool = False
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class WatchDir:
-    """Add a watch on ``path`` (local), list it, and report both via :meth:`Tree.watched`
-    (or :meth:`Tree.watch_failed`)."""
+    """Watch the directory ``node`` stands for, where the model has it when the shell gets to
+    it, list it, and report to :meth:`Tree.watched` (or :meth:`Tree.watch_failed`)."""
 
-    path: str
-    announce: bool  # publish what the listing finds (a new directory), or not (start-up)
-    parent: _Dir | None = field(default=None, repr=False)
-    name: str = ""
-    root: _Root | None = field(default=None, repr=False)
-    # What this directory held before, when the listing is to be compared with it (a rescan).
-    old: _Dir | None = field(default=None, repr=False)
-    ino: int = 0  # from the parent's listing; 0 when not known
+    node: _Dir
+    tries: int = field(default=0, compare=False)  # deferrals so far (the shell counts)
 
 
 @dataclass(slots=True)
@@ -81,16 +88,10 @@ class Unwatch:
     wd: int
 
 
-@dataclass(slots=True)
-class RescanDone:
-    """Marks the end of a rescan's commands; the shell hands it back to :meth:`Tree.watched`'s
-    sibling :meth:`Tree.finish_rescan`."""
+Output = Change | WatchDir | Unwatch
 
 
-Output = Change | WatchDir | Unwatch | RescanDone
-
-
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Root:
     local: str
     prefix: str
@@ -98,13 +99,19 @@ class _Root:
     node: _Dir | None = None
     gone: bool = False
 
+    @property
+    def published(self) -> str:
+        return join_path(self.prefix, [])
+
 
 class _Dir:
-    __slots__ = ("cache", "entries", "ino", "name", "parent", "root", "scanned", "wd")
+    __slots__ = ("cache", "dev", "entries", "failed", "ino", "name", "parent", "root", "scanned",
+                 "wd")
 
     def __init__(self, wd: int, ino: int, name: str, parent: _Dir | None,
-                 root: _Root | None) -> None:
-        self.wd = wd  # or _UNWATCHABLE / _UNREACHED
+                 root: _Root | None, dev: int = 0) -> None:
+        self.wd = wd  # or _UNWATCHED
+        self.dev = dev  # 0 with ino 0: not known yet (a directory only seen in an event)
         self.ino = ino
         self.name = name
         self.parent = parent
@@ -116,13 +123,17 @@ class _Dir:
         self.scanned: dict[str, float] | None = None
         # (generation, root, published path + "/", parts): valid while nothing was re-linked.
         self.cache: tuple[int, _Root, str, list[str]] | None = None
+        self.failed: str | None = None  # why it has no watch: "limit", "permission", "alias"
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _PendingMove:
     path: str
     entry: _Dir | FileStat | None
     deadline: float
+    # Events of the moving directory's subtree read between the two halves of its rename: the
+    # kernel can queue another CPU's events there. Handled once the directory has its new place.
+    stash: list[tuple[int, int, int, str]] = field(default_factory=list)
 
 
 _EMPTY: dict[str, Any] = {}
@@ -134,10 +145,12 @@ def _writable(node: _Dir) -> dict[str, _Dir | FileStat]:
     return node.entries
 
 
-def _join(base: str, rel: list[str]) -> str:
+def join_path(base: str, rel: list[str]) -> str:
+    """``base`` and the names under it as one path (``base`` alone: never empty)."""
     if not rel:
         return base or "/"
     return base.rstrip("/") + "/" + "/".join(rel)
+
 
 
 class Tree:
@@ -145,49 +158,71 @@ class Tree:
 
     ``move_window``: how long an ``IN_MOVED_FROM`` waits for its ``IN_MOVED_TO`` before the
     directory counts as moved out of the tree. ``scan_memory``: how long a listed name suppresses
-    a duplicate ``IN_CREATE``.
+    a duplicate ``IN_CREATE``. ``clock_ns``: wall-clock time of the events being handled, set by
+    the shell for each read.
     """
 
     def __init__(self, *, move_window: float = 0.5, scan_memory: float = 5.0) -> None:
         self.move_window = move_window
         self.scan_memory = scan_memory
+        self.clock_ns = 0
         self._wds: dict[int, _Dir] = {}
         self._roots: list[_Root] = []
         self._moves: dict[int, _PendingMove] = {}
+        self._limbo: dict[_Dir, _PendingMove] = {}  # the top of a moving subtree → its move
         self._scanned_nodes: dict[_Dir, float] = {}
-        self._stale: dict[int, _Dir] = {}  # the watches of the model a rescan is replacing
-        self._unreached = 0  # directories whose watch found nothing at their path (so far)
+        self._failed: dict[_Dir, str] = {}  # directories to retry: permission, watch limit
         self._selective = False  # some root leaves names out
         self._gen = 0  # bumped whenever a directory is re-linked or detached: paths change
+        # Files changed at or after this time may have lost a later change in an overflow.
+        self._suspect_ns = 0
+        self._quiet_ns = 0
         self.rescans = 0
 
     @property
     def watch_count(self) -> int:
         return len(self._wds)
 
+    @property
+    def roots(self) -> list[_Root]:
+        return self._roots
+
+    @property
+    def unwatched_count(self) -> int:
+        return len(self._failed)
+
     def add_root(self, local: str, prefix: str | None = None,
-                 previous: dict[str, Any] | None = None,
-                 select: Selector | None = None) -> list[Output]:
+                 previous: dict[str, Any] | list[Any] | None = None,
+                 select: Selector | None = None) -> tuple[_Root, list[Output]]:
         """Watch a root. With ``previous`` (from :meth:`snapshot` of an earlier run), what
-        changed since is published; without, the tree as found is the starting point.
-        ``select``: names to leave out (neither watched nor published)."""
+        changed since is published: the root comes with a :class:`WatchDir` to diff against it.
+        Without, the shell walks the tree (:meth:`attach`) and the tree as found is the starting
+        point. ``select``: names to leave out (neither watched nor published)."""
         root = _Root(local.rstrip("/") or "/", prefix if prefix is not None else local,
                      select if select is not None and select.active else None)
         self._selective = self._selective or root.select is not None
         self._roots.append(root)
-        old = _load(previous, root) if previous is not None else None
-        return [WatchDir(root.local, announce=False, root=root, old=old)]
+        old = _load(previous) if previous is not None else None
+        if old is None:
+            return root, []
+        old.root = root
+        root.node = old
+        return root, [WatchDir(old)]
 
-    # -- feedback from the shell ---------------------------------------------------------------
+    # -- start-up, where nothing is published ---------------------------------------------------
 
-    def attach(self, wd: int, parent: _Dir | None, name: str, ino: int,
+    def attach(self, wd: int, parent: _Dir | None, name: str, ino: int, dev: int,
                root: _Root | None) -> _Dir | None:
-        """Start-up, where nothing is published: the shell walks the tree itself (the cheapest
-        loop for 100,000 directories) and records each watch and file here. None: that
-        directory is watched already (reachable twice, through a bind mount)."""
+        """The shell walks the tree itself at start-up (the cheapest loop for 100,000
+        directories) and records each watch and file here. None: that directory is watched
+        already at another place (a bind mount): it is recorded there unwatched."""
         if wd in self._wds:
+            if parent is not None:
+                alias = _Dir(_UNWATCHED, ino, name, parent, None, dev)
+                alias.failed = "alias"
+                _writable(parent)[name] = alias
             return None
-        node = _Dir(wd, ino, name, parent, root)
+        node = _Dir(wd, ino, name, parent, root, dev)
         self._wds[wd] = node
         if parent is not None:
             _writable(parent)[name] = node
@@ -199,98 +234,119 @@ class Tree:
     def attach_file(node: _Dir, name: str, stat: FileStat) -> None:
         _writable(node)[name] = stat
 
-    def watched(self, wd: int, cmd: WatchDir, entries: Listing, now: float) -> list[Output]:
-        """The watch asked for by ``cmd`` landed as ``wd``; ``entries`` were listed after the
-        watch was in place."""
-        existing = self._wds.get(wd)
-        if existing is not None:
-            if self._local(existing) == cmd.path:
-                return []  # already watched right here (a listing got to it first)
-            return self._moved_here(existing, cmd)
-        node = _Dir(wd, cmd.ino, cmd.name, None, cmd.root)
-        self._wds[wd] = node
-        self._place(node, cmd)
-        return self._listed(node, cmd, entries, now)
+    def attach_failed(self, parent: _Dir | None, name: str, ino: int, dev: int,
+                      root: _Root | None, reason: str) -> _Dir:
+        """A directory found at start-up that could not be watched: in the model, unwatched,
+        retried later (:meth:`retry`). Loss notices are the shell's to publish here."""
+        node = _Dir(_UNWATCHED, ino, name, parent, root, dev)
+        node.failed = reason
+        self._failed[node] = reason
+        if parent is not None:
+            _writable(parent)[name] = node
+        elif root is not None:
+            root.node = node
+        return node
 
-    def _moved_here(self, node: _Dir, cmd: WatchDir) -> list[Output]:
-        """A directory we watch turned up at ``cmd.path``: it was moved, and the events of the
-        move are still queued, or were never made (its new parent had no watch yet). Re-link it
-        here, and announce what it holds under its new path."""
-        for move in self._moves.values():
-            if move.entry is node:
-                move.entry = None  # it is in the tree after all: never drop its watches
-        if cmd.parent is None:
-            return []
-        self._link(node, cmd.parent, cmd.name)
-        if not cmd.announce:
-            return []
+    # -- what the shell found --------------------------------------------------------------------
+
+    def place(self, node: _Dir) -> tuple[_Root, list[str]] | None:
+        """Where ``node`` is in the model now: its root and the names leading to it; None once
+        it is no longer in the tree."""
+        return self._parts(node)
+
+    def node_of(self, wd: int) -> _Dir | None:
+        return self._wds.get(wd)
+
+    def in_limbo(self, node: _Dir) -> bool:
+        """Inside a directory between the two halves of a rename (its place is coming)."""
+        while node.parent is not None:
+            node = node.parent
+        return node in self._limbo
+
+    def settled(self, node: _Dir) -> bool:
+        """Nothing more to do for ``node``: it is gone from the tree for good."""
+        return self._parts(node) is None and not self.in_limbo(node)
+
+    def watched(self, node: _Dir, wd: int, dev: int, ino: int, entries: Listing,
+                now: float) -> list[Output]:
+        """The directory ``node`` stands for is watched as ``wd`` and held ``entries`` just
+        after the watch was added. Publishes how that differs from what subscribers know."""
         out: list[Output] = []
-        stack = [(node, self._published(cmd.parent, cmd.name) or "")]
-        while stack:
-            n, path = stack.pop()
-            for name, e in n.entries.items():
-                child = _join(path, [name])
-                out.append(Change(child, _CREATE, isinstance(e, _Dir), synthetic=True))
-                if isinstance(e, _Dir):
-                    stack.append((e, child))
+        if node.wd >= 0 and node.wd != wd and self._wds.get(node.wd) is node:
+            del self._wds[node.wd]  # another directory at this place now (a mount, say)
+            out.append(Unwatch(node.wd))
+        node.wd, node.dev, node.ino = wd, dev, ino
+        self._wds[wd] = node
+        if node.failed is not None:
+            node.failed = None
+            self._failed.pop(node, None)
+        out.extend(self._diff(node, entries, now))
         return out
 
-    def watch_failed(self, cmd: WatchDir, *, reached: bool) -> None:
-        """The watch could not be added. ``reached``: the directory is there but cannot be
-        watched (the shell logged why); else nothing was at ``cmd.path``, either because the
-        directory is gone (its removal is queued) or because a directory above it was renamed
-        (that rename, when handled, retries the watch). Either way it stays in the model,
-        unwatched, so its parent's events and later rescans make sense."""
-        node = _Dir(_UNWATCHABLE if reached else _UNREACHED, cmd.ino, cmd.name, None, cmd.root)
-        if cmd.old is not None:
-            node.entries = cmd.old.entries  # what the subscriber was told it holds
-        self._place(node, cmd)
-        if not reached:
-            self._unreached += 1
-
-    def _place(self, node: _Dir, cmd: WatchDir) -> None:
-        if cmd.parent is not None:
-            self._link(node, cmd.parent, cmd.name)
-        elif cmd.root is not None:
-            cmd.root.node = node
-
-    def _listed(self, node: _Dir, cmd: WatchDir, entries: Listing, now: float) -> list[Output]:
+    def _diff(self, node: _Dir, entries: Listing, now: float) -> list[Output]:
+        """Publish how a fresh listing of ``node`` differs from what subscribers know of it,
+        and make the model hold the listing."""
         out: list[Output] = []
-        base = cmd.path.rstrip("/") + "/"
         found = self._parts(node)
         if found is None:
             return out
-        select, parts = found[0].select, found[1]
-        pub = _join(found[0].prefix, parts)
-        old = dict(cmd.old.entries) if cmd.old is not None else None
+        root, parts = found
+        select, pub = root.select, join_path(root.prefix, parts)
+        old = node.entries
+        mine: dict[str, _Dir | FileStat] = {}
         announced: list[str] = []
-        mine = _writable(node)
-        for name, is_dir, ino, mtime, size in entries:
+        for name, is_dir, eino, mtime, size in entries:
             if select is not None and select.excluded(parts, name, is_dir):
                 continue
-            prev = old.pop(name, None) if old is not None else None
-            path = _join(pub, [name])
-            new = cmd.announce or (old is not None and prev is None)
-            if prev is not None and _replaced(prev, is_dir, ino):
+            path = join_path(pub, [name])
+            prev = old.get(name)
+            if prev is not None and _replaced(prev, is_dir, eino):
                 out.extend(self._vanished(prev, path))  # another file or directory now
-                prev, new = None, True
-            if new:
-                out.append(Change(path, _CREATE, is_dir, synthetic=True))
-                announced.append(name)
+                prev = None
+            if isinstance(prev, _Dir):
+                mine[name] = prev
+                out.append(WatchDir(prev))  # listed again too: it may have changed as well
+                continue
+            stat = (eino, mtime, size)
+            if prev is not None:
+                mine[name] = stat
+                if _changed(prev, stat, self._suspect_ns):
+                    out.append(Change(path, _CLOSE_WRITE, False, synthetic=True))
+                continue
+            moved = self._scan_paired(name, is_dir, eino)
+            if moved is not None:
+                cookie, move = moved
+                out.append(Change(path, _MOVED_TO, is_dir, cookie=cookie, old_path=move.path,
+                                  synthetic=True))
+                entry = move.entry
+                if isinstance(entry, _Dir):
+                    self._limbo.pop(entry, None)
+                    entry.parent, entry.name = node, name
+                    self._gen += 1
+                    mine[name] = entry
+                    node.entries = mine  # the stashed events below need it in place
+                    out.extend(self._replay(move, now))
+                    if entry.wd < 0:
+                        out.append(WatchDir(entry))
+                else:
+                    mine[name] = stat
+                continue
+            out.append(Change(path, _CREATE, is_dir, synthetic=True))
+            announced.append(name)
             if is_dir:
                 # In the model at once: it was published, so even if it is gone before its
                 # watch lands, a later rescan must know to report it removed.
-                mine[name] = _Dir(_UNWATCHABLE, ino, name, node, None)
-                out.append(WatchDir(base + name, new, node, name,
-                                    old=prev if isinstance(prev, _Dir) else None, ino=ino))
+                child = _Dir(_UNWATCHED, eino, name, node, None)
+                mine[name] = child
+                out.append(WatchDir(child))
             else:
-                stat = (ino, mtime, size)
                 mine[name] = stat
-                if prev is not None and prev != stat:
-                    out.append(Change(path, _CLOSE_WRITE, False, synthetic=True))
-        if old:
-            for name, prev in old.items():
-                out.extend(self._vanished(prev, _join(pub, [name])))
+        node.entries = mine or _EMPTY
+        for name, prev in old.items():
+            if name not in mine:
+                out.extend(self._vanished(prev, join_path(pub, [name])))
+                if isinstance(prev, _Dir):
+                    out.extend(Unwatch(w) for w in self._drop_subtree(prev))
         if announced:
             until = now + self.scan_memory
             scanned = node.scanned if node.scanned is not None else {}
@@ -299,133 +355,246 @@ class Tree:
             self._scanned_nodes[node] = until
         return out
 
-    def _vanished(self, entry: _Dir | FileStat, path: str) -> Iterator[Change]:
-        """Synthetic deletes for an entry that is gone: contents first, as the kernel does."""
-        if isinstance(entry, _Dir):
-            for name, child in entry.entries.items():
-                yield from self._vanished(child, _join(path, [name]))
-            yield Change(path, _DELETE, True, synthetic=True)
-        else:
-            yield Change(path, _DELETE, False, synthetic=True)
+    def watch_failed(self, node: _Dir, reason: str, entries: Listing | None = None,
+                     now: float = 0.0, dev: int = 0, ino: int = 0) -> list[Output]:
+        """``node`` cannot be watched (``reason``: "permission" or "limit"); it stays in the
+        model, unwatched, and is retried (:meth:`retry`). Subscribers get a loss notice for it.
+        ``entries``: its listing, when it could be read nonetheless; what it holds is then
+        published and kept as for a watched directory, so the retry publishes the difference."""
+        first = node.failed is None
+        node.failed = reason
+        self._failed[node] = reason
+        if node.wd >= 0 and self._wds.get(node.wd) is node:
+            del self._wds[node.wd]
+        node.wd = _UNWATCHED
+        if ino:
+            node.dev, node.ino = dev, ino
+        found = self._parts(node)
+        if found is None:
+            return []
+        out: list[Output] = []
+        if first and (node.parent is None or node.parent.failed is None):
+            out.append(Change(join_path(found[0].prefix, found[1]), _Q_OVERFLOW, True))
+        if entries is not None:
+            out.extend(self._diff(node, entries, now))
+        return out
+
+    def alias(self, node: _Dir) -> None:
+        """``node``'s directory is watched at another place already (a bind mount): one inotify
+        watch serves one place, so this one is published as a directory, unwatched."""
+        node.failed = "alias"
+        self._failed.pop(node, None)
+
+    def take_over(self, old: _Dir, node: _Dir) -> list[Output]:
+        """A directory moved out of the tree came back (another rename) before its move
+        expired: what it held then is stale. Forget the old node; the fresh listing of ``node``
+        announces what it holds now."""
+        move = self._limbo.pop(self._top(old), None)
+        if move is not None:
+            move.entry = None
+            move.stash.clear()
+        keep = old.wd
+        wds = [w for w in self._drop_subtree(old) if w != keep]
+        return [Unwatch(w) for w in wds]
 
     # -- kernel events ---------------------------------------------------------------------------
 
     def handle(self, wd: int, mask: int, cookie: int, name: str, now: float) -> list[Output]:
         if mask & _Q_OVERFLOW:
-            out: list[Output] = [Change(r.prefix, _Q_OVERFLOW, True) for r in self._roots
+            out: list[Output] = [Change(r.published, _Q_OVERFLOW, True) for r in self._roots
                                  if not r.gone]
             return out + self.rescan()
         node = self._wds.get(wd)
         if node is None:
             return []  # late event of a watch we already dropped
-        if mask & _IGNORED:
-            self._forget(node)
-            return []
         is_dir = bool(mask & _ISDIR)
         kind = mask & ~_ISDIR
         if not name:
-            # About the watched directory itself: its parent reports it, unless it is a root.
-            if node.root is not None and kind & _SELF_EVENTS:
-                return self._root_gone(node.root, kind & _SELF_EVENTS)
-            return []
+            return self._about_itself(node, kind)
         cached = node.cache
         if cached is None or cached[0] != self._gen:
             cached = self._locate(node)
             if cached is None:
-                return []  # inside a directory that is no longer in the tree
+                move = self._limbo.get(self._top(node))
+                if move is not None:
+                    move.stash.append((wd, mask, cookie, name))
+                return []  # else: inside a directory that is no longer in the tree
         _, root, base, parts = cached
         if root.select is not None and root.select.excluded(parts, name, is_dir):
             return []
         path = base + name
-        entries = _writable(node)
+        entries = node.entries
         if kind & _CREATE:
             if node.scanned is not None and self._take_scanned(node, name, now):
                 return []
+            prev = entries.get(name)
+            if prev is not None and isinstance(prev, _Dir) == is_dir:
+                # Known already (listed before this event was read): the same entry.
+                if is_dir:
+                    return [Change(path, _CREATE, True), WatchDir(prev)]
+                entries[name] = (0, self.clock_ns, -1)
+                return [Change(path, _CREATE, False)]
+            out = list(self._vanished(prev, path)) if prev is not None else []
+            out.append(Change(path, _CREATE, is_dir))
             if is_dir:
-                return [Change(path, _CREATE, True), self._watch_child(node, name)]
-            entries[name] = UNKNOWN
-            return [Change(path, _CREATE, False)]
+                child = _Dir(_UNWATCHED, 0, name, node, None)
+                if isinstance(prev, _Dir):
+                    out.extend(Unwatch(w) for w in self._drop_subtree(prev))
+                _writable(node)[name] = child
+                out.append(WatchDir(child))
+            else:
+                _writable(node)[name] = (0, self.clock_ns, -1)
+            return out
+        if kind & _MOVED_TO:
+            return self._moved_to(node, name, path, is_dir, cookie, now)
         if node.scanned is not None:
             node.scanned.pop(name, None)
+        entry = entries.get(name)
         if kind & _MOVED_FROM:
-            entry = entries.pop(name, None)
+            if entry is not None:
+                del entries[name]
+            move = _PendingMove(path, entry, now + self.move_window)
+            self._moves[cookie] = move
             if isinstance(entry, _Dir):
                 entry.parent = None  # in limbo until its IN_MOVED_TO, or out of the tree
+                self._limbo[entry] = move
                 self._gen += 1
-            self._moves[cookie] = _PendingMove(path, entry, now + self.move_window)
+            if entry is None:
+                return []  # never published: nothing for subscribers to move
             return [Change(path, _MOVED_FROM, is_dir, cookie=cookie)]
-        if kind & _MOVED_TO:
-            pending = self._moves.pop(cookie, None)
-            out = [Change(path, _MOVED_TO, is_dir, cookie=cookie,
-                          old_path=pending.path if pending else None)]
-            moved = pending.entry if pending is not None else None
-            if isinstance(moved, _Dir):
-                self._link(moved, node, name)
-                if self._unreached:
-                    out.extend(self._retry_unreached(moved))
-            elif is_dir:
-                here = entries.get(name)
-                if not (isinstance(here, _Dir) and here.wd >= 0):
-                    out.append(self._watch_child(node, name))  # moved in from outside: list it
-                # else: a listing that ran after the move already watched and announced it
-            else:
-                entries[name] = moved if moved is not None else UNKNOWN
-            return out
+        if entry is None:
+            # Never published (removed before a listing saw it, or seen twice): subscribers do
+            # not hold it, and an event for it would name a path the feed never created.
+            return []
         if kind & _DELETE:
-            entry = entries.pop(name, None)
+            del entries[name]
             if isinstance(entry, _Dir):
                 entry.parent = None
                 self._gen += 1
-        elif not is_dir:  # CLOSE_WRITE, ATTRIB: contents or metadata changed
-            entries[name] = UNKNOWN
+                self._failed.pop(entry, None)
+        elif isinstance(entry, _Dir):
+            # ATTRIB of a subdirectory: a chmod may have made one we could not read readable.
+            if entry.failed == "permission":
+                return [Change(path, kind, True), WatchDir(entry)]
+        else:  # CLOSE_WRITE, ATTRIB: contents or metadata changed
+            entries[name] = (entry[0], self.clock_ns, -1)
         return [Change(path, kind, is_dir, cookie=cookie or None)]
 
-    def _retry_unreached(self, top: _Dir) -> list[Output]:
-        """A directory was renamed: its descendants that could not be reached under their old
-        path can be now."""
+    def _moved_to(self, node: _Dir, name: str, path: str, is_dir: bool, cookie: int,
+                  now: float) -> list[Output]:
+        pending = self._moves.pop(cookie, None)
+        entries = _writable(node)
+        here = entries.get(name)
+        if pending is None and node.scanned is not None and self._take_scanned(node, name, now):
+            return []  # a listing after the rename announced it already
         out: list[Output] = []
-        stack = [top]
-        while stack:
-            n = stack.pop()
-            if n.wd != _UNREACHED:
-                stack.extend(e for e in n.entries.values() if isinstance(e, _Dir))
-            elif n.parent is not None:
-                self._unreached -= 1
-                out.append(WatchDir(_join(self._local(n.parent) or "", [n.name]), False,
-                                    n.parent, n.name, old=n, ino=n.ino))
+        if here is not None:
+            # A rename over an existing entry replaces it: say so, as the kernel does not.
+            out.extend(self._vanished(here, path))
+            if isinstance(here, _Dir):
+                out.extend(Unwatch(w) for w in self._drop_subtree(here))
+        if node.scanned is not None:
+            node.scanned.pop(name, None)
+        moved = pending.entry if pending is not None else None
+        known = pending is not None and moved is not None
+        out.append(Change(path, _MOVED_TO, is_dir, cookie=cookie,
+                          old_path=pending.path if known and pending else None))
+        if isinstance(moved, _Dir) and pending is not None:
+            self._limbo.pop(moved, None)
+            moved.parent, moved.name = node, name
+            self._gen += 1
+            entries[name] = moved
+            out.extend(self._replay(pending, now))
+            if moved.wd < 0 and moved.failed is None:
+                out.append(WatchDir(moved))
+        elif is_dir:
+            child = _Dir(_UNWATCHED, 0, name, node, None)  # moved in from outside: list it
+            entries[name] = child
+            out.append(WatchDir(child))
+        else:
+            entries[name] = moved if isinstance(moved, tuple) else (0, self.clock_ns, -1)
         return out
+
+    def _about_itself(self, node: _Dir, kind: int) -> list[Output]:
+        """An event with no name: about the watched directory itself. Its parent reports a
+        deletion or a move, unless it is a root; what needs doing is a watch that ended."""
+        if node.root is not None and kind & _ROOT_GONE:
+            return self._root_gone(node.root, kind & _ROOT_GONE)
+        if kind & (_UNMOUNT | _IGNORED):
+            if self._wds.get(node.wd) is node:
+                del self._wds[node.wd]
+            node.wd = _UNWATCHED
+            self._gen += 1
+            if self._parts(node) is not None:
+                # Still in the tree: a file system was unmounted from it, or its watch ended
+                # some other way. What is there now is listed and compared.
+                return [WatchDir(node)]
+            self._forget(node)
+        return []
+
+    def _replay(self, move: _PendingMove, now: float) -> list[Output]:
+        out: list[Output] = []
+        stash, move.stash = move.stash, []
+        for wd, mask, cookie, name in stash:
+            out.extend(self.handle(wd, mask, cookie, name, now))
+        return out
+
+    def _scan_paired(self, name: str, is_dir: bool, ino: int) -> tuple[int, _PendingMove] | None:
+        """The pending ``IN_MOVED_FROM`` whose target a listing found (the kernel reports no
+        ``IN_MOVED_TO`` into a directory it did not watch yet), so the pair stays a pair."""
+        for cookie, move in self._moves.items():
+            entry = move.entry
+            if is_dir:
+                if isinstance(entry, _Dir) and entry.ino and entry.ino == ino:
+                    del self._moves[cookie]
+                    return cookie, move
+            elif isinstance(entry, tuple) and (
+                    entry[0] == ino or (entry[0] == 0 and move.path.rsplit("/", 1)[-1] == name)):
+                del self._moves[cookie]
+                return cookie, move
+        return None
 
     def _root_gone(self, root: _Root, kind: int) -> list[Output]:
         """The root itself was deleted, moved or unmounted: say so and stop watching it (its
-        events would otherwise come under a path that no longer holds them)."""
-        out: list[Output] = [Change(root.prefix, kind, True)]
+        events would otherwise come under a path that no longer holds them). The shell watches
+        it again when a directory is there again (:meth:`root_back`)."""
+        out: list[Output] = [Change(root.published, kind, True)]
         root.gone = True
         if root.node is not None:
             out.extend(Unwatch(wd) for wd in self._drop_subtree(root.node))
             root.node = None
         return out
 
+    def root_gone(self, root: _Root) -> list[Output]:
+        """The shell found no directory, or another one, where the root should be."""
+        return self._root_gone(root, int(Flag.DELETE_SELF)) if not root.gone else []
+
+    def root_back(self, root: _Root) -> list[Output]:
+        """A directory is at a gone root's path again: announce it, then what it holds."""
+        root.gone = False
+        node = _Dir(_UNWATCHED, 0, "", None, root)
+        root.node = node
+        self._gen += 1
+        return [Change(root.published, _CREATE, True, synthetic=True), WatchDir(node)]
+
     def rescan(self) -> list[Output]:
         """Compare the model with the trees as they are now (after an overflow lost events):
         the shell re-lists everything and what differs is published."""
         self.rescans += 1
-        self._moves.clear()  # halves whose partners were lost are resolved by the listing
-        self._stale = {**self._stale, **self._wds}
-        self._wds = {}
-        out: list[Output] = []
+        self._suspect_ns = self._quiet_ns
+        for move in self._moves.values():
+            # Halves whose partners were lost are resolved by the listing; what was in limbo
+            # is out of the tree.
+            if isinstance(move.entry, _Dir):
+                self._limbo.pop(move.entry, None)
+        self._moves.clear()
         self._gen += 1
-        for root in self._roots:
-            if root.gone:
-                continue
-            old, root.node = root.node, None
-            out.append(WatchDir(root.local, announce=False, root=root, old=old))
-        out.append(RescanDone())
-        return out
+        return [WatchDir(r.node) for r in self._roots if r.node is not None and not r.gone]
 
-    def finish_rescan(self) -> list[Output]:
-        stale = [wd for wd in self._stale if wd not in self._wds]
-        self._stale = {}
-        return [Unwatch(wd) for wd in stale]
+    def mark_quiet(self, clock_ns: int) -> None:
+        """The kernel queue was empty at ``clock_ns``: a later overflow can only have lost
+        changes made after it."""
+        self._quiet_ns = clock_ns
 
     def expire(self, now: float) -> list[Output]:
         """Resolve what has waited long enough: unpaired moves and old scan memories."""
@@ -434,6 +603,7 @@ class Tree:
             if move.deadline <= now:
                 del self._moves[cookie]
                 if isinstance(move.entry, _Dir):
+                    self._limbo.pop(move.entry, None)
                     out.extend(Unwatch(wd) for wd in self._drop_subtree(move.entry))
         for node, until in list(self._scanned_nodes.items()):
             if until <= now:
@@ -441,68 +611,80 @@ class Tree:
                 del self._scanned_nodes[node]
         return out
 
+    def retry(self) -> list[Output]:
+        """Try again the directories that could not be watched (permission, watch limit)."""
+        return [WatchDir(n) for n in list(self._failed) if self._parts(n) is not None]
+
+    def find(self, root: _Root, parts: list[str]) -> _Dir | None:
+        """The directory node at ``parts`` under ``root``, if the model has one there."""
+        node = root.node
+        for part in parts:
+            if node is None:
+                return None
+            entry = node.entries.get(part)
+            node = entry if isinstance(entry, _Dir) else None
+        return node
+
     # -- the snapshot --------------------------------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
         """The model as plain data, per root local path: a directory is ``[inode, {name:
-        entry}]``, a file ``[inode, mtime_ns, size]`` (``UNKNOWN`` where it changed since it was
-        listed: see :meth:`unknown_files`)."""
+        entry}]``, a file ``[inode, mtime_ns, size]``. Names are ``str``, or ``bytes`` when
+        they are not valid UTF-8 (msgpack strings must be). Resolve :meth:`unknown_files`
+        first."""
         return {r.local: _dump(r.node) for r in self._roots if r.node is not None}
 
-    def unknown_files(self) -> Iterator[tuple[str, _Dir, str]]:
-        """(local path, directory, name) of every file whose stat the model does not know."""
+    def unknown_files(self) -> Iterator[tuple[_Dir, list[str], str]]:
+        """(directory, its names under the root, name) of every file whose stat the model does
+        not know (changed since it was listed)."""
         for root in self._roots:
             if root.node is None:
                 continue
-            stack = [(root.node, root.local)]
+            stack: list[tuple[_Dir, list[str]]] = [(root.node, [])]
             while stack:
-                node, path = stack.pop()
+                node, parts = stack.pop()
                 for name, entry in node.entries.items():
                     if isinstance(entry, _Dir):
-                        stack.append((entry, _join(path, [name])))
-                    elif entry == UNKNOWN:
-                        yield _join(path, [name]), node, name
+                        stack.append((entry, [*parts, name]))
+                    elif entry[2] == -1:
+                        yield node, parts, name
 
     @staticmethod
     def set_stat(node: _Dir, name: str, stat: FileStat | None) -> None:
         if stat is None:
-            node.entries.pop(name, None)
+            if name in node.entries:
+                del node.entries[name]
         elif name in node.entries:
             _writable(node)[name] = stat
 
     # -- internals -------------------------------------------------------------------------------
 
-    def _watch_child(self, node: _Dir, name: str) -> WatchDir:
-        # Published as existing, so in the model from now on, even if it is gone before its
-        # watch can be added: a later rescan must see it to report it removed.
-        _writable(node)[name] = _Dir(_UNWATCHABLE, 0, name, node, None)
-        return WatchDir(_join(self._local(node) or "", [name]), True, node, name)
+    def _vanished(self, entry: _Dir | FileStat, path: str) -> Iterator[Change]:
+        """Synthetic deletes for an entry that is gone: contents first, as the kernel does."""
+        if isinstance(entry, _Dir):
+            for name, child in entry.entries.items():
+                yield from self._vanished(child, join_path(path, [name]))
+            yield Change(path, _DELETE, True, synthetic=True)
+        else:
+            yield Change(path, _DELETE, False, synthetic=True)
 
     def _take_scanned(self, node: _Dir, name: str, now: float) -> bool:
         assert node.scanned is not None
         until = node.scanned.pop(name, None)
         return until is not None and until >= now
 
-    def _link(self, node: _Dir, parent: _Dir, name: str) -> None:
-        """Put ``node`` at ``parent/name``. Cached paths only go stale when a directory that
-        was somewhere moves, or a watched one is displaced: not when a new one is added."""
-        if node.parent is not None:
-            self._gen += 1
-            if node.parent.entries.get(node.name) is node:
-                del node.parent.entries[node.name]
-        here = parent.entries.get(name)
-        if isinstance(here, _Dir) and here is not node:
-            here.parent = None  # a placeholder, or a directory that was replaced
-            if here.wd >= 0:
-                self._gen += 1
-        node.parent, node.name = parent, name
-        _writable(parent)[name] = node
+    @staticmethod
+    def _top(node: _Dir) -> _Dir:
+        while node.parent is not None:
+            node = node.parent
+        return node
 
     def _forget(self, node: _Dir) -> None:
         self._gen += 1
-        if self._wds.get(node.wd) is node:
+        if node.wd >= 0 and self._wds.get(node.wd) is node:
             del self._wds[node.wd]
         self._scanned_nodes.pop(node, None)
+        self._failed.pop(node, None)
         parent = node.parent
         if parent is not None and parent.entries.get(node.name) is node:
             del parent.entries[node.name]
@@ -523,7 +705,7 @@ class Tree:
         if found is None:
             return None
         root, parts = found
-        node.cache = (self._gen, root, _join(root.prefix, parts).rstrip("/") + "/", parts)
+        node.cache = (self._gen, root, join_path(root.prefix, parts).rstrip("/") + "/", parts)
         return node.cache
 
     def _parts(self, node: _Dir) -> tuple[_Root, list[str]] | None:
@@ -532,44 +714,59 @@ class Tree:
             parts.append(node.name)
             node = node.parent
         root = node.root
-        if root is None or root.node is not node:
+        if root is None or root.node is not node or root.gone:
             return None
         parts.reverse()
         return root, parts
 
-    def _local(self, node: _Dir) -> str | None:
-        found = self._parts(node)
-        return None if found is None else _join(found[0].local, found[1])
-
-    def _published(self, node: _Dir, name: str) -> str | None:
-        found = self._parts(node)
-        return None if found is None else _join(found[0].prefix, [*found[1], name])
-
 
 def _replaced(prev: _Dir | FileStat, is_dir: bool, ino: int) -> bool:
     if isinstance(prev, _Dir):
-        return not is_dir or bool(prev.ino and ino and prev.ino != ino)
-    return is_dir or (prev[0] != 0 and prev[0] != ino)  # 0: changed since listed, same file
+        # Not by inode: a mount point lists as the inode it covers. Whether the directory at
+        # this place is still the one watched is checked when it is listed itself.
+        return not is_dir
+    return is_dir or (prev[0] != 0 and prev[0] != ino)  # 0: created by an event, same file
+
+
+def _changed(prev: FileStat, now: FileStat, suspect_ns: int) -> bool:
+    """Did a file change after subscribers last heard of it? ``prev`` with size -1 was last
+    published by an event read at time ``prev[1]``: it changed again if it was written after
+    that, or if that read came after the last moment the kernel queue was known empty before an
+    overflow (``suspect_ns``): then a later change may be among the lost events."""
+    if prev[2] == -1:
+        return prev[1] >= suspect_ns or now[1] > prev[1] - _CLOCK_SLACK_NS
+    return prev != now
+
+
+def _key(name: str) -> str | bytes:
+    if name.isascii():
+        return name
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return os.fsencode(name)
+    return name
 
 
 def _dump(node: _Dir) -> list[Any]:
-    return [node.ino, {name: _dump(e) if isinstance(e, _Dir) else list(e)
+    return [node.ino, {_key(name): _dump(e) if isinstance(e, _Dir) else list(e)
                        for name, e in node.entries.items()}]
 
 
-def _load(data: Any, root: _Root) -> _Dir | None:
-    """A snapshot's directory back into (unwatched, detached) nodes to compare against."""
+def _load(data: Any) -> _Dir | None:
+    """A snapshot's directory back into unwatched nodes to compare a listing against."""
     if not (isinstance(data, list) and len(data) == 2 and isinstance(data[1], dict)):
         return None
 
-    def build(item: list[Any], name: str) -> _Dir:
-        node = _Dir(_UNWATCHABLE, int(item[0]), name, None, None)
+    def build(item: list[Any], name: str, parent: _Dir | None) -> _Dir:
+        node = _Dir(_UNWATCHED, int(item[0]), name, parent, None)
         entries = _writable(node)
-        for child, entry in item[1].items():
+        for key, entry in item[1].items():
+            child = os.fsdecode(key) if isinstance(key, bytes) else str(key)
             if isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], dict):
-                entries[child] = build(entry, child)
+                entries[child] = build(entry, child, node)
             elif isinstance(entry, list) and len(entry) == 3:
                 entries[child] = (int(entry[0]), int(entry[1]), int(entry[2]))
         return node
 
-    return build(data, "")
+    return build(data, "", None)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from storage_events.agent.tree import Change, RescanDone, Tree, Unwatch, WatchDir
+from storage_events.agent.tree import Change, Tree, Unwatch, WatchDir
 from storage_events.wire import Flag
 
 CREATE, DELETE, CLOSE_WRITE = Flag.CREATE, Flag.DELETE, Flag.CLOSE_WRITE
@@ -10,7 +10,8 @@ MOVED_FROM, MOVED_TO, ISDIR = Flag.MOVED_FROM, Flag.MOVED_TO, Flag.ISDIR
 
 
 class FakeKernel:
-    """Hands out watch descriptors and plays the shell's part of the protocol."""
+    """Hands out watch descriptors and plays the shell's part of the protocol: a watch lands on
+    the directory at the node's current place in the model, listed from ``listings``."""
 
     def __init__(self, tree: Tree, listings: dict[str, list[tuple[str, bool]]] | None = None):
         self.tree = tree
@@ -20,6 +21,10 @@ class FakeKernel:
         self.published: list[Change] = []
         self.unwatched: list[int] = []
 
+    def path_of(self, node) -> str:
+        root, parts = self.tree.place(node)
+        return "/".join([root.local.rstrip("/"), *parts]) if parts else root.local
+
     def run(self, outputs, now: float = 0.0) -> None:
         todo = list(outputs)
         while todo:
@@ -27,15 +32,16 @@ class FakeKernel:
             if isinstance(out, Change):
                 self.published.append(out)
             elif isinstance(out, WatchDir):
-                wd = self.wds.setdefault(out.path, self.next_wd)
+                if self.tree.place(out.node) is None:
+                    continue
+                path = self.path_of(out.node)
+                wd = self.wds.setdefault(path, self.next_wd)
                 self.next_wd = max(self.next_wd, wd + 1)
                 listing = [(name, is_dir, 1000 + len(name), 1, 1)
-                           for name, is_dir in self.listings.get(out.path, [])]
-                todo[:0] = self.tree.watched(wd, out, listing, now)
+                           for name, is_dir in self.listings.get(path, [])]
+                todo.extend(self.tree.watched(out.node, wd, 1, 100 + wd, listing, now))
             elif isinstance(out, Unwatch):
                 self.unwatched.append(out.wd)
-            elif isinstance(out, RescanDone):
-                todo.extend(self.tree.finish_rescan())
 
     def event(self, dir_path: str, mask: int, name: str = "", cookie: int = 0, now: float = 0.0):
         self.run(self.tree.handle(self.wds[dir_path], mask, cookie, name, now), now)
@@ -46,10 +52,29 @@ class FakeKernel:
         return out
 
 
+def add_root(k: FakeKernel, local: str, prefix=None, previous=None) -> None:
+    root, cmds = k.tree.add_root(local, prefix, previous)
+    if cmds:
+        k.run(cmds)  # diffed against the snapshot
+        return
+    # A fresh start: the shell walks the tree, publishing nothing.
+    stack = [(local, None, "")]
+    while stack:
+        path, parent, name = stack.pop()
+        wd = k.wds[path] = k.next_wd
+        k.next_wd += 1
+        node = k.tree.attach(wd, parent, name, 100 + wd, 1, root if parent is None else None)
+        for child, is_dir in k.listings.get(path, []):
+            if is_dir:
+                stack.append((f"{path}/{child}", node, child))
+            else:
+                k.tree.attach_file(node, child, (1000 + len(child), 1, 1))
+
+
 def make(listings=None, prefix=None) -> FakeKernel:
     tree = Tree(move_window=0.5, scan_memory=5.0)
     k = FakeKernel(tree, listings)
-    k.run(tree.add_root("/r", prefix))
+    add_root(k, "/r", prefix)
     return k
 
 
@@ -64,11 +89,12 @@ def test_new_directory_is_watched_and_its_early_contents_announced_once():
     k.listings["/r/d"] = [("sub", True), ("early.txt", False)]
     k.listings["/r/d/sub"] = [("deep.txt", False)]
     k.event("/r", CREATE | ISDIR, "d")
+    # Each directory before what it holds.
     assert k.paths() == [
         ("/r/d", "CREATE"),
         ("/r/d/sub", "CREATE"),
-        ("/r/d/sub/deep.txt", "CREATE"),
         ("/r/d/early.txt", "CREATE"),
+        ("/r/d/sub/deep.txt", "CREATE"),
     ]
     # The kernel also reports what was created between add_watch and the listing: not twice.
     k.event("/r/d", CREATE, "early.txt")
@@ -93,7 +119,7 @@ def test_scan_memory_expires():
 
 
 def test_rename_pairs_halves_and_carries_old_path():
-    k = make()
+    k = make({"/r": [("x", False)]})
     k.event("/r", MOVED_FROM, "x", cookie=7)
     k.event("/r", MOVED_TO, "y", cookie=7)
     moved_from, moved_to = k.published
@@ -102,7 +128,7 @@ def test_rename_pairs_halves_and_carries_old_path():
 
 
 def test_directory_move_inside_tree_relinks_the_whole_subtree():
-    k = make({"/r": [("a", True)], "/r/a": [("b", True)], "/r/a/b": []})
+    k = make({"/r": [("a", True)], "/r/a": [("b", True)], "/r/a/b": [("f", False)]})
     b_wd = k.wds["/r/a/b"]
     k.event("/r", MOVED_FROM | ISDIR, "a", cookie=3)
     k.event("/r", MOVED_TO | ISDIR, "z", cookie=3)
@@ -147,9 +173,9 @@ def test_ignored_forgets_the_watch_and_late_events_are_dropped():
 
 def test_overflow_is_announced_for_every_root_and_publish_prefix_applies():
     tree = Tree()
-    k = FakeKernel(tree)
-    k.run(tree.add_root("/local/one", "/pub/one"))
-    k.run(tree.add_root("/local/two"))
+    k = FakeKernel(tree, {"/local/one": [("f", False)]})
+    add_root(k, "/local/one", "/pub/one")
+    add_root(k, "/local/two")
     k.run(tree.handle(-1, Flag.Q_OVERFLOW, 0, "", 0))
     assert k.paths() == [("/pub/one", "Q_OVERFLOW"), ("/local/two", "Q_OVERFLOW")]
     assert tree.rescans == 1
@@ -193,6 +219,102 @@ def test_snapshot_round_trip_publishes_what_changed_while_the_agent_was_down():
     saved = k.tree.snapshot()
     fresh = Tree()
     k2 = FakeKernel(fresh, {"/r": [("a", False), ("d", True), ("c", False)], "/r/d": []})
-    k2.run(fresh.add_root("/r", None, previous=saved["/r"]))
+    add_root(k2, "/r", None, previous=saved["/r"])
     assert sorted(k2.paths()) == [("/r/c", "CREATE"), ("/r/d/b", "DELETE")]
     assert all(c.synthetic for c in k2.published)
+
+
+def test_events_between_the_halves_of_a_directory_rename_land_under_its_new_name():
+    k = make({"/r": [("a", True)], "/r/a": []})
+    a_wd = k.wds["/r/a"]
+    k.event("/r", MOVED_FROM | ISDIR, "a", cookie=5)
+    # Another CPU's event, queued between the two halves.
+    k.run(k.tree.handle(a_wd, CREATE | ISDIR, 0, "sub", 0.0))
+    k.event("/r", MOVED_TO | ISDIR, "b", cookie=5)
+    assert k.paths() == [("/r/a", "MOVED_FROM"), ("/r/b", "MOVED_TO"), ("/r/b/sub", "CREATE")]
+    assert "/r/b/sub" in k.wds  # and it is watched there
+
+
+def test_a_listing_that_finds_a_rename_target_pairs_it():
+    k = make({"/r": [("hello.txt", False)]})
+    k.event("/r", CREATE | ISDIR, "run1")
+    k.listings["/r/run1"] = [("hello.txt", False)]
+    # The rename happened before run1 was watched: the kernel only reports its first half.
+    k.published.clear()
+    k.run(k.tree.handle(k.wds["/r"], MOVED_FROM, 9, "hello.txt", 0.0))
+    k.run(k.tree.handle(k.wds["/r/run1"], CREATE, 0, "x", 0.0))  # run1 watched now
+    node = k.tree.node_of(k.wds["/r/run1"])
+    k.run([WatchDir(node)])
+    pairs = [(c.path, Flag(c.flags).name, c.cookie, c.old_path) for c in k.published
+             if c.flags & MOVED_TO]
+    assert pairs == [("/r/run1/hello.txt", "MOVED_TO", 9, "/r/hello.txt")]
+
+
+def test_a_rename_over_an_existing_entry_deletes_it_first():
+    k = make({"/r": [("a", False), ("b", False), ("dst", True)], "/r/dst": []})
+    k.event("/r", MOVED_FROM, "a", cookie=1)
+    k.event("/r", MOVED_TO, "b", cookie=1)
+    assert k.paths() == [("/r/a", "MOVED_FROM"), ("/r/b", "DELETE"), ("/r/b", "MOVED_TO")]
+    k.listings["/r/dst"] = [("inside", False)]
+    del k.wds["/r/dst"]  # replaced: another directory (inode) at that name
+    k.event("/r", MOVED_TO | ISDIR, "dst", cookie=2)
+    assert k.paths() == [("/r/dst", "DELETE"), ("/r/dst", "MOVED_TO"),
+                         ("/r/dst/inside", "CREATE")]
+
+
+def test_a_directory_moved_out_and_back_is_listed_afresh():
+    k = make({"/r": [("d", True)], "/r/d": [("f1", False)]})
+    k.event("/r", MOVED_FROM | ISDIR, "d", cookie=3)
+    k.listings["/r/d"] = [("f2", False)]  # changed while outside
+    k.event("/r", MOVED_TO | ISDIR, "d", cookie=4)  # another rename brings it back
+    assert k.paths() == [("/r/d", "MOVED_FROM"), ("/r/d", "MOVED_TO"), ("/r/d/f2", "CREATE")]
+    k.run(k.tree.expire(5.0))
+    assert k.tree.watch_count == 2  # the pending move did not take its watch away
+
+
+def test_an_overflow_republishes_only_files_changed_after_the_queue_was_last_empty():
+    k = make({"/r": [("old", False), ("new", False)]})
+    k.tree.clock_ns = 1_000_000_000
+    k.event("/r", CLOSE_WRITE, "old")
+    k.tree.mark_quiet(2_000_000_000)  # the queue was read empty after that
+    k.tree.clock_ns = 3_000_000_000
+    k.event("/r", CLOSE_WRITE, "new")
+    k.paths()
+    # Listed with an mtime before either read: only "new" may have lost a later change.
+    k.run(k.tree.handle(-1, Flag.Q_OVERFLOW, 0, "", 0))
+    assert k.paths() == [("/r", "Q_OVERFLOW"), ("/r/new", "CLOSE_WRITE")]
+
+
+def test_snapshot_keeps_names_that_are_not_utf8_as_bytes():
+    import msgspec
+
+    bad = b"bad\xff\xfe".decode("utf-8", "surrogateescape")
+    k = make({"/r": [(bad, False), ("ok", True)]})
+    data = msgspec.msgpack.decode(msgspec.msgpack.encode(k.tree.snapshot()))
+    assert set(data["/r"][1]) == {b"bad\xff\xfe", "ok"}
+    fresh = FakeKernel(Tree(), {"/r": [(bad, False), ("ok", True)]})
+    add_root(fresh, "/r", None, previous=data["/r"])
+    assert fresh.paths() == []  # the same names: nothing changed
+
+
+def test_a_root_that_comes_back_is_announced_with_what_it_holds():
+    k = make({"/r": [("a", False)]})
+    k.event("/r", Flag.DELETE_SELF)
+    assert k.paths() == [("/r", "DELETE_SELF")]
+    k.listings["/r"] = [("b", False)]
+    del k.wds["/r"]
+    k.run(k.tree.root_back(k.tree.roots[0]))
+    assert k.paths() == [("/r", "CREATE"), ("/r/b", "CREATE")]
+
+
+def test_a_directory_that_cannot_be_watched_is_a_loss_notice_and_retried():
+    k = make({"/r": []})
+    k.event("/r", CREATE | ISDIR, "locked")
+    k.paths()
+    node = k.tree.roots[0].node.entries["locked"]
+    k.run(k.tree.watch_failed(node, "permission"))
+    assert k.paths() == [("/r/locked", "Q_OVERFLOW")]
+    k.listings["/r/locked"] = [("f", False)]
+    k.event("/r", Flag.ATTRIB | ISDIR, "locked")  # chmod: tried again at once
+    assert k.paths() == [("/r/locked", "ATTRIB"), ("/r/locked/f", "CREATE")]
+    assert k.tree.retry() == []
