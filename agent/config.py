@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from typing import Annotated
 
@@ -45,3 +46,11 @@ class AgentConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_batch: PositiveInt = 2000
     # On SIGTERM, how long to wait for the relay to acknowledge what is still queued.
     shutdown_grace: float = 5.0
+    retry_interval: Positive = 30.0  # seconds between retries of directories that could not be
+    # watched (SIGHUP retries at once)
+
+    def __post_init__(self) -> None:
+        if self.spool:
+            # Absolute once and for all: log lines name it, and `check` and `run` started from
+            # different directories must mean the same spool.
+            self.spool = os.path.abspath(self.spool)

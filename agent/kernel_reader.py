@@ -26,7 +26,8 @@ class KernelReader:
         self.fd = fd
         self.notify = notify  # called (from this thread) when data arrives in an empty buffer
         self.max_buffered = max_buffered
-        self._chunks: list[bytes] = []
+        # Raw event bytes, and the times (int, ns) at which the kernel queue was seen empty.
+        self._chunks: list[bytes | int] = []
         self._buffered = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -49,12 +50,12 @@ class KernelReader:
     def resume(self) -> None:
         self._go.set()
 
-    def take(self) -> list[bytes]:
+    def take(self) -> list[bytes | int]:
         with self._lock:
             chunks, self._chunks, self._buffered = self._chunks, [], 0
         return chunks
 
-    def drain(self) -> list[bytes]:
+    def drain(self) -> list[bytes | int]:
         """What was read but not taken, then what the kernel holds right now, in order (the
         watcher checks a new watch against everything queued up to that moment)."""
         with self._lock:
@@ -87,6 +88,13 @@ class KernelReader:
                 continue
             full_reported = False
             if not poller.poll(100):
+                # The kernel queue is empty now: a later overflow can only lose what changes
+                # after this moment. Kept in order with the chunks, as the time in ns.
+                with self._lock:
+                    if self._chunks and type(self._chunks[-1]) is int:
+                        self._chunks[-1] = time.time_ns()
+                    else:
+                        self._chunks.append(time.time_ns())
                 continue
             # Read and append under the lock: drain() reads the same fd, and the order of the
             # chunks is the order of the events.
@@ -98,7 +106,7 @@ class KernelReader:
                 except OSError as e:  # the fd was closed under us: the agent is stopping
                     log.debug("inotify reader stops: %s", e)
                     return
-                was_empty = not self._chunks
+                was_empty = not self._buffered
                 self._chunks.append(data)
                 self._buffered += len(data)
             if was_empty:

@@ -33,6 +33,10 @@ class AgentCollector(Collector):
         yield CounterMetricFamily("storage_events_agent_overflows",
                                   "Kernel queue overflows (each announced and rescanned)",
                                   value=a.watcher.tree.rescans)
+        yield CounterMetricFamily("storage_events_agent_events_refused",
+                                  "Events no relay would accept (e.g. a path over the limit), "
+                                  "published as overflow notices of an ancestor instead",
+                                  value=a.refused)
         yield GaugeMetricFamily("storage_events_agent_watches", "inotify watches held",
                                 value=a.watcher.tree.watch_count)
         yield CounterMetricFamily("storage_events_agent_watch_errors",
@@ -47,9 +51,15 @@ class AgentCollector(Collector):
                                     value=a.spool.size)
             yield GaugeMetricFamily("storage_events_agent_spool_quota_bytes",
                                     "The spool quota", value=a.spool.quota)
+            yield GaugeMetricFamily("storage_events_agent_spool_disk_full",
+                                    "1 while the spool cannot be written (its disk is full)",
+                                    value=float(a.spool.disk_full))
+            yield GaugeMetricFamily("storage_events_agent_journal_events",
+                                    "Events published since the last tree snapshot",
+                                    value=a.spool.journal_events)
         yield GaugeMetricFamily("storage_events_agent_paused",
-                                "1 while reading inotify is paused because the spool (or "
-                                "memory) is full", value=float(a.paused))
+                                "1 while processing inotify events is paused because the "
+                                "spool (or memory) is full", value=float(a.paused))
 
 
 def serve_metrics(agent: Agent, listen: str) -> None:

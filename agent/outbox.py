@@ -108,6 +108,35 @@ class Outbox:
         self._inflight.extend(batch)
         return batch
 
+    def unsend(self, events: list[Event]) -> None:
+        """``events``, the tail of the last :meth:`next_batch`, were not sent after all (the
+        frame would have been too large): they go first next time."""
+        for _ in events:
+            self._inflight.pop()
+        self._unsent.extendleft(reversed(events))
+
+    def held(self, seq: int) -> Event | None:
+        """The event numbered ``seq``, if it is in memory."""
+        for queue in (self._inflight, self._unsent):
+            for event in queue:
+                if event.seq == seq:
+                    return event
+                if event.seq > seq:
+                    break
+        return None
+
+    def replace(self, event: Event) -> bool:
+        """Put ``event`` in the place of the held event with its seq (one the relay refuses
+        for good), so the stream moves on without a gap. False if no such event is held."""
+        for queue in (self._inflight, self._unsent):
+            for i, held in enumerate(queue):
+                if held.seq == event.seq:
+                    queue[i] = event
+                    return True
+                if held.seq > event.seq:
+                    break
+        return False
+
     def ack(self, seq: int) -> None:
         seq = min(seq, self.last_seq)
         if seq <= self._acked:

@@ -55,9 +55,9 @@ NAME_EVENTS = _CREATE | _DELETE | _MOVED_FROM | _MOVED_TO
 # wall-clock time the agent read that change (see _changed).
 FileStat = tuple[int, int, int]
 _UNWATCHED = -1  # wd of a directory in the model without a watch (yet, or for good)
-# A change that reached the disk this long before the agent read an event can carry an mtime
-# older than the read: file times come from a clock that ticks in jiffies.
-_CLOCK_SLACK_NS = 50_000_000
+# File times come from a clock that ticks in jiffies: a change made just after a moment can
+# carry an mtime up to one tick before it.
+_CLOCK_SLACK_NS = 20_000_000
 # One listed directory entry: name, is_dir, inode, mtime_ns, size (the last two 0 for dirs).
 Listing = list[tuple[str, bool, int, int, int]]
 
@@ -215,12 +215,8 @@ class Tree:
                root: _Root | None) -> _Dir | None:
         """The shell walks the tree itself at start-up (the cheapest loop for 100,000
         directories) and records each watch and file here. None: that directory is watched
-        already at another place (a bind mount): it is recorded there unwatched."""
+        already at another place (a bind mount): see :meth:`attach_failed`."""
         if wd in self._wds:
-            if parent is not None:
-                alias = _Dir(_UNWATCHED, ino, name, parent, None, dev)
-                alias.failed = "alias"
-                _writable(parent)[name] = alias
             return None
         node = _Dir(wd, ino, name, parent, root, dev)
         self._wds[wd] = node
@@ -302,6 +298,8 @@ class Tree:
             prev = old.get(name)
             if prev is not None and _replaced(prev, is_dir, eino):
                 out.extend(self._vanished(prev, path))  # another file or directory now
+                if isinstance(prev, _Dir):
+                    out.extend(Unwatch(w) for w in self._drop_subtree(prev))
                 prev = None
             if isinstance(prev, _Dir):
                 mine[name] = prev
@@ -357,45 +355,49 @@ class Tree:
 
     def watch_failed(self, node: _Dir, reason: str, entries: Listing | None = None,
                      now: float = 0.0, dev: int = 0, ino: int = 0) -> list[Output]:
-        """``node`` cannot be watched (``reason``: "permission" or "limit"); it stays in the
-        model, unwatched, and is retried (:meth:`retry`). Subscribers get a loss notice for it.
-        ``entries``: its listing, when it could be read nonetheless; what it holds is then
-        published and kept as for a watched directory, so the retry publishes the difference."""
+        """``node`` cannot be watched (``reason``: "permission", "limit", or "alias": its
+        directory is watched at another place already, a bind mount, and one inotify watch
+        serves one place); it stays in the model, unwatched, and is retried (:meth:`retry`).
+        Subscribers get a loss notice for it. ``entries``: its listing, when it could be read
+        nonetheless; what it holds is then published and kept as for a watched directory, so
+        the retry publishes the difference."""
         first = node.failed is None
         node.failed = reason
         self._failed[node] = reason
+        out: list[Output] = []
         if node.wd >= 0 and self._wds.get(node.wd) is node:
             del self._wds[node.wd]
+            out.append(Unwatch(node.wd))
         node.wd = _UNWATCHED
         if ino:
             node.dev, node.ino = dev, ino
         found = self._parts(node)
         if found is None:
-            return []
-        out: list[Output] = []
+            return out
         if first and (node.parent is None or node.parent.failed is None):
             out.append(Change(join_path(found[0].prefix, found[1]), _Q_OVERFLOW, True))
         if entries is not None:
             out.extend(self._diff(node, entries, now))
         return out
 
-    def alias(self, node: _Dir) -> None:
-        """``node``'s directory is watched at another place already (a bind mount): one inotify
-        watch serves one place, so this one is published as a directory, unwatched."""
-        node.failed = "alias"
-        self._failed.pop(node, None)
-
     def take_over(self, old: _Dir, node: _Dir) -> list[Output]:
-        """A directory moved out of the tree came back (another rename) before its move
-        expired: what it held then is stale. Forget the old node; the fresh listing of ``node``
-        announces what it holds now."""
+        """The directory the model has as ``old`` turned up at ``node``'s place: moved out of
+        the tree and back (another rename) before its move expired, or moved while events were
+        lost. What the model holds for it is stale: it is published as gone from where the
+        model had it, forgotten, and the fresh listing of ``node`` announces what it holds."""
+        out: list[Output] = []
         move = self._limbo.pop(self._top(old), None)
         if move is not None:
             move.entry = None
             move.stash.clear()
+        found = self._parts(old)
+        if found is not None and old.parent is not None:
+            out.extend(self._vanished(old, join_path(found[0].prefix, found[1])))
+            # Whatever is at that name now (if anything) is listed with its parent.
+            out.append(WatchDir(old.parent))
         keep = old.wd
-        wds = [w for w in self._drop_subtree(old) if w != keep]
-        return [Unwatch(w) for w in wds]
+        out.extend(Unwatch(w) for w in self._drop_subtree(old) if w != keep)
+        return out
 
     # -- kernel events ---------------------------------------------------------------------------
 
@@ -529,7 +531,10 @@ class Tree:
                 # Still in the tree: a file system was unmounted from it, or its watch ended
                 # some other way. What is there now is listed and compared.
                 return [WatchDir(node)]
-            self._forget(node)
+            if not self.in_limbo(node):
+                self._forget(node)
+            # else: its parent is between the halves of a rename; the parent's events about it
+            # (stashed there) still need the entry.
         return []
 
     def _replay(self, move: _PendingMove, now: float) -> list[Output]:
@@ -711,6 +716,8 @@ class Tree:
     def _parts(self, node: _Dir) -> tuple[_Root, list[str]] | None:
         parts: list[str] = []
         while node.parent is not None:
+            if node.parent.entries.get(node.name) is not node:
+                return None  # replaced at that name: no longer in the tree
             parts.append(node.name)
             node = node.parent
         root = node.root
@@ -730,11 +737,11 @@ def _replaced(prev: _Dir | FileStat, is_dir: bool, ino: int) -> bool:
 
 def _changed(prev: FileStat, now: FileStat, suspect_ns: int) -> bool:
     """Did a file change after subscribers last heard of it? ``prev`` with size -1 was last
-    published by an event read at time ``prev[1]``: it changed again if it was written after
-    that, or if that read came after the last moment the kernel queue was known empty before an
-    overflow (``suspect_ns``): then a later change may be among the lost events."""
+    published by an event read at time ``prev[1]``. The events an overflow lost were all made
+    after the last moment the kernel queue was known empty (``suspect_ns``): so the file may
+    have changed unseen if that read came later, or if it was written after that moment."""
     if prev[2] == -1:
-        return prev[1] >= suspect_ns or now[1] > prev[1] - _CLOCK_SLACK_NS
+        return prev[1] >= suspect_ns or now[1] > suspect_ns - _CLOCK_SLACK_NS
     return prev != now
 
 

@@ -203,7 +203,7 @@ class Watcher:
         os.set_blocking(self.fd, False)  # read here and by the reader thread, never blocking
         # What reads the kernel queue now, after what was handed to handle_raw: the runner
         # gives the KernelReader's (which also holds what it read meanwhile, in order).
-        self.drain: Callable[[], list[bytes]] = self._read_now
+        self.drain: Callable[[], list[bytes | int]] = self._read_now
         # The libc call itself: inotify_simple's wrapper costs more than the system call, and
         # the start-up adds one watch per directory.
         self._add_watch = _LIBC.inotify_add_watch
@@ -306,15 +306,14 @@ class Watcher:
                     ino, dev = st.st_ino, st.st_dev
                 else:
                     dev = parent.dev if parent is not None else 0
-                if wd < 0:
-                    node = self._attach_failed(parent, name, ino, dev, ctypes.get_errno(),
-                                               root if parent is None else None)
-                else:
+                node = None
+                if wd >= 0:
                     node = tree.attach(wd, parent, name, ino, dev,
                                        root if parent is None else None)
-                if node is None:
-                    os.close(fd)
-                    continue
+                if node is None:  # not watched, or watched already at another place
+                    node = self._attach_failed(parent, name, ino, dev, ctypes.get_errno(),
+                                               root if parent is None else None,
+                                               alias=wd >= 0)
                 kids = 0
                 children: list[tuple[str, int, list[str]]] = []
                 try:
@@ -352,10 +351,14 @@ class Watcher:
                         os.close(holder[0])
 
     def _attach_failed(self, parent: _Dir | None, name: str, ino: int, dev: int, err: int,
-                       root: _Root | None = None) -> _Dir:
-        node = self.tree.attach_failed(parent, name, ino, dev, root, _reason(err))
-        local = self._local(node)
-        self._log_watch_error(local, err)
+                       root: _Root | None = None, *, alias: bool = False) -> _Dir:
+        node = self.tree.attach_failed(parent, name, ino, dev, root,
+                                       "alias" if alias else _reason(err))
+        if alias:
+            log.warning("%s is watched at another place already (a bind mount?): changes are "
+                        "published under that path only", self._local(node))
+        else:
+            self._log_watch_error(self._local(node), err)
         if parent is None or parent.failed is None:
             found = self.tree.place(node)
             if found is not None:
@@ -374,8 +377,8 @@ class Watcher:
         """Handle whatever the kernel has queued (never blocks)."""
         self.handle_raw(self._read_now())
 
-    def _read_now(self) -> list[bytes]:
-        chunks = []
+    def _read_now(self) -> list[bytes | int]:
+        chunks: list[bytes | int] = []
         while True:
             try:
                 data = os.read(self.fd, _READ_SIZE)
@@ -386,7 +389,7 @@ class Watcher:
                 break
         return chunks
 
-    def handle_raw(self, chunks: list[bytes]) -> None:
+    def handle_raw(self, chunks: list[bytes | int]) -> None:
         """Handle raw bytes read from the inotify fd (see :mod:`.kernel_reader`), then add the
         watches they call for."""
         if self._queue:
@@ -395,6 +398,9 @@ class Watcher:
         handle, publish, run = tree.handle, self._publish, self._run
         unpack = _HEADER.unpack_from
         for data in chunks:
+            if type(data) is int:
+                tree.mark_quiet(data)
+                continue
             now = time.monotonic()
             ts = self._stamp()  # the time the agent read them, for every event here
             pos, end = 0, len(data)
@@ -421,6 +427,9 @@ class Watcher:
         queue, touched = self._queue, self._touched
         unpack = _HEADER.unpack_from
         for data in self.drain():
+            if type(data) is int:
+                queue.append((_QUIET, 0, 0, "", data))
+                continue
             ts = time.time_ns()
             pos, end = 0, len(data)
             while pos < end:
@@ -613,15 +622,27 @@ class Watcher:
         other = tree.node_of(wd)
         outs: list[Output] = []
         if other is not None and other is not node:
-            if tree.place(other) is not None:
-                tree.alias(node)
-                log.warning("%s is %s again (a bind mount?): it is watched there only",
-                            self._local(node), self._local(other))
+            if self._still_there(other):
+                log.warning("%s is %s again (a bind mount?): it is watched there only; "
+                            "changes are published under that path", self._local(node),
+                            self._local(other))
+                self._run(tree.watch_failed(node, "alias", entries, now, st.st_dev,
+                                            st.st_ino))
                 return True
             outs = tree.take_over(other, node)  # moved out and back: listed afresh
         outs += tree.watched(node, wd, st.st_dev, st.st_ino, entries or [], now)
         self._run(outs)
         self._progress()
+        return True
+
+    def _still_there(self, node: _Dir) -> bool:
+        """Is ``node``'s directory at its place in the model (then a second place that holds it
+        is another view of it, a bind mount), or has it moved away unseen?"""
+        found = self.tree.place(node)
+        fd = self._open_node(node, *found) if found is not None else None
+        if fd is None:
+            return False
+        os.close(fd)
         return True
 
     def _open_node(self, node: _Dir, root: _Root, parts: list[str]) -> int | None:

@@ -23,11 +23,11 @@ from storage_events.wire import (
     Batch,
     Error,
     Event,
-    Flag,
     Hello,
     Welcome,
     decode_to_relay,
     encode_frame,
+    event_problem,
 )
 
 from .auth import Authenticator, AuthError
@@ -39,8 +39,6 @@ log = logging.getLogger("storage_events.relay")
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _STREAM = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
-_KNOWN_FLAGS = frozenset(f"IN_{f.name}" for f in Flag if f is not Flag.ISDIR)
-MAX_PATH = 16 * 4096
 
 
 class ProtocolError(Exception):
@@ -179,10 +177,10 @@ def check_relayed(events: list[Event], previous: int, sender: str | None,
 
 
 def _check_event(where: str, ev: Event) -> None:
-    if not ev.path or len(ev.path) > MAX_PATH or "\0" in ev.path:
-        raise ProtocolError(f"{where}: path is empty, too long or contains NUL")
-    if not ev.flags or not _KNOWN_FLAGS.issuperset(ev.flags):
-        raise ProtocolError(f"{where}: flags {ev.flags[:8]!r} are not inotify flag names")
+    # The limits are the wire's (the agent checks them too, before numbering an event).
+    problem = event_problem(ev)
+    if problem is not None:
+        raise ProtocolError(f"{where}: {problem}")
 
 
 class Ingest:

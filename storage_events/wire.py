@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import os
 from typing import Literal
 
 import msgspec
@@ -92,6 +93,66 @@ class Event(msgspec.Struct, kw_only=True):
     # one first. Set by relays, never by agents.
     origin_id: int | None = None
     via: list[str] = msgspec.field(default_factory=list)
+
+
+# -- what an event may carry: checked by the agent before it numbers an event and by the relay
+# for every event it receives, so the two never disagree and no event is refused forever ----
+
+MAX_PATH = 16 * 4096  # characters of ``path`` / ``old_path``
+MAX_RAW_PATH = 4 * MAX_PATH  # bytes of ``raw_path`` / ``raw_old_path`` (4: the longest UTF-8)
+_KNOWN_FLAGS = frozenset(_BITS)
+
+
+def _path_problem(field: str, path: str) -> str | None:
+    if len(path) > MAX_PATH:
+        return f"{field} is {len(path):,} characters long, more than the limit of {MAX_PATH:,}"
+    if "\0" in path:
+        return f"{field} contains NUL"
+    return None
+
+
+def event_problem(ev: Event) -> str | None:
+    """Why ``ev`` can never be accepted by a relay, whichever the connection; None when it can."""
+    if not ev.path:
+        return "path is empty"
+    problem = _path_problem("path", ev.path)
+    if problem is None and ev.old_path is not None:
+        problem = _path_problem("old_path", ev.old_path)
+    if problem is not None:
+        return problem
+    for field, raw in (("raw_path", ev.raw_path), ("raw_old_path", ev.raw_old_path)):
+        if raw is not None and len(raw) > MAX_RAW_PATH:
+            return f"{field} is {len(raw):,} bytes long, more than the limit of {MAX_RAW_PATH:,}"
+    if not ev.flags or not _KNOWN_FLAGS.issuperset(ev.flags):
+        return f"flags {ev.flags[:8]!r} are not inotify flag names"
+    return None
+
+
+def loss_notice(ev: Event) -> Event:
+    """What takes the place of an event that cannot be delivered (same stream, seq and time):
+    loss is never silent, so it becomes an overflow notice of the nearest ancestor of its path
+    that an event may carry (``/`` at worst). A subscriber treats it as any overflow: whatever
+    is under that path may have changed."""
+    path = os.fsdecode(ev.raw_path) if ev.raw_path is not None else ev.path
+    while True:
+        # Cut where the path stops being acceptable: what remains above is an ancestor.
+        if "\0" in path:
+            path = path[: path.index("\0") + 1]
+        if len(path) > MAX_PATH:
+            path = path[: MAX_PATH + 1]
+        path = path.rpartition("/")[0]
+        shown, raw = display_path(path or "/")
+        notice = Event(site=ev.site, node=ev.node, path=shown, flags=["IN_Q_OVERFLOW"],
+                       is_dir=True, ts=ev.ts, stream=ev.stream, seq=ev.seq, raw_path=raw)
+        if not path or event_problem(notice) is None:
+            return notice
+
+
+def short_path(path: str, limit: int = 200) -> str:
+    """A path cut down for a log line: its start and its end, which name it best."""
+    if len(path) <= limit:
+        return path
+    return f"{path[: limit // 2]}…({len(path) - limit:,} characters)…{path[-limit // 2 :]}"
 
 
 class Hello(msgspec.Struct, tag="hello", kw_only=True):

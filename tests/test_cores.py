@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import msgspec
 import pytest
 from hypothesis import given
@@ -15,6 +17,7 @@ from storage_events.relay.ingest import IngestLimits, IngestSession, ProtocolErr
 from storage_events.relay.log import make_record
 from storage_events.relay.sqlite_log import SQLiteLog
 from storage_events.wire import (
+    MAX_PATH,
     Batch,
     Event,
     Flag,
@@ -23,6 +26,8 @@ from storage_events.wire import (
     encode_frame,
     event_from_json,
     event_json,
+    event_problem,
+    loss_notice,
 )
 
 
@@ -88,6 +93,21 @@ def test_outbox_never_loses_or_reorders(ops):
     assert stored == list(range(1, box.last_seq + 1))
 
 
+def test_outbox_replaces_a_refused_event_in_place_and_takes_back_an_unsent_tail():
+    box = Outbox("n:1")
+    for i in range(4):
+        box.add(ev(path=f"/d/{i}"))
+    box.connected(0)
+    batch = box.next_batch(4)
+    box.unsend(batch[2:])  # the frame would have been too big: seq 3-4 go next time
+    assert [e.seq for e in batch[:2]] == [1, 2] and box.held(3) is not None
+    assert box.replace(loss_notice(box.held(2)))
+    box.connected(1)  # the relay refused seq 2: it goes again, as the notice, then 3, 4
+    assert [(e.seq, e.flags) for e in box.next_batch(10)] == [
+        (2, ["IN_Q_OVERFLOW"]), (3, ["IN_CREATE"]), (4, ["IN_CREATE"])]
+    assert not box.replace(ev(seq=9))
+
+
 # -- SSE framing --------------------------------------------------------------------------------
 
 def test_sse_parser_handles_split_chunks_and_commits_ids_only_at_block_end():
@@ -121,6 +141,26 @@ def test_non_utf8_paths_keep_their_bytes():
     shown, raw = display_path(path)
     assert shown == "/d/caf\ufffd" and raw == b"/d/caf\xe9"
     assert display_path("/d/ok ü") == ("/d/ok ü", None)
+
+
+def test_event_limits_are_defined_once_and_a_loss_notice_always_passes_them():
+    assert event_problem(ev(1)) is None
+    deep = "/d/" + "/".join(["x" * 250] * 300) + "/f"
+    assert len(deep) > MAX_PATH
+    for bad, why in [(ev(1, path=""), "empty"), (ev(1, path=deep), "limit"),
+                     (ev(1, path="/d/a\0b/c"), "NUL"), (ev(1, old_path=deep), "old_path"),
+                     (ev(1, flags=["IN_NOPE"]), "not inotify flag names"),
+                     (ev(1, raw_path=b"/" + b"\xff" * (4 * MAX_PATH)), "raw_path")]:
+        assert why in (event_problem(bad) or ""), bad.path[:40]
+        notice = loss_notice(bad)
+        assert event_problem(notice) is None
+        assert (notice.flags, notice.is_dir, notice.seq) == (["IN_Q_OVERFLOW"], True, 1)
+        assert bad.path.startswith(notice.path.rstrip("/") + "/") or notice.path == "/"
+    assert loss_notice(ev(1, path=deep)).path == deep[:MAX_PATH + 1].rpartition("/")[0]
+    assert loss_notice(ev(1, path="/d/a\0b/c")).path == "/d"
+    raw = os.fsencode("/d/caf\udce9/" + "y" * 70_000)
+    notice = loss_notice(ev(1, path=display_path(os.fsdecode(raw))[0], raw_path=raw))
+    assert (notice.path, notice.raw_path) == ("/d/caf\ufffd", b"/d/caf\xe9")
 
 
 # -- filters ------------------------------------------------------------------------------------
@@ -179,6 +219,13 @@ def test_ingest_session_accepts_a_well_formed_stream():
     assert isinstance(s.receive(encode_frame(Hello(site="s", node="n", stream="n:1"))), Hello)
     events = s.receive(encode_frame(Batch([ev(1, id=99), ev(2)])))
     assert [e.seq for e in events] == [1, 2] and events[0].id == 0  # ids are the relay's
+
+
+def test_ingest_session_refuses_what_the_wire_says_no_relay_accepts():
+    s = IngestSession(IngestLimits())
+    s.receive(encode_frame(Hello(site="s", node="n", stream="n:1")))
+    with pytest.raises(ProtocolError, match="event 1 \\(seq 2\\): path is 65,537 characters"):
+        s.receive(encode_frame(Batch([ev(1), ev(2, path="/" * (MAX_PATH + 1))])))
 
 
 @given(st.binary(max_size=300))
