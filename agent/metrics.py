@@ -39,6 +39,10 @@ class AgentCollector(Collector):
                                   value=a.refused)
         yield GaugeMetricFamily("storage_events_agent_watches", "inotify watches held",
                                 value=a.watcher.tree.watch_count)
+        yield GaugeMetricFamily("storage_events_agent_unwatched_directories",
+                                "Directories in the trees without a watch now (permission, "
+                                "watch limit, a second view of a bind mount): retried",
+                                value=a.watcher.tree.unwatched_count)
         yield CounterMetricFamily("storage_events_agent_watch_errors",
                                   "Directories that could not be watched",
                                   value=a.watcher.watch_errors)

@@ -16,7 +16,15 @@ from pathlib import Path
 
 import msgspec
 
-from storage_events.wire import Event, Hello, event_problem, flags_mask, loss_notice, short_path
+from storage_events.wire import (
+    MAX_PATH,
+    Event,
+    Hello,
+    event_problem,
+    flags_mask,
+    loss_notice,
+    short_path,
+)
 
 from . import journal
 from .config import AgentConfig
@@ -84,9 +92,14 @@ class Agent:
 
     def publish(self, event: Event) -> None:
         """The watcher's sink: number, hold and spool ``event``."""
-        problem = event_problem(event)
-        if problem is not None:
-            event = self._refuse(event, problem)
+        path = event.path
+        # The watcher's flags are kernel names and its paths hold no NUL: only a path's length
+        # can be wrong in the common case, so the whole check runs only when it may matter.
+        if not path or len(path) > MAX_PATH or event.old_path is not None or \
+                event.raw_path is not None:
+            problem = event_problem(event)
+            if problem is not None:
+                event = self._refuse(event, problem)
         # Numbered only here, where it is certainly held (outbox) and spooled: the spool never
         # refuses; when it is full, processing stops before more events are made (process).
         self.outbox.add(event)
@@ -169,7 +182,8 @@ class Agent:
         next_snapshot = time.monotonic() + self.cfg.snapshot_interval
         while True:
             await asyncio.sleep(self.cfg.flush_interval)
-            self.watcher.tick()
+            if not self.paused:  # paused: kernel events wait unparsed, and so does the rest
+                self.watcher.tick()
             spool = self.spool
             if spool:
                 taken = spool.take()

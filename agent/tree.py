@@ -165,7 +165,8 @@ class Tree:
     def __init__(self, *, move_window: float = 0.5, scan_memory: float = 5.0) -> None:
         self.move_window = move_window
         self.scan_memory = scan_memory
-        self.clock_ns = 0
+        self._clock_ns = 0
+        self._changed_now: FileStat = (0, 0, -1)  # a file created at clock_ns (one shared)
         self._wds: dict[int, _Dir] = {}
         self._roots: list[_Root] = []
         self._moves: dict[int, _PendingMove] = {}
@@ -178,6 +179,15 @@ class Tree:
         self._suspect_ns = 0
         self._quiet_ns = 0
         self.rescans = 0
+
+    @property
+    def clock_ns(self) -> int:
+        return self._clock_ns
+
+    @clock_ns.setter
+    def clock_ns(self, ns: int) -> None:
+        self._clock_ns = ns
+        self._changed_now = (0, ns, -1)
 
     @property
     def watch_count(self) -> int:
@@ -426,15 +436,26 @@ class Tree:
             return []
         path = base + name
         entries = node.entries
-        if kind & _CREATE:
+        if kind == _CLOSE_WRITE:  # the most common event, first and in few steps
+            entry = entries.get(name)
+            if type(entry) is tuple:
+                if node.scanned is not None:
+                    node.scanned.pop(name, None)
+                if entry[1] != self._clock_ns or entry[2] != -1:
+                    entries[name] = (entry[0], self._clock_ns, -1)
+                return [Change(path, _CLOSE_WRITE, False)]
+        elif kind & _CREATE:
             if node.scanned is not None and self._take_scanned(node, name, now):
                 return []
             prev = entries.get(name)
+            if prev is None and not is_dir:
+                _writable(node)[name] = self._changed_now
+                return [Change(path, _CREATE, False)]
             if prev is not None and isinstance(prev, _Dir) == is_dir:
                 # Known already (listed before this event was read): the same entry.
                 if is_dir:
                     return [Change(path, _CREATE, True), WatchDir(prev)]
-                entries[name] = (0, self.clock_ns, -1)
+                entries[name] = self._changed_now
                 return [Change(path, _CREATE, False)]
             out = list(self._vanished(prev, path)) if prev is not None else []
             out.append(Change(path, _CREATE, is_dir))
@@ -445,7 +466,7 @@ class Tree:
                 _writable(node)[name] = child
                 out.append(WatchDir(child))
             else:
-                _writable(node)[name] = (0, self.clock_ns, -1)
+                _writable(node)[name] = self._changed_now
             return out
         if kind & _MOVED_TO:
             return self._moved_to(node, name, path, is_dir, cookie, now)
@@ -479,7 +500,7 @@ class Tree:
             if entry.failed == "permission":
                 return [Change(path, kind, True), WatchDir(entry)]
         else:  # CLOSE_WRITE, ATTRIB: contents or metadata changed
-            entries[name] = (entry[0], self.clock_ns, -1)
+            entries[name] = (entry[0], self._clock_ns, -1)
         return [Change(path, kind, is_dir, cookie=cookie or None)]
 
     def _moved_to(self, node: _Dir, name: str, path: str, is_dir: bool, cookie: int,
@@ -514,7 +535,7 @@ class Tree:
             entries[name] = child
             out.append(WatchDir(child))
         else:
-            entries[name] = moved if isinstance(moved, tuple) else (0, self.clock_ns, -1)
+            entries[name] = moved if isinstance(moved, tuple) else self._changed_now
         return out
 
     def _about_itself(self, node: _Dir, kind: int) -> list[Output]:

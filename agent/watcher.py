@@ -44,6 +44,7 @@ from .tree import (
     WatchDir,
     _Dir,
     _Root,
+    _writable,
     join_path,
 )
 
@@ -281,67 +282,71 @@ class Watcher:
         # from the parent's listing, names under the root when a selector needs them)
         stack: list[tuple[list[int] | None, str, _Dir | None, int, list[str]]] = [
             (None, "", None, 0, [])]
+        # Bound to locals: with 100,000 directories the attribute lookups would show.
+        pop, push, opn, fch, scan, close, intern = (stack.pop, stack.append, os.open,
+                                                    os.fchdir, os.scandir, os.close, sys.intern)
+        attach, count = tree.attach, 0
         try:
             while stack:
-                holder, name, parent, ino, parts = stack.pop()
+                holder, name, parent, ino, parts = pop()
                 if holder is None:
                     fd = rfd
                 else:
                     try:
-                        fd = os.open(name, _DIR_OPEN_FLAGS, dir_fd=holder[0])
+                        fd = opn(name, _DIR_OPEN_FLAGS, dir_fd=holder[0])
                     except OSError as e:
                         fd = -1
                         error = e
                     holder[1] -= 1
                     if holder[1] == 0:
-                        os.close(holder[0])
+                        close(holder[0])
                     if fd < 0:
                         if error.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
                             self._attach_failed(parent, name, ino, 0, error.errno)
                         continue  # else: gone or replaced meanwhile; its events follow
-                os.fchdir(fd)
+                fch(fd)
                 wd = add(ifd, b".", flags)
                 if holder is None or name in inner:
                     st = os.fstat(fd)
                     ino, dev = st.st_ino, st.st_dev
                 else:
-                    dev = parent.dev if parent is not None else 0
-                node = None
-                if wd >= 0:
-                    node = tree.attach(wd, parent, name, ino, dev,
-                                       root if parent is None else None)
+                    dev = parent.dev  # type: ignore[union-attr]
+                node = attach(wd, parent, name, ino, dev, root if parent is None else None) \
+                    if wd >= 0 else None
                 if node is None:  # not watched, or watched already at another place
                     node = self._attach_failed(parent, name, ino, dev, ctypes.get_errno(),
                                                root if parent is None else None,
                                                alias=wd >= 0)
-                kids = 0
-                children: list[tuple[str, int, list[str]]] = []
+                mine = [fd, 0]  # this descriptor, and how many children still need it
+                files = None
                 try:
-                    with os.scandir(fd) as it:
+                    with scan(fd) as it:
                         for e in it:
                             try:
                                 if e.is_dir(follow_symlinks=False):
-                                    n = sys.intern(e.name)
+                                    n = intern(e.name)
                                     if select is None:
-                                        children.append((n, e.inode(), parts))
+                                        push((mine, n, node, e.inode(), parts))
                                     elif not select.excluded(parts, n, True):
-                                        children.append((n, e.inode(), [*parts, n]))
+                                        push((mine, n, node, e.inode(), [*parts, n]))
+                                    else:
+                                        continue
+                                    mine[1] += 1
                                 elif select is None or not select.excluded(parts, e.name,
                                                                            False):
                                     st = e.stat(follow_symlinks=False)
-                                    tree.attach_file(node, e.name,
-                                                     (st.st_ino, st.st_mtime_ns, st.st_size))
+                                    if files is None:
+                                        files = _writable(node)
+                                    files[e.name] = (st.st_ino, st.st_mtime_ns, st.st_size)
                             except FileNotFoundError:
                                 pass  # removed while listing: its IN_DELETE follows
                 except OSError as e:
                     self._log_watch_error(self._local(node), e.errno or 0)
-                kids = len(children)
-                if kids:
-                    mine = [fd, kids]
-                    stack.extend((mine, n, node, i, p) for n, i, p in children)
-                else:
-                    os.close(fd)
-                self._progress()
+                if not mine[1]:
+                    close(fd)
+                count += 1
+                if not count & 1023:
+                    self._progress()
         finally:
             os.chdir("/")
             for holder, *_ in stack:
@@ -501,9 +506,6 @@ class Watcher:
         self._limit_reported = False
         self._run(self.tree.retry())
         self._settle()
-
-    def expire(self) -> None:
-        self.tick()
 
     def _remount(self, points: set[str]) -> None:
         """A file system was mounted or unmounted at ``points``: what is there now is listed

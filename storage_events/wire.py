@@ -113,7 +113,11 @@ def _path_problem(field: str, path: str) -> str | None:
 
 def event_problem(ev: Event) -> str | None:
     """Why ``ev`` can never be accepted by a relay, whichever the connection; None when it can."""
-    if not ev.path:
+    path = ev.path
+    if (path and len(path) <= MAX_PATH and ev.old_path is None and ev.raw_path is None
+            and "\0" not in path and ev.flags and _KNOWN_FLAGS.issuperset(ev.flags)):
+        return None  # the common case in one test: every event of the agent passes here
+    if not path:
         return "path is empty"
     problem = _path_problem("path", ev.path)
     if problem is None and ev.old_path is not None:
