@@ -105,14 +105,15 @@ class _Root:
 
 
 class _Dir:
-    __slots__ = ("cache", "dev", "entries", "failed", "ino", "name", "parent", "root", "scanned",
-                 "wd")
+    # As few slots as will do: a node per directory, 100,000s of them. Its device is kept by
+    # the tree where it differs from its parent's (Tree.dev_of), why it is unwatched in
+    # Tree._failed.
+    __slots__ = ("cache", "entries", "ino", "name", "parent", "root", "scanned", "wd")
 
     def __init__(self, wd: int, ino: int, name: str, parent: _Dir | None,
-                 root: _Root | None, dev: int = 0) -> None:
+                 root: _Root | None) -> None:
         self.wd = wd  # or _UNWATCHED
-        self.dev = dev  # 0 with ino 0: not known yet (a directory only seen in an event)
-        self.ino = ino
+        self.ino = ino  # 0: not known yet (a directory only seen in an event)
         self.name = name
         self.parent = parent
         self.root = root  # set on root nodes only
@@ -123,7 +124,6 @@ class _Dir:
         self.scanned: dict[str, float] | None = None
         # (generation, root, published path + "/", parts): valid while nothing was re-linked.
         self.cache: tuple[int, _Root, str, list[str]] | None = None
-        self.failed: str | None = None  # why it has no watch: "limit", "permission", "alias"
 
 
 @dataclass(slots=True, eq=False)
@@ -172,7 +172,10 @@ class Tree:
         self._moves: dict[int, _PendingMove] = {}
         self._limbo: dict[_Dir, _PendingMove] = {}  # the top of a moving subtree → its move
         self._scanned_nodes: dict[_Dir, float] = {}
-        self._failed: dict[_Dir, str] = {}  # directories to retry: permission, watch limit
+        # Directories without a watch, and why: "permission", "limit" (retried), "alias" (its
+        # directory is watched at another place, a bind mount).
+        self._failed: dict[_Dir, str] = {}
+        self._devs: dict[_Dir, int] = {}  # device of a root, or of a node unlike its parent
         self._selective = False  # some root leaves names out
         self._gen = 0  # bumped whenever a directory is re-linked or detached: paths change
         # Files changed at or after this time may have lost a later change in an overflow.
@@ -221,14 +224,17 @@ class Tree:
 
     # -- start-up, where nothing is published ---------------------------------------------------
 
-    def attach(self, wd: int, parent: _Dir | None, name: str, ino: int, dev: int,
+    def attach(self, wd: int, parent: _Dir | None, name: str, ino: int, dev: int | None,
                root: _Root | None) -> _Dir | None:
         """The shell walks the tree itself at start-up (the cheapest loop for 100,000
         directories) and records each watch and file here. None: that directory is watched
-        already at another place (a bind mount): see :meth:`attach_failed`."""
+        already at another place (a bind mount): see :meth:`attach_failed`. ``dev``: None when
+        it is its parent's (the shell knows when it differs: a mount point)."""
         if wd in self._wds:
             return None
-        node = _Dir(wd, ino, name, parent, root, dev)
+        node = _Dir(wd, ino, name, parent, root)
+        if dev is not None:
+            self._devs[node] = dev
         self._wds[wd] = node
         if parent is not None:
             _writable(parent)[name] = node
@@ -240,12 +246,13 @@ class Tree:
     def attach_file(node: _Dir, name: str, stat: FileStat) -> None:
         _writable(node)[name] = stat
 
-    def attach_failed(self, parent: _Dir | None, name: str, ino: int, dev: int,
+    def attach_failed(self, parent: _Dir | None, name: str, ino: int, dev: int | None,
                       root: _Root | None, reason: str) -> _Dir:
         """A directory found at start-up that could not be watched: in the model, unwatched,
         retried later (:meth:`retry`). Loss notices are the shell's to publish here."""
-        node = _Dir(_UNWATCHED, ino, name, parent, root, dev)
-        node.failed = reason
+        node = _Dir(_UNWATCHED, ino, name, parent, root)
+        if dev is not None:
+            self._devs[node] = dev
         self._failed[node] = reason
         if parent is not None:
             _writable(parent)[name] = node
@@ -262,6 +269,26 @@ class Tree:
 
     def node_of(self, wd: int) -> _Dir | None:
         return self._wds.get(wd)
+
+    def dev_of(self, node: _Dir) -> int:
+        """The device ``node``'s directory was on when listed (0: not known yet)."""
+        n: _Dir | None = node
+        while n is not None:
+            dev = self._devs.get(n)
+            if dev is not None:
+                return dev
+            n = n.parent
+        return 0
+
+    def failed(self, node: _Dir) -> str | None:
+        """Why ``node`` has no watch, if it has none for good."""
+        return self._failed.get(node)
+
+    def _set_dev(self, node: _Dir, dev: int) -> None:
+        if node.parent is not None and self.dev_of(node.parent) == dev:
+            self._devs.pop(node, None)
+        else:
+            self._devs[node] = dev
 
     def in_limbo(self, node: _Dir) -> bool:
         """Inside a directory between the two halves of a rename (its place is coming)."""
@@ -281,11 +308,10 @@ class Tree:
         if node.wd >= 0 and node.wd != wd and self._wds.get(node.wd) is node:
             del self._wds[node.wd]  # another directory at this place now (a mount, say)
             out.append(Unwatch(node.wd))
-        node.wd, node.dev, node.ino = wd, dev, ino
+        node.wd, node.ino = wd, ino
+        self._set_dev(node, dev)
         self._wds[wd] = node
-        if node.failed is not None:
-            node.failed = None
-            self._failed.pop(node, None)
+        self._failed.pop(node, None)
         out.extend(self._diff(node, entries, now))
         return out
 
@@ -371,8 +397,7 @@ class Tree:
         Subscribers get a loss notice for it. ``entries``: its listing, when it could be read
         nonetheless; what it holds is then published and kept as for a watched directory, so
         the retry publishes the difference."""
-        first = node.failed is None
-        node.failed = reason
+        first = node not in self._failed
         self._failed[node] = reason
         out: list[Output] = []
         if node.wd >= 0 and self._wds.get(node.wd) is node:
@@ -380,11 +405,12 @@ class Tree:
             out.append(Unwatch(node.wd))
         node.wd = _UNWATCHED
         if ino:
-            node.dev, node.ino = dev, ino
+            node.ino = ino
+            self._set_dev(node, dev)
         found = self._parts(node)
         if found is None:
             return out
-        if first and (node.parent is None or node.parent.failed is None):
+        if first and (node.parent is None or node.parent not in self._failed):
             out.append(Change(join_path(found[0].prefix, found[1]), _Q_OVERFLOW, True))
         if entries is not None:
             out.extend(self._diff(node, entries, now))
@@ -497,7 +523,7 @@ class Tree:
                 self._failed.pop(entry, None)
         elif isinstance(entry, _Dir):
             # ATTRIB of a subdirectory: a chmod may have made one we could not read readable.
-            if entry.failed == "permission":
+            if self._failed.get(entry) == "permission":
                 return [Change(path, kind, True), WatchDir(entry)]
         else:  # CLOSE_WRITE, ATTRIB: contents or metadata changed
             entries[name] = (entry[0], self._clock_ns, -1)
@@ -528,7 +554,7 @@ class Tree:
             self._gen += 1
             entries[name] = moved
             out.extend(self._replay(pending, now))
-            if moved.wd < 0 and moved.failed is None:
+            if moved.wd < 0 and moved not in self._failed:
                 out.append(WatchDir(moved))
         elif is_dir:
             child = _Dir(_UNWATCHED, 0, name, node, None)  # moved in from outside: list it
@@ -711,6 +737,7 @@ class Tree:
             del self._wds[node.wd]
         self._scanned_nodes.pop(node, None)
         self._failed.pop(node, None)
+        self._devs.pop(node, None)
         parent = node.parent
         if parent is not None and parent.entries.get(node.name) is node:
             del parent.entries[node.name]

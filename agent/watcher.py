@@ -302,15 +302,14 @@ class Watcher:
                         close(holder[0])
                     if fd < 0:
                         if error.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
-                            self._attach_failed(parent, name, ino, 0, error.errno)
+                            self._attach_failed(parent, name, ino, None, error.errno)
                         continue  # else: gone or replaced meanwhile; its events follow
                 fch(fd)
                 wd = add(ifd, b".", flags)
+                dev = None  # its parent's
                 if holder is None or name in inner:
                     st = os.fstat(fd)
                     ino, dev = st.st_ino, st.st_dev
-                else:
-                    dev = parent.dev  # type: ignore[union-attr]
                 node = attach(wd, parent, name, ino, dev, root if parent is None else None) \
                     if wd >= 0 else None
                 if node is None:  # not watched, or watched already at another place
@@ -355,7 +354,8 @@ class Watcher:
                     with contextlib.suppress(OSError):
                         os.close(holder[0])
 
-    def _attach_failed(self, parent: _Dir | None, name: str, ino: int, dev: int, err: int,
+    def _attach_failed(self, parent: _Dir | None, name: str, ino: int, dev: int | None,
+                       err: int,
                        root: _Root | None = None, *, alias: bool = False) -> _Dir:
         node = self.tree.attach_failed(parent, name, ino, dev, root,
                                        "alias" if alias else _reason(err))
@@ -364,7 +364,7 @@ class Watcher:
                         "published under that path only", self._local(node))
         else:
             self._log_watch_error(self._local(node), err)
-        if parent is None or parent.failed is None:
+        if parent is None or self.tree.failed(parent) is None:
             found = self.tree.place(node)
             if found is not None:
                 self._publish(Change(join_path(found[0].prefix, found[1]), _Q_OVERFLOW, True))
@@ -659,7 +659,7 @@ class Watcher:
             return None
         try:
             st = os.fstat(rfd)
-            if (st.st_dev, st.st_ino) != (rnode.dev, rnode.ino):
+            if (st.st_dev, st.st_ino) != (self.tree.dev_of(rnode), rnode.ino):
                 return None
             if not parts:
                 return os.dup(rfd)
@@ -669,7 +669,7 @@ class Watcher:
         finally:
             os.close(rfd)
         st = os.fstat(fd)
-        if (st.st_dev, st.st_ino) != (node.dev, node.ino):
+        if (st.st_dev, st.st_ino) != (self.tree.dev_of(node), node.ino):
             os.close(fd)
             return None
         return fd
