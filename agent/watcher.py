@@ -20,6 +20,7 @@ import errno
 import logging
 import os
 import resource
+import select
 import struct
 import sys
 import time
@@ -165,15 +166,40 @@ def _unescape(field: str) -> str:
     return os.fsdecode(field.encode("latin-1").decode("unicode_escape").encode("latin-1"))
 
 
-def read_mounts() -> frozenset[tuple[str, str]]:
-    """(mount id, mount point) of every mount this process sees."""
-    try:
-        with open("/proc/self/mountinfo", encoding="latin-1") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return frozenset()
-    return frozenset((fields[0], _unescape(fields[4]))
-                     for fields in (line.split(" ") for line in lines) if len(fields) > 4)
+class MountTable:
+    """The mounts this process sees, as (mount id, mount point); ``changed()`` is cheap: the
+    kernel flags the open mountinfo file (POLLPRI) when the table changes, and only then is it
+    read again."""
+
+    def __init__(self) -> None:
+        self._poll = select.poll()
+        try:
+            self._file: Any = open("/proc/self/mountinfo", encoding="latin-1")  # noqa: SIM115
+            self._poll.register(self._file.fileno(), select.POLLPRI | select.POLLERR)
+        except OSError:
+            self._file = None
+        self.mounts = self._read()
+
+    def _read(self) -> frozenset[tuple[str, str]]:
+        if self._file is None:
+            return frozenset()
+        self._file.seek(0)
+        lines = self._file.read().splitlines()
+        return frozenset((fields[0], _unescape(fields[4]))
+                         for fields in (line.split(" ") for line in lines) if len(fields) > 4)
+
+    def changed(self) -> set[str]:
+        """Mount points mounted or unmounted since the last call."""
+        if self._file is None or not self._poll.poll(0):
+            return set()
+        mounts = self._read()
+        points = {p for _, p in mounts ^ self.mounts}
+        self.mounts = mounts
+        return points
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
 
 
 def _raise_fd_limit() -> None:
@@ -218,7 +244,7 @@ class Watcher:
         self._overflows_queued = 0
         self._pending: dict[_Dir, WatchDir] = {}  # watches to add, in order
         self._deferred: dict[_Dir, WatchDir] = {}  # waiting for the queue to catch up
-        self._mounts = read_mounts()
+        self._mounts = MountTable()
         self._next_retry = time.monotonic() + retry_interval
         self._next_progress = 0.0
         self._rescans_logged = 0
@@ -229,6 +255,7 @@ class Watcher:
 
     def close(self) -> None:
         self.inotify.close()
+        self._mounts.close()
 
     # -- start-up ----------------------------------------------------------------------------
 
@@ -374,7 +401,7 @@ class Watcher:
         # Names of directories that are mount points somewhere under the root: only those need
         # an fstat at start-up (a mount point's listed inode is the one it covers).
         base = root.local.rstrip("/") + "/"
-        return {os.path.basename(p) for _, p in self._mounts if p.startswith(base)}
+        return {os.path.basename(p) for _, p in self._mounts.mounts if p.startswith(base)}
 
     # -- kernel events -----------------------------------------------------------------------
 
@@ -488,10 +515,8 @@ class Watcher:
             if root.gone and os.path.isdir(root.local):
                 log.warning("root %s is back: watching it again", root.local)
                 self._run(self.tree.root_back(root))
-        mounts = read_mounts()
-        if mounts != self._mounts:
-            changed = {p for _, p in mounts ^ self._mounts}
-            self._mounts = mounts
+        changed = self._mounts.changed()
+        if changed:
             self._remount(changed)
         if now >= self._next_retry:
             self._next_retry = now + self.retry_interval
