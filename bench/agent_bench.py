@@ -1,6 +1,11 @@
 """The agent beside inotifywait (inotify-tools, C) and Python watchdog, in one run, on tmpfs.
 
     python bench/agent_bench.py [--runs 3] [--only setup,drain,burst,latency,race]
+                                [--tools inotifywait,watchdog,storage-events]
+                                [--build NAME=VENV_BIN]...
+
+``--build`` adds another build of storage-events (its venv's bin directory, e.g. one of an
+earlier commit) as a tool of its own, measured in the same runs.
 
 Workloads (see docs/benchmarks.md for what each measures and why):
   setup    watch set-up time and RSS for a tree of 101,011 directories
@@ -29,8 +34,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import harness
 import httpx
-from harness import BIN, PACED, Stack, make_root, rss_mib, stop, sysctl, tmpfs, wait_line
+from harness import PACED, Stack, make_root, rss_mib, stop, sysctl, tmpfs, wait_line
 from harness import burst as burst_files
 
 TREE = (10, 100, 100)  # 10 * 100 * 100 leaves: 101,011 directories with the inner ones
@@ -147,7 +153,7 @@ def setup(base: Path, tool: str) -> dict:
     elif tool == "watchdog":
         p = start_watchdog(root, "count", 1)
     else:
-        p = subprocess.Popen([BIN / "storage-events-agent", "run", "--relay",
+        p = subprocess.Popen([harness.BIN / "storage-events-agent", "run", "--relay",
                               "http://127.0.0.1:9", str(root)], stderr=subprocess.PIPE)
         wait_line(p.stderr, b"watching 101011 directories")
     ready = time.monotonic() - t0
@@ -237,7 +243,7 @@ def latency(base: Path, tool: str, rate: int = 1000, secs: float = 10) -> dict:
 
     else:
         stack = Stack(base, root)
-        p = subprocess.Popen([BIN / "storage-events", "tail", stack.url, "--type",
+        p = subprocess.Popen([harness.BIN / "storage-events", "tail", stack.url, "--type",
                               "IN_CLOSE_WRITE", "--format", "json"], stdout=subprocess.PIPE)
         time.sleep(1.0)
 
@@ -294,14 +300,26 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--only", default=",".join(WORKLOADS))
+    ap.add_argument("--tools", default=",".join(TOOLS))
+    ap.add_argument("--build", action="append", default=[], metavar="NAME=VENV_BIN",
+                    help="another build of storage-events to measure beside the others")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    builds = {"storage-events": harness.BIN}
+    for spec in args.build:
+        name, _, bin_dir = spec.partition("=")
+        if not bin_dir or not (Path(bin_dir) / "storage-events-agent").exists():
+            ap.error(f"--build {spec!r}: give NAME=DIR, DIR holding storage-events-agent")
+        builds[name] = Path(bin_dir)
+    tools = args.tools.split(",") + [name for name in builds if name != "storage-events"]
     results = []
     with tmpfs("8g") as base:
         for name in args.only.split(","):
             for run in range(args.runs):
-                for tool in TOOLS:  # interleaved, so a slow patch of the machine hits all
-                    r = WORKLOADS[name](base, tool) | {"workload": name, "tool": tool,
+                for tool in tools:  # interleaved, so a slow patch of the machine hits all
+                    harness.BIN = builds.get(tool, builds["storage-events"])
+                    kind = "storage-events" if tool in builds else tool
+                    r = WORKLOADS[name](base, kind) | {"workload": name, "tool": tool,
                                                        "run": run}
                     results.append(r)
                     print(json.dumps(r), flush=True)
