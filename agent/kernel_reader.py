@@ -18,6 +18,25 @@ from collections.abc import Callable
 log = logging.getLogger("storage_events.agent")
 
 _READ_SIZE = 1 << 20
+# A read this much short of the buffer emptied the kernel queue (events are never split).
+_QUIET_READ = _READ_SIZE - 4096
+
+
+def read_available(fd: int) -> list[bytes | int]:
+    """What the kernel queue holds now, then the time (ns) at which it was seen empty: a later
+    overflow can only lose what changed after that moment."""
+    chunks: list[bytes | int] = []
+    while True:
+        try:
+            data = os.read(fd, _READ_SIZE)
+        except BlockingIOError:
+            chunks.append(time.time_ns())
+            break
+        chunks.append(data)
+        if len(data) < _QUIET_READ:
+            chunks.append(time.time_ns())
+            break
+    return chunks
 
 
 class KernelReader:
@@ -60,14 +79,7 @@ class KernelReader:
         watcher checks a new watch against everything queued up to that moment)."""
         with self._lock:
             chunks, self._chunks, self._buffered = self._chunks, [], 0
-            while True:
-                try:
-                    data = os.read(self.fd, _READ_SIZE)
-                except BlockingIOError:
-                    break
-                chunks.append(data)
-                if len(data) < _READ_SIZE - 4096:
-                    break  # the queue was empty
+            chunks += read_available(self.fd)
         return chunks
 
     def _run(self) -> None:
@@ -108,6 +120,8 @@ class KernelReader:
                     return
                 was_empty = not self._buffered
                 self._chunks.append(data)
+                if len(data) < _QUIET_READ:
+                    self._chunks.append(time.time_ns())  # the queue was empty as it returned
                 self._buffered += len(data)
             if was_empty:
                 self.notify()

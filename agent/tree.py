@@ -81,6 +81,9 @@ class WatchDir:
 
     node: _Dir
     tries: int = field(default=0, compare=False)  # deferrals so far (the shell counts)
+    # List every subdirectory again too (a rescan: events may be lost anywhere below), or only
+    # those that are not the directory the model has there (same inode, watched).
+    deep: bool = True
 
 
 @dataclass(slots=True)
@@ -301,7 +304,7 @@ class Tree:
         return self._parts(node) is None and not self.in_limbo(node)
 
     def watched(self, node: _Dir, wd: int, dev: int, ino: int, entries: Listing,
-                now: float) -> list[Output]:
+                now: float, *, deep: bool = True) -> list[Output]:
         """The directory ``node`` stands for is watched as ``wd`` and held ``entries`` just
         after the watch was added. Publishes how that differs from what subscribers know."""
         out: list[Output] = []
@@ -312,10 +315,11 @@ class Tree:
         self._set_dev(node, dev)
         self._wds[wd] = node
         self._failed.pop(node, None)
-        out.extend(self._diff(node, entries, now))
+        out.extend(self._diff(node, entries, now, deep))
         return out
 
-    def _diff(self, node: _Dir, entries: Listing, now: float) -> list[Output]:
+    def _diff(self, node: _Dir, entries: Listing, now: float,
+              deep: bool = True) -> list[Output]:
         """Publish how a fresh listing of ``node`` differs from what subscribers know of it,
         and make the model hold the listing."""
         out: list[Output] = []
@@ -339,7 +343,10 @@ class Tree:
                 prev = None
             if isinstance(prev, _Dir):
                 mine[name] = prev
-                out.append(WatchDir(prev))  # listed again too: it may have changed as well
+                if deep or prev.wd < 0 or prev.ino != eino or prev in self._devs:
+                    # Listed again too: it may have changed as well (a mount point lists as
+                    # the inode it covers, so it is always checked).
+                    out.append(WatchDir(prev, deep=deep))
                 continue
             stat = (eino, mtime, size)
             if prev is not None:
@@ -430,7 +437,7 @@ class Tree:
         if found is not None and old.parent is not None:
             out.extend(self._vanished(old, join_path(found[0].prefix, found[1])))
             # Whatever is at that name now (if anything) is listed with its parent.
-            out.append(WatchDir(old.parent))
+            out.append(WatchDir(old.parent, deep=False))
         keep = old.wd
         out.extend(Unwatch(w) for w in self._drop_subtree(old) if w != keep)
         return out
@@ -518,9 +525,9 @@ class Tree:
         if kind & _DELETE:
             del entries[name]
             if isinstance(entry, _Dir):
-                entry.parent = None
-                self._gen += 1
-                self._failed.pop(entry, None)
+                # Out of the model with all below it (unwatched ones get no IN_IGNORED to
+                # clean them up); the kernel ends the watches of a deleted directory itself.
+                self._drop_subtree(entry)
         elif isinstance(entry, _Dir):
             # ATTRIB of a subdirectory: a chmod may have made one we could not read readable.
             if self._failed.get(entry) == "permission":
@@ -542,6 +549,9 @@ class Tree:
             out.extend(self._vanished(here, path))
             if isinstance(here, _Dir):
                 out.extend(Unwatch(w) for w in self._drop_subtree(here))
+                # renameat2(RENAME_EXCHANGE) of two directories queues the same events as two
+                # renames over each other: the parent's listing says which it was.
+                out.append(WatchDir(node, deep=False))
         if node.scanned is not None:
             node.scanned.pop(name, None)
         moved = pending.entry if pending is not None else None
@@ -634,14 +644,16 @@ class Tree:
         the shell re-lists everything and what differs is published."""
         self.rescans += 1
         self._suspect_ns = self._quiet_ns
+        out: list[Output] = []
         for move in self._moves.values():
             # Halves whose partners were lost are resolved by the listing; what was in limbo
-            # is out of the tree.
+            # is out of the tree (if it is back, the listing finds it as new).
             if isinstance(move.entry, _Dir):
                 self._limbo.pop(move.entry, None)
+                out.extend(Unwatch(w) for w in self._drop_subtree(move.entry))
         self._moves.clear()
         self._gen += 1
-        return [WatchDir(r.node) for r in self._roots if r.node is not None and not r.gone]
+        return out + [WatchDir(r.node) for r in self._roots if r.node is not None and not r.gone]
 
     def mark_quiet(self, clock_ns: int) -> None:
         """The kernel queue was empty at ``clock_ns``: a later overflow can only have lost

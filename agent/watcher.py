@@ -33,6 +33,7 @@ from inotify_simple import INotify
 
 from storage_events.wire import Event, Flag, display_path, flag_names
 
+from .kernel_reader import read_available
 from .select import Selector
 from .tree import (
     NAME_EVENTS,
@@ -58,9 +59,6 @@ _DIR_OPEN_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _ROOT_OPEN_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC  # the operator's path, as given
 _Q_OVERFLOW = int(Flag.Q_OVERFLOW)
 _HEADER = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len; then the name
-_READ_SIZE = 1 << 20
-# A read this much short of the buffer emptied the kernel queue (events are never split).
-_QUIET_READ = _READ_SIZE - 4096
 _QUIET = -2  # a queue entry that marks "the kernel queue was empty here"
 _PROGRESS_EVERY = 5.0  # seconds between progress lines during a long initial watch set-up
 _ATTEMPTS_PER_SETTLE = 2000  # watch attempts per call: the event loop must get to the relay
@@ -129,9 +127,11 @@ def open_beneath(dirfd: int, parts: list[str]) -> int:
             if not _openat2_works:
                 nxt = fd
                 for part in parts[i:j]:  # one component at a time, none of them a symlink
-                    step = os.open(part, _DIR_OPEN_FLAGS, dir_fd=nxt)
-                    if nxt != fd:
-                        os.close(nxt)
+                    try:
+                        step = os.open(part, _DIR_OPEN_FLAGS, dir_fd=nxt)
+                    finally:
+                        if nxt != fd:
+                            os.close(nxt)
                     nxt = step
             if fd != dirfd:
                 os.close(fd)
@@ -156,6 +156,10 @@ def _list(fd: int) -> Listing:
                     entries.append((entry.name, False, st.st_ino, st.st_mtime_ns, st.st_size))
             except FileNotFoundError:
                 pass  # removed while listing: its IN_DELETE follows
+            except OSError:
+                # It is there, its stat could not be read (NFS, FUSE): keep it, stat unknown,
+                # rather than report it gone.
+                entries.append((entry.name, False, entry.inode(), 0, -1))
     return entries
 
 
@@ -331,7 +335,15 @@ class Watcher:
                         if error.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
                             self._attach_failed(parent, name, ino, None, error.errno)
                         continue  # else: gone or replaced meanwhile; its events follow
-                fch(fd)
+                try:
+                    fch(fd)
+                except OSError as e:  # readable, not searchable: no watch, no listing
+                    close(fd)
+                    if holder is None:
+                        self._attach_failed(None, "", ino, None, e.errno or 0, root)
+                    else:
+                        self._attach_failed(parent, name, ino, None, e.errno or 0)
+                    continue
                 wd = add(ifd, b".", flags)
                 dev = None  # its parent's
                 if holder is None or name in inner:
@@ -410,16 +422,7 @@ class Watcher:
         self.handle_raw(self._read_now())
 
     def _read_now(self) -> list[bytes | int]:
-        chunks: list[bytes | int] = []
-        while True:
-            try:
-                data = os.read(self.fd, _READ_SIZE)
-            except BlockingIOError:
-                break
-            chunks.append(data)
-            if len(data) < _QUIET_READ:
-                break
-        return chunks
+        return read_available(self.fd)
 
     def handle_raw(self, chunks: list[bytes | int]) -> None:
         """Handle raw bytes read from the inotify fd (see :mod:`.kernel_reader`), then add the
@@ -434,7 +437,7 @@ class Watcher:
                 tree.mark_quiet(data)
                 continue
             now = time.monotonic()
-            ts = self._stamp()  # the time the agent read them, for every event here
+            self._stamp()  # the time the agent read them, for every event here
             pos, end = 0, len(data)
             while pos < end:
                 wd, mask, cookie, length = unpack(data, pos)
@@ -449,8 +452,6 @@ class Watcher:
                     publish(outs[0])  # the common case, without the general machinery
                 elif outs:
                     run(outs)
-            if end < _QUIET_READ:
-                tree.mark_quiet(ts)
         if self._pending:
             self._settle()
 
@@ -478,8 +479,6 @@ class Watcher:
                 elif mask & _Q_OVERFLOW:
                     self._overflows_queued += 1
                 queue.append((wd, mask, cookie, name, ts))
-            if end < _QUIET_READ:
-                queue.append((_QUIET, 0, 0, "", ts))
 
     def _process_queue(self) -> int:
         queue, touched, tree = self._queue, self._touched, self.tree
@@ -552,9 +551,12 @@ class Watcher:
             if type(out) is Change:
                 self._publish(out)
             elif isinstance(out, WatchDir):
-                if out.node not in self._pending:
+                known = self._pending.get(out.node) or self._deferred.pop(out.node, None)
+                if known is None:
                     self._pending[out.node] = out
-                self._deferred.pop(out.node, None)
+                else:
+                    known.deep = known.deep or out.deep
+                    self._pending[out.node] = known
             elif isinstance(out, Unwatch):
                 with contextlib.suppress(OSError):  # already gone with its directory
                     self.inotify.rm_watch(out.wd)
@@ -574,7 +576,7 @@ class Watcher:
                 if cmd.tries > _DEFER_LIMIT and node.parent is not None and \
                         self.tree.place(node) is not None:
                     # The queue never explained why: list the parent again instead.
-                    pending[node.parent] = WatchDir(node.parent)
+                    pending[node.parent] = WatchDir(node.parent, deep=False)
                 else:
                     deferred[node] = cmd
             if self._queue and self._process_queue():
@@ -615,18 +617,27 @@ class Watcher:
             self._run(tree.watch_failed(node, _reason(e.errno or 0)))
             self._log_watch_error(self._local(node), e.errno or 0)
             return True
+        entries: Listing | None = None
         try:
-            os.fchdir(fd)
-            wd = self._add_watch(self.fd, b".", _ADD_FLAGS)
-            err = ctypes.get_errno() if wd < 0 else 0
-            os.chdir("/")  # a working directory would keep a file system from unmounting
-            st = os.fstat(fd)
             try:
-                entries: Listing | None = _list(fd)
-            except OSError:
-                entries = None
+                os.fchdir(fd)  # EACCES: readable, not searchable (mode 644)
+            except OSError as e:
+                wd, err = -1, e.errno or 0
+            else:
+                wd = self._add_watch(self.fd, b".", _ADD_FLAGS)
+                err = ctypes.get_errno() if wd < 0 else 0
+                os.chdir("/")  # a working directory would keep a file system from unmounting
+            st = os.fstat(fd)
+            with contextlib.suppress(OSError):
+                entries = _list(fd)
         finally:
             os.close(fd)
+        if entries is None and wd >= 0:
+            # Watched, but not listable: not an empty directory. Say so, retry later.
+            if tree.node_of(wd) is None:
+                with contextlib.suppress(OSError):
+                    self.inotify.rm_watch(wd)
+            wd, err = -1, errno.EIO
         if node.parent is None and node.wd >= 0 and wd != node.wd:
             # Another directory where the root was (replaced while events were lost).
             if wd >= 0 and tree.node_of(wd) is None:
@@ -657,7 +668,7 @@ class Watcher:
                                             st.st_ino))
                 return True
             outs = tree.take_over(other, node)  # moved out and back: listed afresh
-        outs += tree.watched(node, wd, st.st_dev, st.st_ino, entries or [], now)
+        outs += tree.watched(node, wd, st.st_dev, st.st_ino, entries or [], now, deep=cmd.deep)
         self._run(outs)
         self._progress()
         return True
@@ -751,10 +762,8 @@ class Watcher:
                     continue  # the directory is not where the model has it: keep the entry
                 try:
                     st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-                except FileNotFoundError:
-                    self.tree.set_stat(node, name, None)  # its IN_DELETE is coming
                 except OSError:
-                    continue
+                    continue  # gone: its IN_DELETE is coming, and removes the entry then
                 else:
                     self.tree.set_stat(node, name, (st.st_ino, st.st_mtime_ns, st.st_size))
         finally:

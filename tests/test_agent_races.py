@@ -304,6 +304,36 @@ def test_swap_while_stopped(fs, tmp_path, procs, relay):
     assert_replay(feed, initial, root)
 
 
+_RENAME_EXCHANGE = 2  # renameat2 flag: both names must exist; they trade places atomically
+
+
+def exchange(a: Path, b: Path) -> None:
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    at_fdcwd = -100
+    if libc.renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE):
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), f"renameat2({a}, {b}, RENAME_EXCHANGE)")
+
+
+def test_directories_exchanged_atomically(fs, tmp_path, procs, relay):
+    # `mv --exchange`, an atomic deploy swap: the kernel queues the same events as two renames
+    # over each other, yet both directories are still there, with each other's names.
+    root = fs / "w"
+    for side in ("A", "B"):
+        (root / side / "sub").mkdir(parents=True)
+        write(root / side / f"f{side}")
+    initial = on_disk(root)
+    run_agent(tmp_path, procs, relay, root)
+    feed = Feed(tmp_path, procs, relay)
+    for _ in range(3):
+        exchange(root / "A", root / "B")
+    wait_converged(feed, initial, root)
+    write_late(feed, [root / "A", root / "B", root / "A" / "sub", root / "B" / "sub"])
+    assert_replay(feed, initial, root)
+
+
 def test_swap_under_concurrent_creation(fs, tmp_path, procs, relay):
     root = fs / "w"
     for side in ("X", "Y"):
@@ -680,6 +710,32 @@ def test_unreadable_directory_watched_once_readable(fs, tmp_path, procs, relay):
     write(locked / "inner" / "new")
     wait_published(feed, [locked / "new", locked / "inner" / "new"], flag=None)
     write_late(feed, [locked, locked / "inner"])
+    assert_replay(feed, initial, root)
+
+
+def test_readable_but_unsearchable_directory_is_a_notice_not_a_crash(fs, tmp_path, procs, relay):
+    # Mode 644 on a directory: it opens and lists, but cannot be entered (fchdir, lookups).
+    root = fs / "w"
+    odd = root / "odd"
+    (odd / "inner").mkdir(parents=True)
+    write(root / "open")
+    initial = on_disk(root)
+    os.chmod(odd, 0o644)
+    try:
+        agent = run_agent(tmp_path, procs, relay, root, prefix=_unprivileged())
+        feed = Feed(tmp_path, procs, relay)
+        _unwatchable_announced(feed, [odd])
+        late = root / "late-dir"
+        late.mkdir()
+        os.chmod(late, 0o644)  # the same, seen at run time
+        _unwatchable_announced(feed, [late])
+        assert agent.popen.poll() is None, agent.output()[-2000:]
+    finally:
+        os.chmod(odd, 0o755)
+        os.chmod(root / "late-dir", 0o755)
+    write(odd / "new")
+    wait_published(feed, [odd / "new"], flag=None)
+    write_late(feed, [odd, odd / "inner", root / "late-dir"])
     assert_replay(feed, initial, root)
 
 

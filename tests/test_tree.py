@@ -256,6 +256,7 @@ def test_a_rename_over_an_existing_entry_deletes_it_first():
     k.event("/r", MOVED_TO, "b", cookie=1)
     assert k.paths() == [("/r/a", "MOVED_FROM"), ("/r/b", "DELETE"), ("/r/b", "MOVED_TO")]
     k.listings["/r/dst"] = [("inside", False)]
+    k.listings["/r"] = [("b", False), ("dst", True)]  # the parent is listed again too
     del k.wds["/r/dst"]  # replaced: another directory (inode) at that name
     k.event("/r", MOVED_TO | ISDIR, "dst", cookie=2)
     assert k.paths() == [("/r/dst", "DELETE"), ("/r/dst", "MOVED_TO"),
