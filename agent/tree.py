@@ -235,14 +235,8 @@ class Tree:
         it is its parent's (the shell knows when it differs: a mount point)."""
         if wd in self._wds:
             return None
-        node = _Dir(wd, ino, name, parent, root)
-        if dev is not None:
-            self._devs[node] = dev
+        node = self._new_node(wd, parent, name, ino, dev, root)
         self._wds[wd] = node
-        if parent is not None:
-            _writable(parent)[name] = node
-        elif root is not None:
-            root.node = node
         return node
 
     @staticmethod
@@ -253,10 +247,15 @@ class Tree:
                       root: _Root | None, reason: str) -> _Dir:
         """A directory found at start-up that could not be watched: in the model, unwatched,
         retried later (:meth:`retry`). Loss notices are the shell's to publish here."""
-        node = _Dir(_UNWATCHED, ino, name, parent, root)
+        node = self._new_node(_UNWATCHED, parent, name, ino, dev, root)
+        self._failed[node] = reason
+        return node
+
+    def _new_node(self, wd: int, parent: _Dir | None, name: str, ino: int, dev: int | None,
+                  root: _Root | None) -> _Dir:
+        node = _Dir(wd, ino, name, parent, root)
         if dev is not None:
             self._devs[node] = dev
-        self._failed[node] = reason
         if parent is not None:
             _writable(parent)[name] = node
         elif root is not None:
