@@ -5,33 +5,35 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
-from starlette.responses import JSONResponse
 from starlette.routing import Route, WebSocketRoute
-
-from storage_events import __version__
 
 from .auth import Authenticator
 from .channel_store import ChannelStore
 from .channels import Limits, Registry
-from .config import RelayConfig
+from .config import RelayConfig, is_loopback
 from .dcache_api import ChannelService
 from .feed import Feed
+from .guard import Guard, Policy
+from .health import health_endpoint
 from .hub import Hub
 from .ingest import Ingest, IngestLimits
-from .log import EventLog
+from .log import EventLog, StoreError
 from .metrics import metrics_endpoint
 from .push import Pusher
 from .sites import sites_endpoint
 from .sqlite_log import SQLiteLog
 from .upstream import Puller
 from .web import page
+
+logger = logging.getLogger("storage_events.relay")
 
 
 def create_app(cfg: RelayConfig) -> Starlette:
@@ -49,7 +51,9 @@ def create_app(cfg: RelayConfig) -> Starlette:
         log = SQLiteLog(Path(cfg.data), synchronous=cfg.durability.upper(), name=cfg.name)
     hub = Hub()
     auth = Authenticator(cfg.token, cfg.jwt)
-    ingest = Ingest(log, hub, IngestLimits(max_batch=cfg.max_batch), auth, me=cfg.name)
+    ingest = Ingest(log, hub, IngestLimits(max_batch=cfg.max_batch,
+                                           hello_timeout=cfg.request_head_timeout),
+                    auth, me=cfg.name)
     pullers = [Puller(up, ingest, cfg.name) for up in cfg.upstream]
     pushers = [Pusher(target, log, cfg.name) for target in cfg.push]
     hub.listeners.extend(p.notify for p in pushers)
@@ -62,22 +66,14 @@ def create_app(cfg: RelayConfig) -> Starlette:
         store, log, auth, heartbeat=cfg.heartbeat, buffer_bytes=cfg.subscriber_buffer)
     hub.listeners.append(channels.notify)
 
-    async def healthz(request: Request) -> JSONResponse:
-        return JSONResponse({
-            "status": "ok",
-            "version": __version__,
-            "relay": cfg.name,
-            "epoch": log.epoch,
-            "head": log.head,
-            "first": log.first,
-            "subscribers": len(hub),
-            "agents": ingest.connections,
-        })
-
     async def retention() -> None:
         while True:
-            await ingest.trim(max_age=cfg.retention_days * 86400,
-                              max_events=cfg.retention_events, max_bytes=cfg.retention_bytes)
+            try:
+                await ingest.trim(max_age=cfg.retention_days * 86400,
+                                  max_events=cfg.retention_events,
+                                  max_bytes=cfg.retention_bytes)
+            except (StoreError, sqlite3.Error) as e:  # a full disk, say: try again next time
+                logger.error("retention could not run: %s", e)
             await asyncio.sleep(cfg.retention_check)
 
     @contextlib.asynccontextmanager
@@ -100,7 +96,9 @@ def create_app(cfg: RelayConfig) -> Starlette:
             store.close()
             log.close()
 
-    middleware = []
+    policy = Policy.make(cfg.allowed_hosts, cfg.cors_origins, anonymous=not auth.enabled,
+                         listen_loopback=is_loopback(cfg.host_port()[0]))
+    middleware = [Middleware(Guard, policy=policy)]
     if cfg.cors_origins:
         middleware.append(Middleware(CORSMiddleware, allow_origins=cfg.cors_origins,
                                      allow_methods=["GET", "POST", "PATCH", "DELETE"],
@@ -113,10 +111,10 @@ def create_app(cfg: RelayConfig) -> Starlette:
             Route("/", page),
             Route("/events", feed.endpoint),
             WebSocketRoute("/ingest", ingest.endpoint),
-            Route("/healthz", healthz),
+            Route("/healthz", health_endpoint(log, hub, ingest, auth)),
             Route("/sites", sites_endpoint(feed, ingest, pullers, pushers)),
             Route("/metrics", metrics_endpoint(log, hub, ingest, feed, channels, pullers,
-                                               pushers)),
+                                               pushers, auth)),
             *channels.routes(),
         ],
         lifespan=lifespan,

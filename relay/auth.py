@@ -3,13 +3,14 @@
 Tokens are random strings handed out by ``storage-events-relay token``; the config keeps only
 their SHA-256 (they carry 256 bits of entropy, so a fast hash is enough). Readers may instead
 present a JWT (HS256 with a shared secret, or RS256/ES256 checked with a public key) whose
-``sites`` and ``paths`` claims say what they may read.
+``sites`` and ``paths`` claims say what they may read; it must expire, within ``max_lifetime``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import secrets
+import time
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
@@ -18,7 +19,18 @@ import msgspec
 from .filters import FilterError, Scope, normalize_prefix
 
 EVERYTHING = Scope()
-Name = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # site and node names
+Name = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN)]
+Role = Literal["agent", "reader", "relay", "metrics"]
+# The fields of a [[token]] entry beyond name/role/hash: the roles that use each, and what for.
+# Given to another role a field would be ignored, so it is refused instead: an operator who
+# wrote `paths` on a relay token must not believe it restricts anything.
+FIELD_ROLES = {
+    "site": (("agent", "relay"), "the site an agent publishes as, or a pushing relay's name"),
+    "sites": (("reader", "relay"), "the sites a reader may read, or a relay may push"),
+    "paths": (("reader",), "the path prefixes a reader may read"),
+    "node": (("agent",), "the one node an agent may publish as"),
+}
 
 
 class AuthError(Exception):
@@ -31,12 +43,13 @@ class AuthError(Exception):
 
 class TokenConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     name: str
-    role: Literal["agent", "reader", "relay"]
+    role: Role  # metrics: may scrape /metrics (and read /healthz), nothing else
     hash: Annotated[str, msgspec.Meta(pattern=r"^sha256:[0-9a-f]{64}$")]
     site: Name | None = None  # agent: the one site it may publish as; relay: its name
-    sites: list[str] | None = None  # reader: the sites it may read; relay: the sites it may
-    # push events of (default: all)
+    sites: list[str] | None = None  # reader: the sites it may read (default: all); relay: the
+    # sites it may push events of (default: only its own `site`)
     paths: list[str] | None = None  # reader: the path prefixes it may read (default: all)
+    node: Name | None = None  # agent: the one node it may publish as (default: any)
 
     def __post_init__(self) -> None:
         if self.role == "agent" and self.site is None:
@@ -44,6 +57,18 @@ class TokenConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         if self.role == "relay" and self.site is None:
             raise ValueError(f"relay token {self.name!r} needs `site`: the name of the relay "
                              "that pushes with it")
+        for field, (roles, what) in FIELD_ROLES.items():
+            if getattr(self, field) is not None and self.role not in roles:
+                raise ValueError(f"{self.role} token {self.name!r} takes no `{field}` ({what}; "
+                                 f"{' and '.join(roles)} tokens only)")
+
+    def scope(self) -> Scope:
+        """What it may read (a reader) or push (a relay: only its own site unless `sites`
+        names those it may push, so a relay's token cannot forge the streams of other sites)."""
+        sites = self.sites
+        if self.role == "relay" and sites is None:
+            sites = [self.site]
+        return _scope(self.name, sites, self.paths)
 
 
 class JWTConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -53,14 +78,18 @@ class JWTConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     public_key_file: str | None = None  # RS256 / ES256, PEM
     audience: str | None = None
     issuer: str | None = None
+    # Longest lifetime accepted (exp - iat, or exp - now without iat): a leaked token is
+    # useful for at most this long.
+    max_lifetime: Annotated[int, msgspec.Meta(gt=0)] = 86400
 
 
 @dataclass(frozen=True, slots=True)
 class Identity:
     name: str
-    role: str  # "agent", "reader" or "relay"
-    site: str | None = None  # agents
+    role: str  # "agent", "reader", "relay" or "metrics"
+    site: str | None = None  # agents; for relays, their name
     scope: Scope = EVERYTHING  # readers; for relays, the sites they may push
+    node: str | None = None  # agents bound to one node; None: any node of their site
 
 
 def bearer(authorization: str, access_token: str | None) -> str | None:
@@ -107,10 +136,8 @@ class Authenticator:
             if not self._jwt_key:
                 raise ValueError("[jwt] needs `secret` (HS256) or `public_key_file`")
         # Scopes are immutable and shared by every connection of an identity.
-        self._identities = {
-            t.hash: Identity(t.name, t.role, t.site, _scope(t.name, t.sites, t.paths))
-            for t in tokens
-        }
+        self._identities = {t.hash: Identity(t.name, t.role, t.site, t.scope(), t.node)
+                            for t in tokens}
 
     @property
     def enabled(self) -> bool:
@@ -134,7 +161,8 @@ class Authenticator:
         """The caller as a reader (None: anonymous, allowed); other roles are refused (403)."""
         who = self.identify(bearer)
         if who is not None and who.role != "reader":
-            raise AuthError(f"token {who.name!r} is an {who.role} token: it cannot read", 403)
+            raise AuthError(f"token {who.name!r} is {article(who.role)} token: it cannot read",
+                            403)
         return who
 
     def _from_jwt(self, token: str) -> Identity:
@@ -143,12 +171,39 @@ class Authenticator:
         assert self._jwt is not None and self._jwt_key is not None
         try:
             claims = jwt.decode(token, self._jwt_key, algorithms=list(self._jwt.algorithms),
-                                audience=self._jwt.audience, issuer=self._jwt.issuer)
+                                audience=self._jwt.audience, issuer=self._jwt.issuer,
+                                options={"require": ["exp"]})
+        except jwt.MissingRequiredClaimError as e:
+            if e.claim != "exp":
+                raise AuthError(f"the JWT was refused: {e}") from None
+            raise AuthError("the JWT was refused: it has no `exp` (expiry) claim; this relay "
+                            "accepts only JWTs that expire, within "
+                            f"{self._jwt.max_lifetime} s") from None
         except jwt.PyJWTError as e:
             raise AuthError(f"the JWT was refused: {e}") from None
+        _check_lifetime(claims, self._jwt.max_lifetime)
         sub = claims.get("sub")
         if not isinstance(sub, str) or not sub:
             raise AuthError("the JWT has no `sub` claim: it must say who the reader is")
         name = f"jwt:{sub}"  # never the same owner as a configured token's name
         return Identity(name, "reader", None, _scope(name, claims.get("sites"),
                                                      claims.get("paths")))
+
+
+def _check_lifetime(claims: dict, limit: int) -> None:
+    # PyJWT has checked that exp (and iat, if present) are integers, exp in the future and
+    # iat not: so the lifetime counted from iat is at least what is left of it.
+    exp = int(claims["exp"])
+    if "iat" in claims:
+        lifetime, how = exp - int(claims["iat"]), "exp - iat"
+    else:
+        lifetime, how = exp - int(time.time()), "exp - now, it has no iat"
+    if lifetime > limit:
+        raise AuthError(f"the JWT was refused: its lifetime of {lifetime} s ({how}) is more "
+                        f"than this relay accepts, {limit} s ([jwt] max_lifetime); ask its "
+                        "issuer for a shorter-lived token")
+
+
+def article(role: str) -> str:
+    """The role with its article, for messages: 'an agent', 'a reader'."""
+    return f"{'an' if role[0] in 'aeiou' else 'a'} {role}"

@@ -1,12 +1,15 @@
 """Where dCache-style channels live between restarts: one SQLite file beside the event log.
 
-It keeps each channel, its watches, its backlog of rendered events, and the id of the last log
+It keeps each channel, its watches, its backlog of rendered events (each with where it came
+from, so that a replay shows only what the owner may see then), and the id of the last log
 record routed to channels, all written in one transaction per routed batch, so after a crash
-routing resumes exactly where the stored backlog ends.
+routing resumes exactly where the stored backlog ends. Watches are written as they change, not
+with their channel: one channel may hold 10,000 of them.
 """
 
 from __future__ import annotations
 
+import itertools
 import sqlite3
 import threading
 from dataclasses import dataclass
@@ -14,7 +17,7 @@ from pathlib import Path
 
 import msgspec
 
-from .channels import Channel, Registry, Selector, Watch
+from .channels import Channel, Origin, Registry, Selector, Watch
 from .filters import Scope
 
 _SCHEMA = """
@@ -40,28 +43,48 @@ CREATE TABLE IF NOT EXISTS watches (
     mask INTEGER NOT NULL,
     oneshot INTEGER NOT NULL,
     selector BLOB NOT NULL,
+    moved TEXT,                 -- JSON {site: path} of a site-less watch moved on some sites
     PRIMARY KEY (channel, sid)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS backlog (
     channel TEXT NOT NULL,
     id INTEGER NOT NULL,
     data BLOB NOT NULL,         -- the event's JSON envelope, as the channel's stream sends it
+    -- Where it came from (channels.Origin), checked against the owner's rights when it is
+    -- replayed. site NULL: a row stored before this was kept, which no check can clear.
+    site TEXT,
+    path TEXT,
+    overflow INTEGER,
+    old_path TEXT,
     PRIMARY KEY (channel, id)
 ) WITHOUT ROWID;
 """
+# Columns added after the first release: databases it wrote get them when opened, NULL in old
+# rows.
+_ADDED = {"watches": ("moved TEXT",),
+          "backlog": ("site TEXT", "path TEXT", "overflow INTEGER", "old_path TEXT")}
+# Columns named: in a database that was migrated, the added ones come last whatever _SCHEMA says.
+_WATCH = ("INSERT OR REPLACE INTO watches (channel, sid, site, path, mask, oneshot, selector, "
+          "moved) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+_BACKLOG = ("INSERT OR REPLACE INTO backlog (channel, id, data, site, path, overflow, old_path) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)")
 
 _json = msgspec.json.Encoder()
+_order = itertools.count()  # snapshots, numbered in the order they are taken
 
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
     """A channel's rows as of one moment, taken on the event loop: the writer thread must not
-    read channels the loop keeps changing."""
+    read channels the loop keeps changing. Only the watches changed since they were last saved
+    are in it; all of them, so that a newer snapshot holds everything an older one does."""
 
     id: str
     row: tuple
-    watches: list[tuple] | None  # None: unchanged since they were last saved
-    watch_version: int
+    watches: list[tuple]  # rows of the watches added or changed
+    removed: list[tuple[str, str]]  # (channel, sid) of the watches gone
+    versions: list[tuple[str, int]]  # sid → the change these rows are as of
+    order: int  # when it was taken: a write never replaces the rows of a newer one
     first_id: int
 
 
@@ -72,13 +95,28 @@ def snapshot(ch: Channel) -> Snapshot:
            _json.encode(list(scope.prefixes)) if scope.prefixes is not None else None,
            ch.client_id, ch.url, ch.timeout, ch.next_id, ch.first_id, int(ch.connected),
            ch.disconnected_at)
-    watches = None
-    if ch.watch_version != ch.saved_watch_version:
-        watches = [(ch.id, w.sid, w.site, w.path, w.mask, int(w.oneshot),
-                    _json.encode(w.selector)) for w in ch.watches.values()]
-    return Snapshot(ch.id, row, watches, ch.watch_version, ch.first_id)
+    watches, removed = [], []
+    for sid in ch.unsaved:
+        w = ch.watches.get(sid)
+        if w is None:
+            removed.append((ch.id, sid))
+        else:
+            watches.append((ch.id, sid, w.site, w.path, w.mask, int(w.oneshot),
+                            _json.encode(w.selector), _json.encode(w.moved) if w.moved else None))
+    return Snapshot(ch.id, row, watches, removed, list(ch.unsaved.items()), next(_order),
+                    ch.first_id)
+
+
+def saved(ch: Channel, snap: Snapshot) -> None:
+    """``snap`` is written: its watches are saved, unless they changed again since."""
+    for sid, version in snap.versions:
+        if ch.unsaved.get(sid) == version:
+            del ch.unsaved[sid]
+
+
 _selector = msgspec.json.Decoder(Selector)
 _names = msgspec.json.Decoder(list[str] | None)
+_moved = msgspec.json.Decoder(dict[str, str])
 
 
 class ChannelStore:
@@ -89,14 +127,22 @@ class ChannelStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        for table, columns in _ADDED.items():
+            have = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            for column in columns:
+                if column.split()[0] not in have:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
         # Calls come from the event loop (small updates) and a worker thread (batches, reads).
         self._lock = threading.Lock()
+        self._written: dict[str, int] = {}  # channel → the order of the newest snapshot written
 
     def load(self, registry: Registry, now: float) -> int:
         """Fill ``registry``; returns the id of the last log record already routed."""
         with self._lock:
             rows = self._db.execute("SELECT * FROM channels").fetchall()
-            watches = self._db.execute("SELECT * FROM watches").fetchall()
+            watches = self._db.execute(
+                "SELECT channel, sid, site, path, mask, oneshot, selector, moved "
+                "FROM watches").fetchall()
             cursor = self._db.execute("SELECT value FROM meta WHERE key = 'cursor'").fetchone()
         channels = {}
         for (cid, owner, sites, prefixes, client_id, url, timeout, next_id, first_id,
@@ -108,36 +154,45 @@ class ChannelStore:
             # A client connected when the relay stopped has only now been disconnected.
             channels[cid] = Channel(cid, owner, scope, client_id, url, timeout, next_id,
                                     first_id, False, now if connected else disconnected_at)
-        for cid, sid, site, path, mask, oneshot, selector in watches:
+        for cid, sid, site, path, mask, oneshot, selector, moved in watches:
             ch = channels.get(cid)
             if ch is not None:
                 ch.watches[sid] = Watch(sid, ch, site, path, mask, bool(oneshot),
-                                        _selector.decode(selector))
+                                        _selector.decode(selector),
+                                        _moved.decode(moved) if moved else {})
         for ch in channels.values():
             registry.add(ch)
         return cursor[0] if cursor else 0
 
     def save(self, channels: list[Snapshot], cursor: int | None,
-             backlog: list[tuple[str, int, bytes]] | None = None,
+             backlog: list[tuple[str, int, bytes, Origin]] | None = None,
              deleted: list[str] | None = None) -> None:
-        """Write channels (with their watches), new backlog rows, removals and (unless None)
-        the routing cursor in one transaction. A channel's rows older than its ``first_id``
-        go."""
+        """Write channels (with their changed watches), new backlog rows, removals and (unless
+        None) the routing cursor in one transaction. A channel's rows older than its
+        ``first_id`` go."""
         with self._lock:
             db = self._db
+            written = {}
             db.execute("BEGIN IMMEDIATE")
             try:
                 for snap in channels:
+                    # Snapshots are taken in order but may be written out of it (the stream's
+                    # synchronous save on disconnect can overtake a batch on the worker thread).
+                    # A newer one already written holds all this one would.
+                    if snap.order < self._written.get(snap.id, -1):
+                        continue
+                    written[snap.id] = snap.order
                     db.execute("INSERT OR REPLACE INTO channels VALUES "
                                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", snap.row)
-                    if snap.watches is not None:
-                        db.execute("DELETE FROM watches WHERE channel = ?", (snap.id,))
-                        db.executemany("INSERT INTO watches VALUES (?, ?, ?, ?, ?, ?, ?)",
-                                       snap.watches)
+                    db.executemany(_WATCH, snap.watches)
+                    db.executemany("DELETE FROM watches WHERE channel = ? AND sid = ?",
+                                   snap.removed)
                     db.execute("DELETE FROM backlog WHERE channel = ? AND id < ?",
                                (snap.id, snap.first_id))
                 if backlog:
-                    db.executemany("INSERT OR REPLACE INTO backlog VALUES (?, ?, ?)", backlog)
+                    db.executemany(_BACKLOG, [
+                        (cid, i, data, o.site, o.path, int(o.overflow), o.old_path)
+                        for cid, i, data, o in backlog])
                 for cid in deleted or ():
                     for table, key in (("channels", "id"), ("watches", "channel"),
                                        ("backlog", "channel")):
@@ -148,14 +203,20 @@ class ChannelStore:
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
+            self._written.update(written)
+            for cid in deleted or ():
+                self._written.pop(cid, None)
 
-    def read(self, cid: str, after: int, limit: int) -> list[tuple[int, bytes]]:
+    def read(self, cid: str, after: int, limit: int) -> list[tuple[int, bytes, Origin | None]]:
+        """Backlog rows after ``after``, each with where it came from (None: not recorded)."""
         with self._lock:
-            return self._db.execute(
-                "SELECT id, data FROM backlog WHERE channel = ? AND id > ? ORDER BY id LIMIT ?",
+            rows = self._db.execute(
+                "SELECT id, data, site, path, overflow, old_path FROM backlog "
+                "WHERE channel = ? AND id > ? ORDER BY id LIMIT ?",
                 (cid, after, limit)).fetchall()
+        return [(i, data, None if site is None else Origin(site, path, bool(overflow), old))
+                for i, data, site, path, overflow, old in rows]
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
-

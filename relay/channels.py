@@ -138,14 +138,27 @@ class Watch:
     sid: str
     channel: Channel
     site: str | None
-    path: str  # where the watched object is now: follows it when it is moved
+    # Where the watched object is now: the watch follows it when it is moved. A watch without a
+    # site is one watch per site sharing an id; `path` is where the object is on every site
+    # except those in `moved`.
+    path: str
     mask: int
     oneshot: bool
     selector: Selector  # as the client last sent it, for GET
+    # site → path, for a site-less watch whose object was moved on that site (and only there):
+    # that site's events come from the new path, every other site's still from `path`.
+    moved: dict[str, str] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
         return f"{self.channel.url}/subscriptions/inotify/{self.sid}"
+
+    def path_on(self, site: str) -> str:
+        return self.moved.get(site, self.path)
+
+    def paths(self) -> set[str]:
+        """Every path the watch covers on some site."""
+        return {self.path, *self.moved.values()}
 
 
 @dataclass(slots=True, eq=False)
@@ -163,10 +176,15 @@ class Channel:
     connected: bool = False
     disconnected_at: float = 0.0  # wall clock; the channel expires `timeout` s after it
     watches: dict[str, Watch] = field(default_factory=dict)
-    # Watches change rarely and events often: storage rewrites them only when this moved on
-    # from the version it last saved.
+    # A channel may hold 10,000 watches: storage writes only those changed since it last saved
+    # them. sid → the version of its latest change (a sid no longer in `watches` was removed);
+    # a write marks a watch saved only if it has not changed again since its snapshot.
     watch_version: int = 0
-    saved_watch_version: int = -1
+    unsaved: dict[str, int] = field(default_factory=dict)
+
+    def changed(self, sid: str) -> None:
+        self.watch_version += 1
+        self.unsaved[sid] = self.watch_version
 
 
 class Payload(msgspec.Struct, omit_defaults=True):
@@ -192,12 +210,45 @@ def system(type: str, subscription: str | None = None) -> bytes:
     return _encode(SystemEvent(type, subscription))
 
 
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where an event routed to a channel came from. Kept with it, because rights follow the
+    owner's current token: what is delivered later (a replay, or a push to a client that
+    connected after routing) is checked again against the rights the owner has then."""
+
+    site: str  # "" for the relay's own notices, which reveal nothing of any site
+    path: str
+    overflow: bool = False  # a loss notice: it concerns everything below and above `path`
+    old_path: str | None = None  # a move's source, which its cookie links to
+
+
+RELAY = Origin("", "/")
+_envelope = msgspec.json.Decoder(Envelope)
+
+
+def deliverable(scope: Scope, origin: Origin, data: bytes) -> bytes | None:
+    """``data`` as an owner with ``scope`` may receive it now; None if not at all."""
+    if not origin.site:
+        return data
+    if not scope.allows(origin.site, origin.path, overflow=origin.overflow):
+        return None
+    if origin.old_path is not None and not scope.allows(origin.site, origin.old_path):
+        env = _envelope.decode(data)  # the half it links to is no longer the owner's to see
+        env.event.cookie = None
+        return _encode(env)
+    return data
+
+
 @dataclass(slots=True)
 class Routed:
-    """What routing produced: events for channels' backlogs, and watches that ended."""
+    """What routing produced: events for channels' backlogs, watches that ended, and channels
+    with watches that followed a move (to be stored with this batch even if no event of it
+    reached them)."""
 
-    events: list[tuple[Channel, int, bytes]] = field(default_factory=list)  # channel, id, JSON
+    # channel, id, JSON envelope, where it came from
+    events: list[tuple[Channel, int, bytes, Origin]] = field(default_factory=list)
     closed: list[Watch] = field(default_factory=list)
+    followed: dict[str, Channel] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,6 +265,9 @@ class Registry:
         self.limits = limits
         self.channels: dict[str, Channel] = {}
         self._by_path: dict[str, set[Watch]] = {}
+        # The directories above watched paths, each → the next components down towards them:
+        # what a directory move concerns is found without looking at every watched path.
+        self._below: dict[str, set[str]] = {}
 
     # -- channels ------------------------------------------------------------------------
 
@@ -230,10 +284,9 @@ class Registry:
 
     def add(self, ch: Channel) -> None:
         """Put back a channel loaded from storage."""
-        ch.saved_watch_version = ch.watch_version
         self.channels[ch.id] = ch
         for w in ch.watches.values():
-            self._by_path.setdefault(w.path, set()).add(w)
+            self._index(w)
 
     def get(self, cid: str, owner: str) -> Channel:
         ch = self.channels.get(cid)
@@ -286,11 +339,13 @@ class Registry:
             raise ChannelError(400, f"Permission denied: {ch.owner!r} may not read "
                                     f"{sel.path}{' on ' + sel.site if sel.site else ''}")
         for w in self._by_path.get(sel.path, ()):
-            if w.channel is ch and w.site == sel.site:
+            # The same watch only if it covers the path on every site it concerns: where its
+            # object was moved away on one site, another object now has the path there.
+            if w.channel is ch and w.site == sel.site and w.path == sel.path and not w.moved:
                 w.mask = w.mask | mask.events if mask.add else mask.events
                 w.oneshot = mask.oneshot
                 w.selector = sel
-                ch.watch_version += 1
+                ch.changed(w.sid)
                 return w, False
         if len(ch.watches) >= self.limits.watches:
             raise ChannelError(400, f"channel {ch.id} already has {self.limits.watches} "
@@ -300,8 +355,8 @@ class Registry:
             sid = watch_id(sel.site, sel.path + "\0" + secrets.token_hex(4))
         w = Watch(sid, ch, sel.site, sel.path, mask.events, mask.oneshot, sel)
         ch.watches[sid] = w
-        ch.watch_version += 1
-        self._by_path.setdefault(w.path, set()).add(w)
+        ch.changed(sid)
+        self._index(w)
         return w, True
 
     def watch(self, ch: Channel, sid: str) -> Watch:
@@ -312,15 +367,55 @@ class Registry:
 
     def unsubscribe(self, w: Watch) -> None:
         w.channel.watches.pop(w.sid, None)
-        w.channel.watch_version += 1
+        w.channel.changed(w.sid)
         self._drop(w)
 
+    def _index(self, w: Watch) -> None:
+        for path in w.paths():
+            same = self._by_path.get(path)
+            if same is None:
+                same = self._by_path[path] = set()
+                self._link(path)
+            same.add(w)
+
     def _drop(self, w: Watch) -> None:
-        same = self._by_path.get(w.path)
-        if same is not None:
-            same.discard(w)
-            if not same:
-                del self._by_path[w.path]
+        for path in w.paths():
+            same = self._by_path.get(path)
+            if same is not None:
+                same.discard(w)
+                if not same:
+                    del self._by_path[path]
+                    self._unlink(path)
+
+    def _link(self, path: str) -> None:
+        while path != "/":
+            parent = path.rpartition("/")[0] or "/"
+            below = self._below.setdefault(parent, set())
+            if path in below:
+                return
+            below.add(path)
+            path = parent
+
+    def _unlink(self, path: str) -> None:
+        """``path`` is no longer watched: prune it, and directories left with nothing below."""
+        while path != "/" and path not in self._by_path and path not in self._below:
+            parent = path.rpartition("/")[0] or "/"
+            below = self._below[parent]
+            below.discard(path)
+            if below:
+                return
+            del self._below[parent]
+            path = parent
+
+    def _beneath(self, path: str) -> list[str]:
+        """The watched paths at or below ``path``."""
+        found, todo = [], [path]
+        while todo:
+            p = todo.pop()
+            if p in self._by_path:
+                found.append(p)
+            todo.extend(self._below.get(p, ()))
+        return found
 
     # -- routing -------------------------------------------------------------------------
 
@@ -330,22 +425,26 @@ class Registry:
             return out
         for r in records:
             if r.flags & _OVERFLOW:
+                origin = Origin(r.site, r.path, overflow=True)
                 for w in self._all():
-                    if (under(w.path, r.path) or under(r.path, w.path)) and \
-                            self._loss_visible(w, r):
-                        self._emit(out, w, r, Payload(["IN_Q_OVERFLOW"]))
+                    if self._loss_visible(w, r):
+                        self._emit(out, w, origin, Payload(["IN_Q_OVERFLOW"]))
                 continue
             parent = r.path.rpartition("/")[0] or "/"
             children = self._by_path.get(parent) if r.path != "/" else None
             selves = self._by_path.get(r.path)
+            # A watch is found under each path it covers; it concerns this record only under
+            # the path it has on the record's site.
             if children:
                 for w in list(children):
-                    self._child(out, w, r)
+                    if w.path_on(r.site) == parent:
+                        self._child(out, w, r)
             if selves:
                 for w in list(selves):
-                    self._self(out, w, r)
+                    if w.path_on(r.site) == r.path:
+                        self._self(out, w, r)
             if r.flags & _MOVED_TO:
-                self._follow(r)
+                self._follow(out, r)
         return out
 
     @property
@@ -353,7 +452,8 @@ class Registry:
         return bool(self._by_path)
 
     def _all(self) -> list[Watch]:
-        return [w for ws in self._by_path.values() for w in ws]
+        """Every watch, once. O(all watches), but only for loss notices, which are rare."""
+        return [w for ch in self.channels.values() for w in ch.watches.values()]
 
     def _visible(self, w: Watch, r: Record) -> bool:
         if w.site is not None and r.site != w.site:
@@ -362,10 +462,12 @@ class Registry:
 
     def _loss_visible(self, w: Watch, r: Record) -> bool:
         if not r.site:  # the router's own notice: records were lost before routing
-            return True
+            return True  # (its path is "/": it concerns every watch)
         if w.site is not None and r.site != w.site:
             return False
-        return w.channel.scope.allows(r.site, r.path, overflow=True)
+        path = w.path_on(r.site)
+        return (under(path, r.path) or under(r.path, path)) and w.channel.scope.allows(
+            r.site, r.path, overflow=True)
 
     def _child(self, out: Routed, w: Watch, r: Record) -> None:
         bits = r.flags & _CHILD_EVENTS & w.mask
@@ -376,9 +478,10 @@ class Registry:
         cookie = None
         if bits & _MOVES and ev.cookie is not None and self._pair_visible(w, r, ev):
             cookie = move_cookie(r, ev.cookie)
+        origin = Origin(r.site, r.path, old_path=ev.old_path if cookie else None)
         for bit in Flag(bits):
             mask = [f"IN_{bit.name}", "IN_ISDIR"] if ev.is_dir else [f"IN_{bit.name}"]
-            if self._emit(out, w, r, Payload(mask, name, cookie if bit & _MOVES else None)):
+            if self._emit(out, w, origin, Payload(mask, name, cookie if bit & _MOVES else None)):
                 return
 
     def _pair_visible(self, w: Watch, r: Record, ev: Event) -> bool:
@@ -392,37 +495,47 @@ class Registry:
         bits = int(own) if own is not None else r.flags & _CHILD_EVENTS & ~_MOVES
         bits &= w.mask | int(Flag.DELETE_SELF)  # a watch always learns that its object is gone
         is_dir = r.event().is_dir
+        origin = Origin(r.site, r.path)
         for bit in Flag(bits):
             mask = [f"IN_{bit.name}", "IN_ISDIR"] if is_dir and own is None else [
                 f"IN_{bit.name}"]
             if bit is Flag.DELETE_SELF:
-                ended = bool(w.mask & int(Flag.DELETE_SELF)) and self._emit(out, w, r,
+                ended = bool(w.mask & int(Flag.DELETE_SELF)) and self._emit(out, w, origin,
                                                                             Payload(mask))
                 if not ended:
                     self._end(out, w)
                 return
-            if self._emit(out, w, r, Payload(mask)):
+            if self._emit(out, w, origin, Payload(mask)):
                 return
 
-    def _follow(self, r: Record) -> None:
-        """A watched object that was moved keeps its watch, under its new path."""
+    def _follow(self, out: Routed, r: Record) -> None:
+        """A watched object that was moved keeps its watch, under its new path: on the site
+        where it moved, and only there."""
         ev = r.event()
         old = ev.old_path
         if old is None:
             return
-        moved = [p for p in self._by_path if under(p, old)] if ev.is_dir else (
-            [old] if old in self._by_path else [])
+        moved = self._beneath(old) if ev.is_dir else ([old] if old in self._by_path else [])
         for path in moved:
-            for w in self._by_path.pop(path):
-                if w.site is None or w.site == r.site:
-                    w.path = r.path + path[len(old):]
-                    w.channel.watch_version += 1
-                self._by_path.setdefault(w.path, set()).add(w)
+            for w in list(self._by_path.get(path, ())):
+                if (w.site is not None and w.site != r.site) or w.path_on(r.site) != path:
+                    continue  # another site's object, which stayed where it was
+                new = r.path + path[len(old):]
+                self._drop(w)
+                if w.site is not None:
+                    w.path = new
+                elif new == w.path:  # moved back: this site is like the others again
+                    w.moved.pop(r.site, None)
+                else:
+                    w.moved[r.site] = new
+                self._index(w)
+                w.channel.changed(w.sid)
+                out.followed[w.channel.id] = w.channel
 
-    def _emit(self, out: Routed, w: Watch, r: Record, payload: Payload) -> bool:
+    def _emit(self, out: Routed, w: Watch, origin: Origin, payload: Payload) -> bool:
         """Queue one event for ``w``'s channel; True when the watch ended (IN_ONESHOT)."""
         ch = w.channel
-        out.events.append((ch, ch.next_id, _encode(Envelope(payload, w.url))))
+        out.events.append((ch, ch.next_id, _encode(Envelope(payload, w.url)), origin))
         ch.next_id += 1
         if w.oneshot and payload.mask[0] not in ("IN_Q_OVERFLOW", "IN_IGNORED"):
             self._end(out, w)
@@ -437,7 +550,8 @@ class Registry:
 
     def _end(self, out: Routed, w: Watch) -> None:
         ch = w.channel
-        out.events.append((ch, ch.next_id, _encode(Envelope(Payload(["IN_IGNORED"]), w.url))))
+        out.events.append((ch, ch.next_id, _encode(Envelope(Payload(["IN_IGNORED"]), w.url)),
+                           RELAY))
         ch.next_id += 1
         self.unsubscribe(w)
         out.closed.append(w)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from pathlib import Path
 
@@ -54,8 +55,7 @@ def serve(config_file: Path | None, listen: str | None, data: str | None, store:
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--upstream") from None
     try:
-        check_secure(cfg)
-        host, port = cfg.host_port()
+        check_secure(cfg)  # also checks the listen address, which server_config() takes apart
     except ValueError as e:
         raise click.ClickException(str(e)) from None
 
@@ -64,6 +64,7 @@ def serve(config_file: Path | None, listen: str | None, data: str | None, store:
 
         from .app import create_app
         from .log import StoreError
+        from .server import server_config
     except ImportError as e:
         raise click.ClickException(
             f"the relay needs its extra dependencies ({e.name} is missing): "
@@ -75,19 +76,7 @@ def serve(config_file: Path | None, listen: str | None, data: str | None, store:
         raise click.ClickException(f"cannot start: {e}") from None
     except ValueError as e:
         raise click.ClickException(f"config: {e}") from None
-    server = uvicorn.Server(uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        ws_max_size=cfg.max_frame,
-        ws_per_message_deflate=False,
-        log_level="debug" if verbose else "info",
-        log_config=None,  # uvicorn's loggers go through ours (text or JSON)
-        timeout_graceful_shutdown=5,
-        access_log=bool(verbose),
-        ssl_certfile=cfg.certfile,
-        ssl_keyfile=cfg.keyfile,
-    ))
+    server = uvicorn.Server(server_config(app, cfg, verbose=verbose))
     stop = server.handle_exit
 
     def handle_exit(sig: int, frame: object) -> None:
@@ -103,33 +92,48 @@ def serve(config_file: Path | None, listen: str | None, data: str | None, store:
 
 @main.command()
 @click.option("--name", required=True, help="Who or what the token is for (shown in logs).")
-@click.option("--role", type=click.Choice(["agent", "reader", "relay"]), required=True,
-              help="agent: publishes one site; reader: reads; relay: a relay pushing its feed.")
+@click.option("--role", type=click.Choice(["agent", "reader", "relay", "metrics"]),
+              required=True,
+              help="agent: publishes one site; reader: reads; relay: a relay pushing its feed; "
+                   "metrics: scrapes /metrics (Prometheus), nothing else.")
 @click.option("--site", help="agent: the site it publishes as; relay: the name of the relay "
                              "that pushes with it (required for both).")
 @click.option("--sites", multiple=True,
-              help="reader: a site it may read; relay: a site it may push (repeat; default all).")
+              help="reader: a site it may read (repeat; default all); relay: a site it may push "
+                   "events of (repeat; default: only its own --site).")
 @click.option("--paths", multiple=True,
               help="reader: a path prefix it may read (repeat; default all).")
+@click.option("--node", help="agent: the one node it may publish as (default: any node of its "
+                             "site).")
 @version_option
 def token(name: str, role: str, site: str | None, sites: tuple[str, ...],
-          paths: tuple[str, ...]) -> None:
+          paths: tuple[str, ...], node: str | None) -> None:
     """Make a token: prints it once, and the [[token]] entry (with its hash) for the config."""
     import msgspec
 
-    from .auth import TokenConfig, hash_token, new_token
+    from .auth import FIELD_ROLES, NAME_PATTERN, TokenConfig, hash_token, new_token
     from .filters import FilterError, normalize_prefix
 
+    given = {"site": site, "sites": sites, "paths": paths, "node": node}
+    for option, value in given.items():
+        roles, what = FIELD_ROLES[option]
+        if value and role not in roles:
+            raise click.UsageError(f"{role} tokens take no --{option} ({what}; "
+                                   f"{' and '.join(roles)} tokens only)")
     if role in ("agent", "relay") and not site:
         raise click.BadParameter(f"{role} tokens need --site", param_hint="--site")
+    for kind, value in (("site", site), ("node", node)):
+        if value is not None and not re.match(NAME_PATTERN, value):
+            raise click.BadParameter(f"{value!r} is not a valid {kind} name: use letters, "
+                                     "digits, '.', '_' or '-', at most 64, starting with a "
+                                     "letter or digit", param_hint=f"--{kind}")
     try:
         prefixes = [normalize_prefix(p) for p in paths]
     except FilterError as e:
         raise click.BadParameter(str(e), param_hint="--paths") from None
     secret = new_token()
     entry = TokenConfig(name=name, role=role, hash=hash_token(secret),  # type: ignore[arg-type]
-                        site=site if role != "reader" else None,
-                        sites=list(sites) or None, paths=prefixes or None)
+                        site=site, sites=list(sites) or None, paths=prefixes or None, node=node)
     # JSON strings and string arrays are valid TOML.
     toml = "\n".join(f"{k} = {msgspec.json.encode(v).decode()}"
                      for k, v in msgspec.to_builtins(entry).items() if v is not None)

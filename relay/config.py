@@ -87,6 +87,14 @@ class RelayConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     token: list[TokenConfig] = []  # [[token]] entries, made by `storage-events-relay token`
     jwt: JWTConfig | None = None  # readers may also present JWTs checked with this
     max_subscribers_per_identity: PositiveInt = 64
+    # Slow or idle clients: a request head (and a WebSocket's hello) must arrive within this
+    # many seconds, and at most this many connections are served at once (beyond: HTTP 503).
+    request_head_timeout: Positive = 10.0
+    max_connections: PositiveInt = 10_000
+    # Host names (or IP addresses) clients may reach this relay by; checked on the anonymous
+    # loopback default against DNS rebinding. Empty: loopback names only when anonymous, any
+    # name when tokens are configured (put a reverse proxy's public name here to check it too).
+    allowed_hosts: list[str] = []
     # dCache-compatible channels (/api/v1/events), with dCache's defaults.
     channels_per_user: PositiveInt = 128
     channel_timeout: Annotated[int, msgspec.Meta(ge=1, le=86400)] = 300  # s without a client

@@ -21,8 +21,8 @@ from starlette.routing import Match, Route
 from storage_events import sse
 from storage_events.wire import Flag
 
-from .auth import Authenticator, AuthError, bearer
-from .channel_store import ChannelStore, Snapshot, snapshot
+from .auth import EVERYTHING, Authenticator, AuthError, bearer
+from .channel_store import ChannelStore, Snapshot, saved, snapshot
 from .channels import (
     EVENTS,
     MACROS,
@@ -31,6 +31,7 @@ from .channels import (
     ChannelError,
     Registry,
     Routed,
+    deliverable,
     parse_selector,
     resume,
     system,
@@ -150,17 +151,20 @@ class ChannelService:
         for snap in snaps:
             ch = self.registry.channels.get(snap.id)
             if ch is not None:
-                ch.saved_watch_version = max(ch.saved_watch_version, snap.watch_version)
+                saved(ch, snap)
 
     async def _apply(self, routed: Routed, cursor: int | None = None) -> None:
         """Store what routing produced, then tell connected clients."""
-        touched = {id(ch): ch for ch, _, _ in routed.events}
+        touched = {id(ch): ch for ch, *_ in routed.events}
         for w in routed.closed:
             touched[id(w.channel)] = w.channel
+        for ch in routed.followed.values():
+            touched[id(ch)] = ch
         for ch in touched.values():
             self.registry.trimmed(ch)
         live = self.registry.channels
-        rows = [(ch.id, i, data) for ch, i, data in routed.events if live.get(ch.id) is ch]
+        rows = [(ch.id, i, data, origin) for ch, i, data, origin in routed.events
+                if live.get(ch.id) is ch]
         self.routed += len(rows)
         async with self._commit:
             snaps = self._snapshots(touched.values())
@@ -169,9 +173,15 @@ class ChannelService:
             if cursor is not None:
                 self.cursor = cursor
         items: dict[str, list[tuple[int, bytes]]] = {}
-        for ch, i, data in routed.events:
-            if ch.id in self.streams:
-                items.setdefault(ch.id, []).append((i, sse.render(data, event="inotify", id=i)))
+        for ch, i, data, origin in routed.events:
+            if ch.id not in self.streams:
+                continue
+            # Routed under the scope of its time; the owner may have reconnected with a
+            # narrower token while this batch was being stored.
+            allowed = deliverable(ch.scope, origin, data)
+            if allowed is not None:
+                items.setdefault(ch.id, []).append((i, sse.render(allowed, event="inotify",
+                                                                  id=i)))
         for cid, batch in items.items():
             self.streams[cid].push(batch, sum(len(b) for _, b in batch))
         for w in routed.closed:
@@ -400,7 +410,8 @@ class ChannelService:
                     box.reset()
                     async for chunk, newest in self._replay(ch, last):
                         last = newest
-                        yield chunk
+                        if chunk:
+                            yield chunk
                     replay = False
                 while not (box.overflowed or box.closed):
                     if not await box.wait(self.heartbeat):
@@ -424,15 +435,32 @@ class ChannelService:
                     self._saved(snaps)
 
     async def _replay(self, ch: Channel, after: int) -> AsyncIterator[tuple[bytes, int]]:
+        """The stored backlog after ``after``, as the owner may see it now: each row was routed
+        under the rights of its time, which may have been wider."""
         if after + 1 < ch.first_id:  # the backlog moved on while this client fell behind
             yield sse.render(system("EVENT_LOSS"), event="SYSTEM"), ch.first_id - 1
             after = ch.first_id - 1
+        unknown_told = False
         while True:
             rows = await asyncio.to_thread(self.store.read, ch.id, after, REPLAY_PAGE)
             if not rows:
                 return
             after = rows[-1][0]
-            yield b"".join(sse.render(data, event="inotify", id=i) for i, data in rows), after
+            chunks = []
+            for i, data, origin in rows:
+                if origin is None:
+                    # Stored before rows kept their origin: only an owner who may read
+                    # everything gets it; anyone else is told that something is missing.
+                    if ch.scope == EVERYTHING:
+                        chunks.append(sse.render(data, event="inotify", id=i))
+                    elif not unknown_told:
+                        chunks.append(sse.render(system("EVENT_LOSS"), event="SYSTEM"))
+                        unknown_told = True
+                    continue
+                allowed = deliverable(ch.scope, origin, data)
+                if allowed is not None:
+                    chunks.append(sse.render(allowed, event="inotify", id=i))
+            yield b"".join(chunks), after  # rows skipped still move the replay on
 
 
 async def _body(request: Request) -> bytes:

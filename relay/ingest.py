@@ -52,6 +52,9 @@ class ProtocolError(Exception):
 @dataclass(frozen=True, slots=True)
 class IngestLimits:
     max_batch: int = 10_000
+    # Nothing larger is decoded before the sender is known: a hello is names and a token.
+    max_hello: int = 16 * 1024
+    hello_timeout: float = 10.0
 
 
 class IngestSession:
@@ -65,13 +68,20 @@ class IngestSession:
         self.me = me
         self.hello: Hello | None = None
         self.sites: frozenset[str] | None = None  # a pushing relay's allowed sites
-        self.checkpoint = 0  # a pushing relay: the last of its ids in the latest batch
+        self.checkpoint = 0  # a pushing relay: the last of its ids in the latest batch;
+        # an agent: the highest seq the relay may acknowledge to it (held, or sent by it)
         self.loops: LoopGuard | None = None  # a pushing relay: events that come back
+        self.replaced = False  # an agent: a newer connection publishes its stream now
 
     def receive(self, frame: bytes | str) -> Hello | list[Event]:
         if isinstance(frame, str):
             raise ProtocolError("text frames are not part of the ingest protocol: send msgpack "
                                 "in binary frames", 1003)
+        # Before the sender is known only a small hello is decoded: an anonymous peer must not
+        # make the relay parse megabytes.
+        if self.hello is None and len(frame) > self.limits.max_hello:
+            raise ProtocolError(f"the first frame must be a hello of at most "
+                                    f"{self.limits.max_hello:,} bytes, not {len(frame):,}", 1009)
         try:
             msg = decode_to_relay(frame)
         except msgspec.ValidationError as e:
@@ -109,8 +119,16 @@ class IngestSession:
                 raise ProtocolError(f"token {who.name!r} may publish as "
                                     f"{'site' if who.role == 'agent' else 'relay'} "
                                     f"{who.site!r}, not {hello.site!r}")
+            if who is not None and who.node is not None and who.node != hello.node:
+                raise ProtocolError(f"token {who.name!r} may publish as node {who.node!r}, "
+                                    f"not {hello.node!r}")
             if who is not None and who.role == "relay":
                 self.sites = who.scope.sites
+        if hello.role == "agent" and not (hello.stream.startswith(hello.node + ":")
+                                          and len(hello.stream) > len(hello.node) + 1):
+            # Names no relay's loss notices (<relay>.gap) or another node's stream can take.
+            raise ProtocolError(f"an agent's stream is <its node>:<run id>, not "
+                                f"{hello.stream!r} for node {hello.node!r}")
         if hello.role == "relay":
             if not re.fullmatch(rf"relay:{re.escape(hello.site)}:[0-9]+", hello.stream):
                 raise ProtocolError(f"a relay's stream is relay:<its name>:<its log's epoch>, "
@@ -137,13 +155,22 @@ class IngestSession:
             if ev.site != hello.site or ev.node != hello.node:
                 raise ProtocolError(f"{where} claims site/node {ev.site[:64]!r}/{ev.node[:64]!r}"
                                     f" but the connection said {hello.site!r}/{hello.node!r}")
-            if ev.seq <= previous:
-                raise ProtocolError(f"{where}: seq numbers must increase within a batch")
+            if previous and ev.seq != previous + 1:
+                # An agent numbers every event it publishes, loss notices included.
+                raise ProtocolError(f"{where}: seq numbers within a batch go up by one "
+                                    f"(seq {ev.seq} after {previous})")
             previous = ev.seq
             if ev.via or ev.origin_id is not None:
                 raise ProtocolError(f"{where}: an agent cannot set via/origin_id (relays do)")
             ev.id = 0
+        if events:
+            self.checkpoint = max(self.checkpoint, events[-1].seq)
         return events
+
+    def ack(self, held: int) -> int:
+        """What an agent is told is stored: never beyond what it sent itself, whatever the log
+        holds (so no one else's events can make it drop its own unstored ones)."""
+        return min(held, self.checkpoint)
 
     def _check_relayed(self, events: list[Event]) -> list[Event]:
         """A pushing relay's batch: its own ids increase; sites are within its token's."""
@@ -158,10 +185,13 @@ def check_relayed(events: list[Event], previous: int, sender: str | None,
     """Events from another relay, pushed (``sender``: its name) or pulled: valid names, paths
     and flags; the sender's ids increase; only ``sites`` (None: any). Returns the last id."""
     for i, ev in enumerate(events):
-        where = f"event {i} ({ev.stream[:80]} seq {ev.seq})"
-        _check_event(where, ev)
+        _check_event(f"event {i}", ev)
         if not (_NAME.match(ev.site) and _NAME.match(ev.node) and _STREAM.match(ev.stream)):
-            raise ProtocolError(f"{where}: site, node or stream name is not valid")
+            raise ProtocolError(f"event {i}: site, node or stream name is not valid")
+        where = f"event {i} ({ev.stream} seq {ev.seq})"  # (names checked: safe to show)
+        if ev.stream.endswith(".gap") and not _is_gap(ev):
+            raise ProtocolError(f"{where}: a stream <relay>.gap holds only that relay's loss "
+                                "notices (an overflow of / from site and node <relay>)")
         if sites is not None and ev.site not in sites and not (
                 ev.site == sender and ev.stream == f"{sender}.gap"):  # its own loss notices
             raise ProtocolError(f"{where}: relay {sender!r} may not push events of site "
@@ -169,11 +199,27 @@ def check_relayed(events: list[Event], previous: int, sender: str | None,
         if ev.id <= previous:
             raise ProtocolError(f"{where}: the sending relay's ids must increase "
                                 f"(id {ev.id} after {previous})")
-        if sender is not None and (not ev.via or ev.via[-1] != sender):
+        gap = _is_gap(ev)  # a relay's loss notice: made by the puller or sender itself
+        if not (ev.via or (gap and sender is None)) or (ev.origin_id is None and not gap):
+            raise ProtocolError(f"{where}: a relayed event names the relays it passed through "
+                                "(via) and the first one's id (origin_id)")
+        if sender is not None and ev.via[-1] != sender:
             raise ProtocolError(f"{where}: a pushed event's via must end with the pushing "
                                 f"relay {sender!r}")
+        if len(set(ev.via)) != len(ev.via):
+            raise ProtocolError(f"{where}: via names a relay twice ({' → '.join(ev.via)})")
+        if len(ev.via) == 1 and ev.origin_id not in (ev.id, None):
+            # The first relay's id is the one it sends: only further hops can keep another.
+            raise ProtocolError(f"{where}: origin_id {ev.origin_id} of an event stored only by "
+                                f"{ev.via[0]} must be its id {ev.id}")
         previous = ev.id
     return previous
+
+
+def _is_gap(ev: Event) -> bool:
+    relay = ev.stream.removesuffix(".gap")
+    return (ev.site == ev.node == relay and ev.path == "/" and ev.flags == ["IN_Q_OVERFLOW"]
+            and ev.old_path is None)
 
 
 def _check_event(where: str, ev: Event) -> None:
@@ -202,24 +248,47 @@ class Ingest:
         self.last_ts: dict[str, int] = {}  # newest event time stored, by site
         self.route: dict[str, str] = {}  # by site: the peer relay its events last came from
         self.looped = 0  # events dropped because they had already passed through this relay
+        # Why the log cannot store right now (None: it can): shown by /healthz and /metrics.
+        self.store_error: str | None = None
+        # agent stream → the connection publishing it (session, socket, who)
+        self._live: dict[str, tuple[IngestSession, WebSocket, str]] = {}
+        self._closing: set[asyncio.Future[None]] = set()  # connections being told they lost it
 
     async def store(self, events: list[Event],
                     checkpoint: tuple[str, int] | None = None) -> None:
-        """Store and publish; a ``checkpoint`` says they came from a peer relay."""
-        if checkpoint is None:
-            if events:
-                self.last_ts[events[-1].site] = events[-1].ts
-                self.route.pop(events[-1].site, None)
-        else:
-            for ev in events:
-                self.last_ts[ev.site] = ev.ts
-                if ev.via:  # (a loss notice made here has none)
-                    self.route[ev.site] = ev.via[-1]  # the peer's own name for itself
+        """Store and publish; a ``checkpoint`` says they came from a peer relay. While the log
+        cannot store, this waits and retries: the senders' batches stay unacknowledged (they
+        keep them) and no connection is dropped, so nobody reconnects in a loop."""
+        delay = 0.2
         async with self._lock:
             loop = asyncio.get_running_loop()
-            records = await loop.run_in_executor(
-                self._writer, functools.partial(self.log.append, events, checkpoint))
+            while True:
+                try:
+                    records = await loop.run_in_executor(
+                        self._writer, functools.partial(self.log.append, events, checkpoint))
+                    break
+                except StoreError as e:
+                    if self.store_error is None:
+                        log.error("%s", e)
+                    self.store_error = str(e)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+            if self.store_error is not None:
+                log.warning("the event log stores again")
+                self.store_error = None
             self.hub.publish(records)
+        # Only what was stored moves a site's health (a shared log's records come back later,
+        # through its subscription: there, what was sent stands for them).
+        if checkpoint is None:  # an agent's batch: one site
+            last = records[-1].event() if records else events[-1] if events else None
+            if last is not None:
+                self.last_ts[last.site] = last.ts
+                self.route.pop(last.site, None)
+            return
+        for ev in [r.event() for r in records] if records else events:
+            self.last_ts[ev.site] = ev.ts
+            if len(ev.via) >= 2:  # the last is this relay; a loss notice made here has no other
+                self.route[ev.site] = ev.via[-2]  # the peer's own name for itself
 
     def count_loops(self, guard: LoopGuard) -> None:
         if guard.report is not None:
@@ -239,24 +308,26 @@ class Ingest:
         session = IngestSession(self.limits, self.auth, self.me)
         peer = f"{ws.client.host}:{ws.client.port}" if ws.client else "?"
         counter: Counter[str] | None = None
+        publishing: str | None = None  # the agent stream this connection holds
         self.connections += 1
         try:
             try:
-                hello = session.receive(await _receive(ws, timeout=10))
+                hello = session.receive(await _receive(ws, timeout=self.limits.hello_timeout))
             except TimeoutError:
-                raise ProtocolError("no hello within 10 s") from None
+                raise ProtocolError(f"no hello within {self.limits.hello_timeout:g} s") from None
             assert isinstance(hello, Hello)
             peer = f"{hello.role} {hello.site}/{hello.node} ({peer})"
+            if hello.role == "agent":
+                self._take(hello.stream, session, ws, peer)
+                publishing = hello.stream
             counter = self.relays if hello.role == "relay" else self.by_site
             counter[hello.site] += 1
             # A relay's position is the last of its ids we hold; an agent's, its stream's seq.
             key = PUSHED_KEY.format(hello.stream) if hello.role == "relay" else hello.stream
             # (Off the event loop: a shared store may have to ask its servers.)
             session.checkpoint = await asyncio.to_thread(self.log.position, key)
-            owner = self.log.stream_site(hello.stream)
-            if hello.role == "agent" and owner not in (None, hello.site):
-                raise ProtocolError(f"stream {hello.stream!r} belongs to site {owner!r}: an "
-                                    "agent names a stream of its own")
+            if hello.role == "agent":
+                self._check_owner(hello)
             await ws.send_bytes(encode_frame(Welcome(stream=hello.stream,
                                                      acked=session.checkpoint)))
             log.info("%s connected, stream %s", peer, hello.stream)
@@ -266,9 +337,14 @@ class Ingest:
                 if session.loops is not None:
                     self.count_loops(session.loops)
                     await self.store(events, (key, session.checkpoint))
-                elif events:
-                    await self.store(events)
-                await ws.send_bytes(encode_frame(Ack(hello.stream, self.log.position(key))))
+                    acked = self.log.position(key)
+                else:
+                    if events and not session.replaced:
+                        await self.store(events)
+                    if session.replaced:
+                        break  # (its events may be stored, but the newer connection is told)
+                    acked = session.ack(self.log.position(key))
+                await ws.send_bytes(encode_frame(Ack(hello.stream, acked)))
         except ProtocolError as e:
             log.warning("closing ingest connection from %s: %s", peer, e)
             await _refuse(ws, str(e), e.code)
@@ -284,6 +360,38 @@ class Ingest:
             self.connections -= 1
             if counter is not None:
                 counter[hello.site] -= 1
+            if publishing is not None and self._live.get(publishing, (None,))[0] is session:
+                del self._live[publishing]
+
+    def _take(self, stream: str, session: IngestSession, ws: WebSocket, peer: str) -> None:
+        """Make this the one connection publishing ``stream``. An older one is a connection
+        its agent gave up on (it reconnected: the old one may not even know yet) or an
+        impostor's; either way it is closed and acknowledges nothing more, so every ack goes
+        to the connection whose events were stored."""
+        old = self._live.get(stream)
+        if old is not None:
+            old_session, old_ws, old_peer = old
+            old_session.replaced = True
+            log.warning("stream %s: %s takes over from %s", stream, peer, old_peer)
+            closing = asyncio.ensure_future(_refuse(
+                old_ws, f"stream {stream!r} is now published by another connection ({peer})",
+                1008))
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
+        self._live[stream] = (session, ws, peer)
+
+    def _check_owner(self, hello: Hello) -> None:
+        """An agent's stream is its own: bound to the site and node that first published it,
+        and published through this relay (not reaching it by federation); one connection at a
+        time publishes it (:meth:`_take`)."""
+        owner = self.log.stream_owner(hello.stream)
+        if owner is not None and (owner.site != hello.site
+                                  or owner.node not in (None, hello.node)):
+            raise ProtocolError(f"stream {hello.stream!r} belongs to {owner.site}/"
+                                f"{owner.node or '?'}: an agent publishes a stream of its own")
+        if owner is not None and owner.direct is False:
+            raise ProtocolError(f"stream {hello.stream!r} reaches this relay through "
+                                "federation: its agent publishes to one relay only")
 
     def close(self) -> None:
         self._writer.shutdown(wait=True)

@@ -10,6 +10,8 @@ import msgspec
 from storage_events import sse
 from storage_events.wire import Event, Flag, event_from_json, event_json
 
+from .admission import Owner
+
 
 @dataclass(slots=True)
 class Record:
@@ -48,7 +50,7 @@ class LogCounters:
     _head: int
     _first: int
     _bytes: int
-    _sites: dict[str, str]
+    _owners: dict[str, Owner]
 
     @property
     def head(self) -> int:
@@ -62,8 +64,8 @@ class LogCounters:
     def size(self) -> int:
         return self._bytes
 
-    def stream_site(self, stream: str) -> str | None:
-        return self._sites.get(stream)
+    def stream_owner(self, stream: str) -> Owner | None:
+        return self._owners.get(stream)
 
 
 class StoreError(Exception):
@@ -111,9 +113,9 @@ class EventLog(Protocol):
     def epoch(self) -> int:
         """A random number fixed when the log was created: a new log is a new epoch."""
 
-    def stream_site(self, stream: str) -> str | None:
-        """The site a stream's events belong to (the first seen); events of that stream
-        claiming another site are dropped, so no sender can take over another's positions."""
+    def stream_owner(self, stream: str) -> Owner | None:
+        """Who a stream belongs to (see :mod:`.admission`): events of that stream from anyone
+        else are dropped, so no sender can take over another's positions."""
 
     def position(self, stream: str) -> int:
         """The highest ``seq`` held for ``stream`` (0 if none)."""

@@ -1,4 +1,10 @@
-"""``GET /metrics``: Prometheus metrics of the relay, read from its parts at scrape time."""
+"""``GET /metrics``: Prometheus metrics of the relay, read from its parts at scrape time.
+
+Where authentication is configured, only a metrics-role token may scrape, sent as
+``Authorization: Bearer`` (Prometheus' ``authorization`` setting). Not a reader token: the
+metrics name every site and federation link, which a scoped reader may not know, and a
+scraper holding a reader token could read every event.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +15,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import PlainTextResponse, Response
 
+from .auth import Authenticator, AuthError, article, bearer
 from .dcache_api import ChannelService
 from .feed import Feed
 from .hub import Hub
@@ -44,6 +51,9 @@ class RelayCollector(Collector):
                                 value=self.log.first)
         yield GaugeMetricFamily("storage_events_relay_log_bytes", "Bytes of event data held",
                                 value=self.log.size)
+        yield GaugeMetricFamily("storage_events_relay_store_ok",
+                                "1 while the event log can store, 0 while it cannot (/healthz "
+                                "says why)", value=int(self.ingest.store_error is None))
         lag = GaugeMetricFamily("storage_events_relay_lag_seconds",
                                 "Age of the newest event stored, by site (agent clock)",
                                 labels=["site"])
@@ -94,13 +104,39 @@ class RelayCollector(Collector):
                                   value=self.channels.routed)
 
 
+MAKE_ONE = "make one with `storage-events-relay token --role metrics`"
+
+
+def refusal(auth: Authenticator, request: Request) -> Response | None:
+    """Why the caller may not scrape, as the response to give; None: it may."""
+    if not auth.enabled:
+        return None  # no authentication configured: loopback only, open as everything else
+    token = bearer(request.headers.get("authorization", ""), None)
+    if token is None:
+        return PlainTextResponse("this relay's /metrics needs a metrics token, sent as "
+                                 f"`Authorization: Bearer TOKEN`; {MAKE_ONE}\n",
+                                 status_code=401, headers={"WWW-Authenticate": "Bearer"})
+    try:
+        who = auth.identify(token)
+    except AuthError as e:
+        return PlainTextResponse(f"{e}\n", status_code=e.status,
+                                 headers={"WWW-Authenticate": "Bearer"})
+    if who is not None and who.role != "metrics":
+        return PlainTextResponse(f"token {who.name!r} is {article(who.role)} token: /metrics "
+                                 f"needs a metrics token; {MAKE_ONE}\n", status_code=403)
+    return None
+
+
 def metrics_endpoint(log: EventLog, hub: Hub, ingest: Ingest, feed: Feed,
-                     channels: ChannelService, pullers: list[Puller],
-                     pushers: list[Pusher]) -> Callable[[Request], Awaitable[Response]]:
+                     channels: ChannelService, pullers: list[Puller], pushers: list[Pusher],
+                     auth: Authenticator) -> Callable[[Request], Awaitable[Response]]:
     registry = CollectorRegistry()
     registry.register(RelayCollector(log, hub, ingest, feed, channels, pullers, pushers))
 
     async def endpoint(request: Request) -> Response:
+        refused = refusal(auth, request)
+        if refused is not None:
+            return refused
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     return endpoint

@@ -28,6 +28,7 @@ import msgspec
 
 from storage_events.wire import Event, event_from_json, event_json, flags_mask
 
+from .admission import Owner, admit
 from .log import LogCounters, Record, StoreError, make_record
 
 log = logging.getLogger("storage_events.relay")
@@ -58,7 +59,7 @@ class NATSLog(LogCounters):
         self.stored = 0
         self._positions: dict[str, int] = {}  # per stream: the last seq stored, as acknowledged
         self._suspect: dict[str, int] = {}  # per stream: resend after this (a batch failed)
-        self._sites: dict[str, str] = {}
+        self._owners: dict[str, Owner] = {}  # only agents publish to a NATS log
         self._limits = (replicas, max_age, max_events, max_bytes, duplicate_window)
         try:
             self._call(self._start(servers), timeout=60)
@@ -161,7 +162,7 @@ class NATSLog(LogCounters):
             raise ValueError(f"message {seq} of stream {self.stream} is not a stored event")
         data = b'{"id":%d,' % seq + data[len(_ID0):]
         ev = event_from_json(data)
-        self._sites.setdefault(ev.stream, ev.site)
+        self._owners.setdefault(ev.stream, Owner(ev.site, ev.node, True))
         return make_record(seq, ev.site, ev.node, ev.path, flags_mask(ev.flags), data, ev)
 
     async def _received(self, msg: Any) -> None:
@@ -203,7 +204,7 @@ class NATSLog(LogCounters):
             try:
                 msg = await self._js.get_last_msg(self.stream, subject(stream))
                 ev = event_from_json(msg.data)
-                self._sites.setdefault(stream, ev.site)
+                self._owners.setdefault(stream, Owner(ev.site, ev.node, True))
                 seq = ev.seq
             except NotFoundError:
                 seq = 0
@@ -223,23 +224,19 @@ class NATSLog(LogCounters):
         return self._call(self._append(events), timeout=ACK_TIMEOUT + 5)
 
     async def _append(self, events: list[Event]) -> list[Record]:
+        taken = admit(events, self._positions, self._owners, relayed=False)
+        for ev, why in taken.refused:
+            log.error("dropped an event of stream %s from %s/%s: %s", ev.stream, ev.site,
+                      ev.node, why)
+        for stream, last, seq in taken.jumps:
+            log.warning("stream %s jumps from seq %d to %d: stored an overflow notice for "
+                        "events %d-%d, which never arrived", stream, last, seq, last + 1,
+                        seq - 1)
         futures = []
-        positions: dict[str, int] = {}
         firsts: dict[str, int] = {}
-        new_sites: dict[str, str] = {}
-        for ev in events:
-            owner = self._sites.get(ev.stream) or new_sites.setdefault(ev.stream, ev.site)
-            if owner != ev.site:
-                log.error("dropped an event of stream %s claiming site %r: it belongs to %r",
-                          ev.stream, ev.site, owner)
-                continue
-            last = positions.get(ev.stream, self._positions.get(ev.stream, 0))
-            if ev.seq <= last:
-                continue
-            positions[ev.stream] = ev.seq
+        for ev in taken.events:
             firsts.setdefault(ev.stream, ev.seq)
-            ev.id = 0
-            ev.via = [*ev.via, self.name]
+            ev = msgspec.structs.replace(ev, id=0, via=[*ev.via, self.name])
             futures.append(await self._js.publish_async(
                 subject(ev.stream), event_json(ev), stream=self.stream,
                 headers={"Nats-Msg-Id": f"{ev.stream}:{ev.seq}"}))
@@ -253,11 +250,11 @@ class NATSLog(LogCounters):
             raise StoreError(f"JetStream did not store a batch of {len(futures)} events "
                              f"({str(e) or type(e).__name__})") from None
         self.stored += sum(not a.duplicate for a in acks)
-        for stream, seq in positions.items():
+        for stream, seq in taken.positions.items():
             self._positions[stream] = max(self._positions.get(stream, 0), seq)
             self._suspect.pop(stream, None)
-        for stream, site in new_sites.items():
-            self._sites.setdefault(stream, site)
+        for stream, owner in taken.owners.items():
+            self._owners.setdefault(stream, owner)
         if acks:
             self._head = max(self._head, max(a.seq for a in acks))
         return []

@@ -146,5 +146,5 @@ class Pusher:
         log.error("push to %s: ids %d-%d were dropped by retention before they were pushed; "
                   "sending an overflow event", self.cfg.url, sent + 1, lost_to)
         gap = lost(self.me, lost_to, time.time_ns())
-        gap.id, gap.via = lost_to, [self.me]
+        gap.id, gap.via, gap.origin_id = lost_to, [self.me], lost_to
         return gap

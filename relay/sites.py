@@ -1,4 +1,8 @@
-"""``GET /sites``: per-site health as JSON, and the state of this relay's federation links."""
+"""``GET /sites``: per-site health as JSON, and the state of this relay's federation links.
+
+A reader restricted to some sites or paths sees only what concerns it: its sites, no
+federation links (they name other relays and sites), and, restricted to paths, no time of the
+last event (it moves on events the reader may not see)."""
 
 from __future__ import annotations
 
@@ -8,38 +12,42 @@ from collections.abc import Awaitable, Callable
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
-from .auth import AuthError
+from .auth import EVERYTHING, AuthError
 from .feed import Feed
+from .filters import Scope
 from .ingest import Ingest
 from .push import Pusher
 from .upstream import Puller
 
 
-def summary(ingest: Ingest, pullers: list[Puller], pushers: list[Pusher],
-            allowed: frozenset[str] | None, now: float) -> dict:
+def summary(ingest: Ingest, pullers: list[Puller], pushers: list[Pusher], scope: Scope,
+            now: float) -> dict:
     names = set(ingest.last_ts) | {s for s, n in ingest.by_site.items() if n}
     sites = []
     for site in sorted(names):
-        if allowed is not None and site not in allowed:
+        if scope.sites is not None and site not in scope.sites:
             continue
-        ts = ingest.last_ts.get(site)
-        sites.append({
+        entry: dict = {
             "site": site,
             "agents": ingest.by_site.get(site, 0),  # connected to this relay
-            "last_event": ts / 1e9 if ts else None,  # agent clock, seconds since the epoch
-            "lag_seconds": max(0.0, now - ts / 1e9) if ts else None,
             "via": ingest.route.get(site),  # the peer relay its events came from; None: agents
-        })
-    return {
-        "relay": ingest.me,
-        "sites": sites,
-        "upstreams": [{"name": p.name, "url": p.cfg.url, "connected": p.connected,
-                       "checkpoint": p.checkpoint} for p in pullers],
-        "pushes": [{"url": p.cfg.url, "connected": p.connected, "acked": p.position}
-                   for p in pushers],
-        "pushing_here": {name: n for name, n in sorted(ingest.relays.items()) if n},
-        "loops_dropped": ingest.looped,
-    }
+        }
+        ts = ingest.last_ts.get(site)
+        if scope.prefixes is None:
+            entry["last_event"] = ts / 1e9 if ts else None  # agent clock, s since the epoch
+            entry["lag_seconds"] = max(0.0, now - ts / 1e9) if ts else None
+        sites.append(entry)
+    answer: dict = {"relay": ingest.me, "sites": sites}
+    if scope == EVERYTHING:
+        answer |= {
+            "upstreams": [{"name": p.name, "url": p.cfg.url, "connected": p.connected,
+                           "checkpoint": p.checkpoint} for p in pullers],
+            "pushes": [{"url": p.cfg.url, "connected": p.connected, "acked": p.position}
+                       for p in pushers],
+            "pushing_here": {name: n for name, n in sorted(ingest.relays.items()) if n},
+            "loops_dropped": ingest.looped,
+        }
+    return answer
 
 
 def sites_endpoint(feed: Feed, ingest: Ingest, pullers: list[Puller],
@@ -50,7 +58,8 @@ def sites_endpoint(feed: Feed, ingest: Ingest, pullers: list[Puller],
         except AuthError as e:
             return PlainTextResponse(f"{e}\n", status_code=e.status,
                                      headers={"WWW-Authenticate": "Bearer"})
-        allowed = scope.sites if scope is not None else None
-        return JSONResponse(summary(ingest, pullers, pushers, allowed, time.time()))
+        # No scope: anonymous where no authentication is configured, which sees everything.
+        return JSONResponse(summary(ingest, pullers, pushers, scope or EVERYTHING,
+                                    time.time()))
 
     return endpoint

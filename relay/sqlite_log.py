@@ -6,16 +6,21 @@ own connection per thread; WAL lets catch-up reads run while events are being wr
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
+import shutil
 import sqlite3
 import threading
 import time
 from pathlib import Path
 
+import msgspec
+
 from storage_events.wire import Event, event_json, flags_mask
 
-from .log import LogCounters, Record, make_record
+from .admission import Admitted, Owner, admit
+from .log import LogCounters, Record, StoreError, make_record
 
 log = logging.getLogger("storage_events.relay")
 
@@ -35,9 +40,17 @@ CREATE TABLE IF NOT EXISTS streams (
     stream TEXT PRIMARY KEY,
     seq    INTEGER NOT NULL,     -- highest seq stored: what the relay acknowledges; for a
                                  -- federation peer ("@upstream:…", "@relay:…") its last id taken
-    site   TEXT                  -- the site the stream belongs to (NULL for peers' checkpoints)
+    site   TEXT,                 -- the site the stream belongs to (NULL for peers' checkpoints)
+    node   TEXT,                 -- and its node
+    direct INTEGER               -- 1: published here by its agent; 0: through federation
 );
 """
+
+
+def _owner_row(owner: Owner | None) -> tuple[str | None, str | None, int | None]:
+    if owner is None:
+        return None, None, None
+    return owner.site, owner.node, None if owner.direct is None else int(owner.direct)
 
 
 class SQLiteLog(LogCounters):
@@ -60,12 +73,17 @@ class SQLiteLog(LogCounters):
         ).fetchone()
         self._first = first if first is not None else self._head + 1
         columns = {row[1] for row in self._writer.execute("PRAGMA table_info(streams)")}
-        if "site" not in columns:  # a log written before streams were tied to their site
-            self._writer.execute("ALTER TABLE streams ADD COLUMN site TEXT")
-        rows = self._writer.execute("SELECT stream, seq, site FROM streams").fetchall()
-        self._positions: dict[str, int] = {stream: seq for stream, seq, _ in rows}
-        self._sites: dict[str, str] = {stream: site for stream, _, site in rows if site}
-        self._refused: set[tuple[str, str]] = set()  # (stream, site) claims already logged
+        # Logs written before streams were tied to their site, then to their node and route.
+        for column, kind in (("site", "TEXT"), ("node", "TEXT"), ("direct", "INTEGER")):
+            if column not in columns:
+                self._writer.execute(f"ALTER TABLE streams ADD COLUMN {column} {kind}")
+        rows = self._writer.execute(
+            "SELECT stream, seq, site, node, direct FROM streams").fetchall()
+        self._positions: dict[str, int] = {row[0]: row[1] for row in rows}
+        self._owners: dict[str, Owner] = {
+            stream: Owner(site, node, None if direct is None else bool(direct))
+            for stream, _, site, node, direct in rows if site}
+        self._refused: set[tuple[str, str]] = set()  # (stream, claimant) already logged
         if EPOCH not in self._positions:
             # Identifies this log: peers keep checkpoints per epoch, so a log that was deleted
             # and started again is read from its beginning, not from where the old one was.
@@ -92,57 +110,47 @@ class SQLiteLog(LogCounters):
 
     def append(self, events: list[Event],
                checkpoint: tuple[str, int] | None = None) -> list[Record]:
-        positions: dict[str, int] = {}
-        new_sites: dict[str, str] = {}
+        # The events given are not changed: when the write fails they are passed again.
+        taken = admit(events, self._positions, self._owners, relayed=checkpoint is not None)
+        self._report(taken)
         rows, records = [], []
         now = time.time_ns()
         head = self._head
         name = self.name
-        sites = self._sites
-        for ev in events:
-            owner = sites.get(ev.stream) or new_sites.get(ev.stream)
-            if owner is None:
-                new_sites[ev.stream] = ev.site
-            elif owner != ev.site:
-                self._refuse(ev, owner)
-                continue
-            last = positions.get(ev.stream, self._positions.get(ev.stream, 0))
-            if ev.seq <= last:
-                continue  # already stored: a resend after a lost ack
-            if ev.seq != last + 1:
-                log.warning("stream %s jumps from seq %d to %d: events %d-%d never arrived",
-                            ev.stream, last, ev.seq, last + 1, ev.seq - 1)
-            positions[ev.stream] = ev.seq
+        for ev in taken.events:
             head += 1
-            ev.id = head
-            if not ev.via:
-                ev.origin_id = head
-            ev.via = [*ev.via, name]
+            ev = msgspec.structs.replace(ev, id=head, via=[*ev.via, name],
+                                         origin_id=ev.origin_id if ev.via else head)
             flags = flags_mask(ev.flags)
             data = event_json(ev)
             rows.append((head, ev.site, ev.node, ev.path, flags, data, now))
             records.append(make_record(head, ev.site, ev.node, ev.path, flags, data, ev))
-        marks = dict(positions)
+        marks = dict(taken.positions)
         if checkpoint is not None:  # how far a federation peer's feed has been taken in
             marks[checkpoint[0]] = checkpoint[1]
-        if not marks:
+        if not marks and not taken.owners:
             return []
+        owners = taken.owners
+        streams = [(key, marks.get(key, self._positions.get(key, 0)), *_owner_row(owners.get(key)))
+                   for key in marks.keys() | owners.keys()]
         w = self._writer
-        w.execute("BEGIN IMMEDIATE")
         try:
+            w.execute("BEGIN IMMEDIATE")
             w.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
             w.executemany(
-                "INSERT INTO streams (stream, seq, site) VALUES (?, ?, ?) "
+                "INSERT INTO streams (stream, seq, site, node, direct) VALUES (?, ?, ?, ?, ?) "
                 "ON CONFLICT(stream) DO UPDATE SET seq = excluded.seq, "
-                "site = coalesce(streams.site, excluded.site)",
-                [(key, seq, new_sites.get(key)) for key, seq in marks.items()],
-            )
+                "site = coalesce(excluded.site, streams.site), "
+                "node = coalesce(excluded.node, streams.node), "
+                "direct = coalesce(excluded.direct, streams.direct)", streams)
             w.execute("COMMIT")
-        except BaseException:
-            w.execute("ROLLBACK")
-            raise
+        except sqlite3.Error as e:
+            if w.in_transaction:  # (SQLite may have rolled back by itself: disk full, I/O)
+                with contextlib.suppress(sqlite3.Error):
+                    w.execute("ROLLBACK")
+            raise StoreError(self._cannot_write(e)) from None
         self._positions.update(marks)
-        self._sites.update((k, v) for k, v in new_sites.items() if k in positions)
+        self._owners.update(owners)
         if not rows:
             return []
         if self._first > self._head:  # was empty
@@ -152,11 +160,25 @@ class SQLiteLog(LogCounters):
         self._bytes += sum(len(r[5]) for r in rows)
         return records
 
-    def _refuse(self, ev: Event, owner: str) -> None:
-        if (ev.stream, ev.site) not in self._refused:
-            self._refused.add((ev.stream, ev.site))
-            log.error("dropped events of stream %s claiming site %r: that stream belongs to site "
-                      "%r (a forged or misconfigured sender)", ev.stream, ev.site, owner)
+    def _cannot_write(self, e: sqlite3.Error) -> str:
+        try:
+            free = f"{shutil.disk_usage(self.path.parent).free / 2**20:,.1f} MiB free there"
+        except OSError as stat_error:
+            free = f"its free space is unknown ({stat_error.strerror})"
+        return (f"cannot write the event log {self.path} ({e}; {free}): free space on that "
+                "file system or give the relay another --data; it retries by itself, and "
+                "senders keep their events until they are stored")
+
+    def _report(self, taken: Admitted) -> None:
+        for ev, why in taken.refused:
+            claim = (ev.stream, f"{ev.site}/{ev.node}")
+            if claim not in self._refused:  # once per claimant: a forger must not flood the log
+                self._refused.add(claim)
+                log.error("dropped events of stream %s from %s/%s: %s (a forged or "
+                          "misconfigured sender)", ev.stream, ev.site, ev.node, why)
+        for stream, last, seq in taken.jumps:
+            log.warning("stream %s jumps from seq %d to %d: events %d-%d never arrived; stored "
+                        "an overflow notice in their place", stream, last, seq, last + 1, seq - 1)
 
     def trim(self, *, max_age: float, max_events: int, max_bytes: int) -> int:
         """Drop the oldest events beyond any limit (0: none); returns how many went."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 import functools
 import os
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -68,6 +68,16 @@ def flags_mask(names: list[str]) -> int:
     return mask
 
 
+# Integer fields are bounded where the wire meets the log: SQLite (and JSON readers in other
+# languages) hold signed 64-bit integers, and a value beyond must be refused, not overflow.
+_U63 = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+_SEQ = Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]
+_NAME = Annotated[str, msgspec.Meta(max_length=256)]
+# A relay's name, as its config allows: what ``via`` may hold (it reaches logs and pages).
+RELAY_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+MAX_HOPS = 32  # relays an event may pass through; more is a loop or a forgery
+
+
 class Event(msgspec.Struct, kw_only=True):
     """One filesystem change as a subscriber sees it.
 
@@ -75,24 +85,25 @@ class Event(msgspec.Struct, kw_only=True):
     ``raw_path`` (base64 in JSON) and undecodable bytes show as U+FFFD in ``path``.
     """
 
-    id: int = 0  # global id, given by the relay's log; 0 until then
-    site: str
-    node: str
+    id: _U63 = 0  # global id, given by the relay's log; 0 until then
+    site: _NAME
+    node: _NAME
     path: str
-    flags: list[str]
+    flags: Annotated[list[str], msgspec.Meta(max_length=16)]
     is_dir: bool = False
-    cookie: int | None = None
+    cookie: Annotated[int, msgspec.Meta(ge=0, lt=2**32)] | None = None
     old_path: str | None = None
-    ts: int  # nanoseconds since the epoch, taken by the agent when it read the event
-    stream: str
-    seq: int
+    ts: _U63  # nanoseconds since the epoch, taken by the agent when it read the event
+    stream: _NAME
+    seq: _SEQ
     synthetic: bool = False  # found by a directory scan rather than read from the kernel
     raw_path: bytes | None = None
     raw_old_path: bytes | None = None
     # Federation: the id the first relay gave the event, and every relay that stored it, that
     # one first. Set by relays, never by agents.
-    origin_id: int | None = None
-    via: list[str] = msgspec.field(default_factory=list)
+    origin_id: Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)] | None = None
+    via: Annotated[list[Annotated[str, msgspec.Meta(pattern=RELAY_NAME)]],
+                   msgspec.Meta(max_length=MAX_HOPS)] = msgspec.field(default_factory=list)
 
 
 # -- what an event may carry: checked by the agent before it numbers an event and by the relay
@@ -103,32 +114,49 @@ MAX_RAW_PATH = 4 * MAX_PATH  # bytes of ``raw_path`` / ``raw_old_path`` (4: the 
 _KNOWN_FLAGS = frozenset(_BITS)
 
 
-def _path_problem(field: str, path: str) -> str | None:
+def _path_problem(field: str, path: str, raw: bytes | None) -> str | None:
+    """Why ``path`` (with its exact bytes ``raw``, if any) is not a canonical absolute path."""
     if len(path) > MAX_PATH:
         return f"{field} is {len(path):,} characters long, more than the limit of {MAX_PATH:,}"
     if "\0" in path:
         return f"{field} contains NUL"
+    if path != "/" and (not path.startswith("/") or any(
+            part in ("", ".", "..") for part in path[1:].split("/"))):
+        # Readers' scopes are prefixes: /data/public/../secret must never pass for /data/public.
+        return (f"{field} {short_path(path, 80)!r} is not a canonical absolute path (it must "
+                "start with / and have no empty, '.' or '..' components)")
+    if raw is not None:
+        if len(raw) > MAX_RAW_PATH:
+            return (f"raw_{field} is {len(raw):,} bytes long, more than the limit of "
+                    f"{MAX_RAW_PATH:,}")
+        # The exact bytes and the display form must name the same file: scopes and filters
+        # look at the one, programs that open the file use the other.
+        if display_path(os.fsdecode(raw)) != (path, raw):
+            return (f"raw_{field} is not the bytes of {field} {short_path(path, 80)!r} (it "
+                    "must be sent only for a name that is not UTF-8, and decode to it)")
     return None
 
 
 def event_problem(ev: Event) -> str | None:
     """Why ``ev`` can never be accepted by a relay, whichever the connection; None when it can."""
     path = ev.path
-    if (path and len(path) <= MAX_PATH and ev.old_path is None and ev.raw_path is None
-            and "\0" not in path and ev.flags and _KNOWN_FLAGS.issuperset(ev.flags)):
-        return None  # the common case in one test: every event of the agent passes here
+    if (len(path) <= MAX_PATH and path[:1] == "/" and path[-1] != "/" and "//" not in path
+            and "/." not in path and "\0" not in path and ev.old_path is None
+            and ev.raw_path is None and len(ev.flags) == 1 and ev.flags[0] in _KNOWN_FLAGS):
+        return None  # the common case in one test: most events of the agent pass here
     if not path:
         return "path is empty"
-    problem = _path_problem("path", ev.path)
+    problem = _path_problem("path", path, ev.raw_path)
     if problem is None and ev.old_path is not None:
-        problem = _path_problem("old_path", ev.old_path)
+        problem = _path_problem("old_path", ev.old_path, ev.raw_old_path)
+    elif problem is None and ev.raw_old_path is not None:
+        problem = "raw_old_path is set without old_path"
     if problem is not None:
         return problem
-    for field, raw in (("raw_path", ev.raw_path), ("raw_old_path", ev.raw_old_path)):
-        if raw is not None and len(raw) > MAX_RAW_PATH:
-            return f"{field} is {len(raw):,} bytes long, more than the limit of {MAX_RAW_PATH:,}"
     if not ev.flags or not _KNOWN_FLAGS.issuperset(ev.flags):
         return f"flags {ev.flags[:8]!r} are not inotify flag names"
+    if len(set(ev.flags)) != len(ev.flags):
+        return f"flags {ev.flags[:8]!r} name a flag twice"
     return None
 
 

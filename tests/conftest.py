@@ -87,7 +87,7 @@ class Relay:
     def __init__(self, tmp: Path, procs: list[Proc], name: str = "relay",
                  extra: tuple[str, ...] = (), scheme: str = "http",
                  host: str = "127.0.0.1", netns: list[str] | None = None,
-                 port: int | None = None) -> None:
+                 port: int | None = None, token: str | None = None) -> None:
         self.host = host  # where it listens; outside a namespace tests reach it on loopback
         self.port = port or free_port()
         self.url = f"{scheme}://{host if netns or host.startswith('127.') else '127.0.0.1'}:" \
@@ -97,6 +97,9 @@ class Relay:
         self.name = name
         self.tmp = tmp
         self.extra = extra
+        # A relay with tokens tells only its status to anonymous callers: any of its tokens
+        # gets the rest of /healthz (head, agents, ...), which tests read.
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._procs = procs
         self.proc: Proc | None = None
         self.start()
@@ -113,7 +116,8 @@ class Relay:
         if self.proc.popen.poll() is not None:
             raise AssertionError(f"relay exited:\n{self.proc.output()}")
         try:
-            r = httpx.get(self.url + "/healthz", timeout=1, verify=False)
+            r = httpx.get(self.url + "/healthz", headers=self.headers, timeout=1,
+                          verify=False)
         except httpx.TransportError:
             return None
         return r.json() if r.status_code == 200 else None

@@ -5,17 +5,28 @@ from __future__ import annotations
 
 import asyncio
 import time
+import tomllib
 
 import httpx
 import jwt
+import msgspec
 import pytest
 import websockets
+from click.testing import CliRunner
 from conftest import ChannelReader, Relay, Tail
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from storage_events.relay.auth import Authenticator, AuthError, JWTConfig, TokenConfig
+from storage_events.relay.auth import (
+    Authenticator,
+    AuthError,
+    Identity,
+    JWTConfig,
+    TokenConfig,
+)
 from storage_events.relay.auth import hash_token as h
+from storage_events.relay.cli import main
+from storage_events.relay.ingest import IngestLimits, IngestSession, ProtocolError
 from storage_events.wire import Batch, Error, Event, Hello, decode_to_agent, encode_frame
 
 TOKENS = {name: f"secret-{name}-0123456789" for name in
@@ -59,12 +70,12 @@ def ev(site: str, stream: str, seq: int, path: str, flag: str = "IN_CLOSE_WRITE"
                  **kw)
 
 
-A_EVENTS = [ev("a", "a:1", 1, "/data/a/x1"), ev("a", "a:1", 2, "/data/a/x2")]
+A_EVENTS = [ev("a", "n1:a", 1, "/data/a/x1"), ev("a", "n1:a", 2, "/data/a/x2")]
 B_EVENTS = [
-    ev("b", "b:1", 1, "/data/b/public/p1"),
-    ev("b", "b:1", 2, "/data/b/private/q1"),
-    ev("b", "b:1", 3, "/data/b/private/m", "IN_MOVED_FROM", cookie=7),
-    ev("b", "b:1", 4, "/data/b/public/m", "IN_MOVED_TO", cookie=7, old_path="/data/b/private/m"),
+    ev("b", "n1:b", 1, "/data/b/public/p1"),
+    ev("b", "n1:b", 2, "/data/b/private/q1"),
+    ev("b", "n1:b", 3, "/data/b/private/m", "IN_MOVED_FROM", cookie=7),
+    ev("b", "n1:b", 4, "/data/b/public/m", "IN_MOVED_TO", cookie=7, old_path="/data/b/private/m"),
 ]
 
 
@@ -134,7 +145,7 @@ def test_authorization_matrix(tmp_path, procs, rsa_key):
     config = tmp_path / "relay.toml"
     config.write_text(CONFIG + f'\n[jwt]\nalgorithms = ["RS256"]\n'
                                f'public_key_file = "{tmp_path / "jwt.pub"}"\n')
-    relay = Relay(tmp_path, procs, extra=("--config", str(config)))
+    relay = Relay(tmp_path, procs, extra=("--config", str(config)), token=TOKENS["r-all"])
     jwt_reader = jwt.encode({"sub": "carol", "sites": ["b"], "paths": ["/data/b/private"],
                              "exp": int(time.time()) + 600}, private, algorithm="RS256")
     readers = {**{n: TOKENS[n] for n in ("r-all", "r-a", "r-pub")}, "jwt": jwt_reader}
@@ -146,14 +157,14 @@ def test_authorization_matrix(tmp_path, procs, rsa_key):
     time.sleep(1.5)  # the live subscribers are connected before anything is published
 
     # Publishing: only as the token's own site, only with an agent token.
-    assert asyncio.run(publish(relay, TOKENS["agent-a"], "a", "a:1", A_EVENTS)) is None
-    assert asyncio.run(publish(relay, TOKENS["agent-b"], "b", "b:1", B_EVENTS)) is None
-    forged = asyncio.run(publish(relay, TOKENS["agent-a"], "b", "b:forged",
-                                 [ev("b", "b:forged", 1, "/data/b/evil")]))
+    assert asyncio.run(publish(relay, TOKENS["agent-a"], "a", "n1:a", A_EVENTS)) is None
+    assert asyncio.run(publish(relay, TOKENS["agent-b"], "b", "n1:b", B_EVENTS)) is None
+    forged = asyncio.run(publish(relay, TOKENS["agent-a"], "b", "n1:forged",
+                                 [ev("b", "n1:forged", 1, "/data/b/evil")]))
     assert forged == "token 'agent-a' may publish as site 'a', not 'b'"
-    assert "needs a token" in asyncio.run(publish(relay, None, "a", "a:anon", A_EVENTS))
-    assert "cannot publish" in asyncio.run(publish(relay, TOKENS["r-all"], "a", "a:r", A_EVENTS))
-    assert "not valid" in asyncio.run(publish(relay, "wrong", "a", "a:w", A_EVENTS))
+    assert "needs a token" in asyncio.run(publish(relay, None, "a", "n1:anon", A_EVENTS))
+    assert "cannot publish" in asyncio.run(publish(relay, TOKENS["r-all"], "a", "n1:r", A_EVENTS))
+    assert "not valid" in asyncio.run(publish(relay, "wrong", "a", "n1:w", A_EVENTS))
     assert relay.healthy()["head"] == 6
 
     expected = {
@@ -233,7 +244,7 @@ def test_jwt_claims_become_the_readers_scope(tmp_path, algorithm):
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
         cfg = JWTConfig(algorithms=["ES256"], public_key_file=str(pub), audience="relay")
     auth = Authenticator([], cfg)
-    claims = {"sub": "dave", "sites": ["x"], "paths": ["/p/"]}
+    claims = {"sub": "dave", "sites": ["x"], "paths": ["/p/"], "exp": int(time.time()) + 600}
     if algorithm == "ES256":
         claims["aud"] = "relay"
     who = auth.identify(jwt.encode(claims, sign, algorithm=algorithm))
@@ -257,3 +268,102 @@ def test_token_config_rules():
     with pytest.raises(AuthError, match="needs a token"):
         auth.identify(None)
     assert Authenticator([], None).identify(None) is None  # no auth configured: anonymous
+
+
+SECRET = "shared-secret-of-enough-length-32b"
+
+
+def signed(**claims: object) -> str:
+    return jwt.encode({"sub": "dave", **claims}, SECRET, algorithm="HS256")
+
+
+def test_a_jwt_must_expire_and_soon_enough():
+    now = int(time.time())
+    century = now + 100 * 365 * 86400
+    auth = Authenticator([], JWTConfig(secret=SECRET))
+    with pytest.raises(AuthError, match="JWT was refused: it has no `exp`"):
+        auth.identify(signed())
+    with pytest.raises(AuthError, match=r"JWT was refused: its lifetime of 3153600000 s "
+                                        r"\(exp - iat\) is more than .* 86400 s"):
+        auth.identify(signed(iat=now, exp=century))
+    with pytest.raises(AuthError, match=r"JWT was refused: its lifetime of 315\d{7} s "
+                                        r"\(exp - now, it has no iat\) is more than .* 86400 s"):
+        auth.identify(signed(exp=century))
+    assert auth.identify(signed(iat=now, exp=now + 86400)).name == "jwt:dave"
+    assert auth.identify(signed(exp=now + 3600)).name == "jwt:dave"
+    strict = Authenticator([], JWTConfig(secret=SECRET, max_lifetime=60))
+    with pytest.raises(AuthError, match=r"lifetime of 120 s \(exp - iat\) .* 60 s"):
+        strict.identify(signed(iat=now - 100, exp=now + 20))  # issued for 120 s, 20 s left
+    assert strict.identify(signed(exp=now + 50)).name == "jwt:dave"
+
+
+def test_a_relay_token_pushes_only_its_own_site_unless_it_lists_others():
+    auth = Authenticator([TokenConfig(name="kit-relay", role="relay", site="kit", hash=h("t1")),
+                          TokenConfig(name="hub", role="relay", site="hub",
+                                      sites=["kit", "desy"], hash=h("t2"))], None)
+    assert auth.identify("t1").scope.sites == frozenset({"kit"})
+    assert auth.identify("t2").scope.sites == frozenset({"kit", "desy"})
+    session = IngestSession(IngestLimits(), auth, "central")
+    session.receive(encode_frame(Hello(role="relay", site="kit", node="kit",
+                                       stream="relay:kit:1", token="t1")))
+    own = Event(site="kit", node="n", path="/k", flags=["IN_CREATE"], ts=1, stream="n:1", seq=1,
+                id=1, origin_id=1, via=["kit"])
+    assert session.receive(encode_frame(Batch([own]))) == [own]
+    forged = Event(site="desy", node="n", path="/d", flags=["IN_CREATE"], ts=1, stream="d:1",
+                   seq=1, id=2, origin_id=2, via=["kit"])
+    with pytest.raises(ProtocolError, match="relay 'kit' may not push events of site 'desy'"):
+        session.receive(encode_frame(Batch([forged])))
+
+
+def test_an_agent_token_may_be_bound_to_a_node():
+    entry = {"name": "pool", "role": "agent", "site": "desy", "hash": h("t")}
+    auth = Authenticator([msgspec.convert({**entry, "node": "pool-07"}, TokenConfig),
+                          msgspec.convert({**entry, "hash": h("u")}, TokenConfig)], None)
+    assert auth.identify("t").node == "pool-07"
+    assert auth.identify("u").node is None  # any node of its site
+    with pytest.raises(msgspec.ValidationError, match=r"node"):
+        msgspec.convert({**entry, "node": "../pool"}, TokenConfig)
+    with pytest.raises(msgspec.ValidationError, match="reader token 'pool' takes no `node`"):
+        msgspec.convert({**entry, "role": "reader", "site": None, "node": "pool-07"},
+                        TokenConfig)
+
+
+def test_a_metrics_token_scrapes_and_nothing_else():
+    auth = Authenticator([TokenConfig(name="prom", role="metrics", hash=h("m"))], None)
+    assert auth.identify("m").role == "metrics"
+    with pytest.raises(AuthError, match="'prom' is a metrics token: it cannot read") as e:
+        auth.reader("m")
+    assert e.value.status == 403
+    for field, value in (("site", "a"), ("sites", ["a"]), ("paths", ["/p"])):
+        with pytest.raises(ValueError, match=f"metrics token 'prom' takes no `{field}`"):
+            TokenConfig(name="prom", role="metrics", hash=h("m"), **{field: value})
+
+
+def make_token(*args: str) -> tuple[int, str, Identity | None]:
+    """``storage-events-relay token --name x ARGS``: exit code, output, and who the token it
+    printed is to a relay configured with the [[token]] entry it printed."""
+    result = CliRunner().invoke(main, ["token", "--name", "x", *args])
+    if result.exit_code != 0:
+        return result.exit_code, result.output, None
+    secret = result.output.split("\n", 1)[0].removeprefix("token: ")
+    entry = tomllib.loads(result.output.split("[[token]]\n", 1)[1])
+    auth = Authenticator([msgspec.convert(entry, TokenConfig)], None)
+    return 0, result.output, auth.identify(secret)
+
+
+def test_the_token_command_makes_metrics_node_bound_and_narrow_relay_tokens():
+    code, _, who = make_token("--role", "metrics")
+    assert code == 0 and who is not None and who.role == "metrics"
+    for wrong in (("--site", "a"), ("--sites", "a"), ("--paths", "/p"), ("--node", "n")):
+        code, out, _ = make_token("--role", "metrics", *wrong)
+        assert code == 2 and f"metrics tokens take no {wrong[0]}" in out, out
+    code, _, who = make_token("--role", "agent", "--site", "desy", "--node", "pool-07")
+    assert code == 0 and who is not None and (who.site, who.node) == ("desy", "pool-07")
+    code, out, _ = make_token("--role", "reader", "--node", "pool-07")
+    assert code == 2 and "reader tokens take no --node" in out, out
+    code, out, _ = make_token("--role", "agent", "--site", "desy", "--node", "pool 07")
+    assert code == 2 and "'pool 07' is not a valid node name" in out, out
+    code, _, who = make_token("--role", "relay", "--site", "kit")
+    assert code == 0 and who is not None and who.scope.sites == {"kit"}
+    help_text = " ".join(CliRunner().invoke(main, ["token", "--help"]).output.split())
+    assert "may push events of (repeat; default: only its own --site)" in help_text

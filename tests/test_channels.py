@@ -37,7 +37,7 @@ class Log:
 def received(reg: Registry, records) -> list[tuple[str, int, str, dict]]:
     """(channel, id, subscription sid, payload) for everything routed."""
     out = []
-    for ch, i, data in reg.route(records).events:
+    for ch, i, data, _ in reg.route(records).events:
         env = json.loads(data)
         out.append((ch.id, i, env["subscription"].rsplit("/", 1)[1], env["event"]))
     return out
@@ -107,7 +107,7 @@ def test_rename_halves_share_a_cookie_and_a_moved_watch_follows_its_directory(re
                              "cookie": cookie}),
         (ch.id, 3, moved.sid, {"mask": ["IN_CLOSE_WRITE"], "name": "f"}),
     ]
-    assert moved.path == "/d/out/run"
+    assert moved.path_on("s") == "/d/out/run"  # on the site where it moved
     # Another node's rename with the same kernel cookie is another rename.
     other = received(reg, [ev("/d/in/z", "IN_MOVED_FROM", node="n2", cookie=9)])
     assert other[0][3]["cookie"] != cookie
@@ -121,7 +121,7 @@ def test_deleted_directory_ends_its_watch_and_oneshot_ends_after_one_event(reg):
     routed = reg.route([ev("/d/gone", "IN_DELETE", is_dir=True),
                         ev("/d/once/a", "IN_CLOSE_WRITE"), ev("/d/once/b", "IN_CLOSE_WRITE")])
     payloads = [(json.loads(d)["subscription"].rsplit("/", 1)[1], json.loads(d)["event"])
-                for _, _, d in routed.events]
+                for _, _, d, _ in routed.events]
     assert payloads == [
         (gone.sid, {"mask": ["IN_DELETE_SELF"]}), (gone.sid, {"mask": ["IN_IGNORED"]}),
         (once.sid, {"mask": ["IN_CLOSE_WRITE"], "name": "a"}),
@@ -235,7 +235,7 @@ def test_backlog_keeps_the_newest(reg):
 
 
 def test_the_store_keeps_channels_watches_and_backlog_across_a_restart(tmp_path):
-    from storage_events.relay.channel_store import ChannelStore, snapshot
+    from storage_events.relay.channel_store import ChannelStore, saved, snapshot
 
     store, reg = ChannelStore(tmp_path), Registry(Limits())
     ch = reg.create("u", Scope(frozenset({"s"}), ("/d",)), "client", BASE, 5.0)
@@ -243,10 +243,10 @@ def test_the_store_keeps_channels_watches_and_backlog_across_a_restart(tmp_path)
     ev = Log()
     routed = reg.route([ev("/d/in/a", "IN_CREATE"), ev("/d/in/b", "IN_CREATE")])
     first = snapshot(ch)
-    store.save([first], 2, [(c.id, i, data) for c, i, data in routed.events])
-    ch.saved_watch_version = first.watch_version
+    store.save([first], 2, [(c.id, i, data, o) for c, i, data, o in routed.events])
+    saved(ch, first)
     again = snapshot(ch)
-    assert again.watches is None  # unchanged watches are not written again
+    assert again.watches == again.removed == []  # unchanged watches are not written again
     store.save([again], 2)
     store.close()
 
@@ -255,6 +255,6 @@ def test_the_store_keeps_channels_watches_and_backlog_across_a_restart(tmp_path)
     back = loaded.channels[ch.id]
     assert (back.owner, back.client_id, back.scope, back.next_id) == ("u", "client", ch.scope, 2)
     assert list(back.watches) == [w.sid] and back.watches[w.sid].selector.flags == ["IN_CREATE"]
-    assert [i for i, _ in store.read(ch.id, -1, 10)] == [0, 1]
+    assert [i for i, *_ in store.read(ch.id, -1, 10)] == [0, 1]
     assert received(loaded, [ev("/d/in/c", "IN_CREATE")])[0][1] == 2  # ids carry on
     store.close()

@@ -65,7 +65,8 @@ def test_three_sites_merge_into_one_central_feed_through_a_cut(tmp_path, procs):
                 push = [(central_url, secrets["push3"])]
             cfg = config(tmp_path / f"{site}.toml", site, tokens=tokens, push=push)
             sites[site] = Relay(tmp_path, procs, name=site, host=hosts.addr[site],
-                                netns=hosts.exec(site), extra=("--config", str(cfg)))
+                                netns=hosts.exec(site), extra=("--config", str(cfg)),
+                                token=secrets["pull"])
         central_cfg = config(
             tmp_path / "central.toml", "central",
             tokens=[("tester", "reader", secrets["tester"], None),

@@ -3,6 +3,7 @@ send, and exactly-once storage when the same events come by two routes."""
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 
 from storage_events import sse
@@ -89,7 +90,8 @@ def test_a_pushing_relay_is_checked():
              ev("z", 1, id=7, via=["central", "site1"])]
     assert [e.stream for e in s.receive(encode_frame(Batch(batch)))] == ["x", "y"]
     assert s.checkpoint == 7 and s.loops is not None and s.loops.looped == 1
-    notice = ev("site1.gap", 30, id=8, via=["site1"], site="site1", flag="IN_Q_OVERFLOW")
+    notice = msgspec.structs.replace(ev("site1.gap", 30, id=8, via=["site1"], site="site1",
+                                        flag="IN_Q_OVERFLOW"), node="site1", path="/")
     assert s.receive(encode_frame(Batch([notice]))) == [notice]  # its own loss notices pass
     for bad, message in (
         ([ev("x", 2, id=7, via=["site1"])], "ids must increase"),
@@ -136,6 +138,6 @@ def test_a_stream_belongs_to_its_first_site(tmp_path):
     assert len(log.append([ev("n:1", 1, site="a")])) == 1
     forged = log.append([ev("n:1", 2, site="b"), ev("m:1", 1, site="b")])
     assert [r.event().stream for r in forged] == ["m:1"]  # n:1's position is untouched
-    assert log.position("n:1") == 1 and log.stream_site("n:1") == "a"
+    assert log.position("n:1") == 1 and log.stream_owner("n:1").site == "a"
     log.close()
-    assert SQLiteLog(tmp_path, name="central").stream_site("n:1") == "a"
+    assert SQLiteLog(tmp_path, name="central").stream_owner("n:1").site == "a"

@@ -1,0 +1,109 @@
+"""How the relay serves HTTP: uvicorn, with the bounds on clients that uvicorn leaves open.
+
+uvicorn's httptools protocol sets no deadline for a request head: its keep-alive timer runs only
+between requests and stops at any byte received, so a client that sends a head slowly, or
+nothing at all, holds its connection forever. Its ``limit_concurrency`` answers 503 beyond a
+number of connections, but lets WebSocket upgrades through without looking.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import uvicorn
+from starlette.types import ASGIApp
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from .config import RelayConfig
+
+log = logging.getLogger("storage_events.relay")
+
+BUSY = b"this relay is serving as many connections as it may (max_connections); retry later\n"
+
+
+class BoundedHttpToolsProtocol(HttpToolsProtocol):
+    """Every request head must be complete within ``head_timeout`` seconds of the connection
+    being made, of the request's first byte, or of the previous response's end (blank lines
+    between requests start no request, yet stop uvicorn's keep-alive timer). A WebSocket's
+    upgrade request is a request head like any other, and counts against the connection limit.
+    """
+
+    head_timeout = 10.0  # seconds; each relay sets its own in server_config()
+    _head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._arm()
+
+    def on_headers_complete(self) -> None:
+        self._disarm()  # before uvicorn hands an upgraded connection to the WebSocket protocol
+        super().on_headers_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self.timeout_keep_alive_task is not None:  # uvicorn now waits for the next request
+            self._arm()
+
+    def handle_websocket_upgrade(self) -> None:
+        # The same test uvicorn makes for plain requests, which it skips for upgrades.
+        limit = self.limit_concurrency
+        if limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit):
+            self.logger.warning("Exceeded concurrency limit: WebSocket upgrade refused.")
+            self.transport.write(b"HTTP/1.1 503 Service Unavailable\r\n"
+                                 b"content-type: text/plain; charset=utf-8\r\n"
+                                 b"content-length: %d\r\nconnection: close\r\n\r\n%s"
+                                 % (len(BUSY), BUSY))
+            self.transport.close()
+            return
+        super().handle_websocket_upgrade()
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._head_timer = self.loop.call_later(self.head_timeout, self._head_timed_out)
+
+    def _disarm(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if not self.transport.is_closing():
+            log.debug("closing the connection of %s: no complete request head within %g s",
+                      self.client, self.head_timeout)
+            self.transport.close()
+
+
+def server_config(app: ASGIApp, cfg: RelayConfig, *, verbose: int) -> uvicorn.Config:
+    host, port = cfg.host_port()
+
+    class Protocol(BoundedHttpToolsProtocol):
+        head_timeout = cfg.request_head_timeout
+
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        http=Protocol,
+        # uvicorn refuses a request once its connections, the new one included, or its running
+        # requests reach the limit: one more than max_connections serves that many at once.
+        # Each SSE subscriber and each agent or relay WebSocket is one of both while it lasts.
+        limit_concurrency=cfg.max_connections + 1,
+        ws_max_size=cfg.max_frame,
+        ws_per_message_deflate=False,
+        log_level="debug" if verbose else "info",
+        log_config=None,  # uvicorn's loggers go through ours (text or JSON)
+        timeout_graceful_shutdown=5,
+        access_log=bool(verbose),
+        ssl_certfile=cfg.certfile,
+        ssl_keyfile=cfg.keyfile,
+    )
