@@ -35,6 +35,11 @@ class PeerRefused(Exception):
     retrying at once would not help."""
 
 
+class BadFeed(ValueError):
+    """An upstream's feed broke the protocol (an event that is not one, a message beyond the
+    parser's limit): the connection is dropped; the upstream may be fixed by the next try."""
+
+
 class LoopGuard:
     """Drops events that already passed through this relay, and words the error once."""
 
@@ -83,14 +88,19 @@ class FeedReader:
         self.gaps = 0
 
     def feed(self, chunk: bytes, now: int) -> Taken:
+        """Raises :class:`BadFeed`, naming the upstream, when the feed breaks the protocol."""
         out = Taken([])
-        for m in self._parser.feed(chunk):
+        try:
+            messages = self._parser.feed(chunk)
+        except sse.MessageTooLarge as e:
+            raise BadFeed(f"upstream {self.upstream}: {e}") from None
+        for m in messages:
             if m.event in ("inotify", "overflow"):
                 try:
                     ev = event_from_json(m.data)
                 except (msgspec.ValidationError, msgspec.DecodeError) as e:
-                    raise ValueError(f"upstream {self.upstream} sent an event that is not one: "
-                                     f"{e}") from None
+                    raise BadFeed(f"upstream {self.upstream} sent an event that is not one: "
+                                  f"{e}") from None
                 out.events.append(ev)
                 out.last_id = ev.id
             elif m.event == "gap":
@@ -98,8 +108,8 @@ class FeedReader:
                     gap = json.loads(m.data)
                     lost_to, resumes = int(gap["lost_to"]), int(gap["resumes_after"])
                 except (ValueError, KeyError, TypeError) as e:
-                    raise ValueError(f"upstream {self.upstream} sent a gap that is not one: "
-                                     f"{m.data[:200]!r}") from e
+                    raise BadFeed(f"upstream {self.upstream} sent a gap that is not one: "
+                                  f"{m.data[:200]!r}") from e
                 notice = self.lost(lost_to, now)
                 notice.id = out.last_id = resumes
                 out.events.append(notice)

@@ -11,7 +11,7 @@ import time
 import httpx
 
 from .config import UpstreamConfig
-from .federation import UPSTREAM_KEY, FeedReader, LoopGuard, PeerRefused
+from .federation import UPSTREAM_KEY, BadFeed, FeedReader, LoopGuard, PeerRefused
 from .ingest import Ingest, ProtocolError, check_relayed
 
 log = logging.getLogger("storage_events.relay")
@@ -49,8 +49,10 @@ class Puller:
                 except (httpx.HTTPError, OSError) as e:
                     log.warning("upstream %s unreachable (%s: %s); retrying in %.0f s",
                                 self.name, type(e).__name__, e, backoff)
-                except ValueError as e:
-                    log.error("upstream %s: %s", self.name, e)
+                except BadFeed as e:
+                    # Its feed is broken or hostile: what was taken before is stored, the rest
+                    # is not buffered; the next try starts after the last event stored.
+                    log.error("%s; dropped the connection, retrying in %.1f s", e, backoff)
                 except Exception:
                     log.exception("pulling upstream %s failed; retrying in %.0f s", self.name,
                                   backoff)

@@ -7,6 +7,7 @@ import sys
 import click
 import msgspec
 
+from . import printable
 from .client import FeedError, Received, subscribe
 from .cliutil import setup_logging, token_option, version_option
 
@@ -18,6 +19,13 @@ def main() -> None:
 
 
 def _text(item: Received) -> str:
+    """One line for a terminal. Every field came from the relay (file names, site and node
+    names, the data of other messages), so the whole line is escaped: a name holding ESC or a
+    line separator can neither drive the terminal nor forge lines."""
+    return printable.escape(_fields(item))
+
+
+def _fields(item: Received) -> str:
     if item.type not in ("inotify", "overflow"):
         return f"{item.id or '-'} {item.type} {item.data}"
     try:
@@ -54,13 +62,16 @@ def tail(url: str, paths: tuple[str, ...], sites: tuple[str, ...], nodes: tuple[
     try:
         for item in subscribe(url, paths=paths, sites=sites, nodes=nodes, types=types,
                               since=since, token=token):
-            out.write((item.data if fmt == "json" else _text(item)) + "\n")
+            # JSON escapes keep a JSON line the same value, and a hostile relay's raw control
+            # characters off the terminal.
+            out.write((printable.escape_json(item.data) if fmt == "json" else _text(item))
+                      + "\n")
             out.flush()
             seen += 1
             if count is not None and seen >= count:
                 return
     except FeedError as e:
-        raise click.ClickException(str(e)) from None
+        raise click.ClickException(printable.escape(str(e))) from None  # the relay's words
     except KeyboardInterrupt:
         sys.exit(130)
     except BrokenPipeError:

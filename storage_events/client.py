@@ -16,17 +16,18 @@ from dataclasses import dataclass
 
 import httpx
 
-from .sse import SSEParser
+from .sse import MessageTooLarge, SSEParser
 from .wire import Event, event_from_json
 
 log = logging.getLogger("storage_events.client")
 
 
 class FeedError(Exception):
-    """The relay refused the subscription (a 4xx): retrying the same request would not help."""
+    """The relay refused the subscription (a 4xx, in ``status``), or sent a feed this client
+    cannot read (``status`` None): retrying the same request would not help."""
 
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(f"relay answered {status}: {message}")
+    def __init__(self, status: int | None, message: str) -> None:
+        super().__init__(message if status is None else f"relay answered {status}: {message}")
         self.status = status
         self.message = message
 
@@ -61,8 +62,9 @@ def subscribe(
     reconnect: bool = True,
     max_backoff: float = 5.0,
 ) -> Iterator[Received]:
-    """Yield what the feed sends, forever (or until the relay refuses, raising
-    :class:`FeedError`). After a dropped connection it resumes from the last id it saw."""
+    """Yield what the feed sends, forever (or until the relay refuses, or sends what no
+    retry would mend, raising :class:`FeedError`). After a dropped connection it resumes from
+    the last id it saw."""
     params: list[tuple[str, str]] = [("path", p) for p in paths]
     params += [("site", s) for s in sites] + [("node", n) for n in nodes]
     params += [("type", t) for t in types]
@@ -87,7 +89,13 @@ def subscribe(
                     resp.raise_for_status()
                     backoff = 0.1
                     for chunk in resp.iter_bytes():
-                        for msg in parser.feed(chunk):
+                        try:
+                            messages = parser.feed(chunk)
+                        except MessageTooLarge as e:
+                            # Resuming would get the same message again.
+                            raise FeedError(None, f"relay {events_url(url)} sent a feed "
+                                            f"this client cannot read: {e}") from None
+                        for msg in messages:
                             if msg.event == "shutdown":
                                 raise httpx.RemoteProtocolError("the relay is shutting down")
                             yield Received(msg.event, int(msg.id) if msg.id else None, msg.data)
