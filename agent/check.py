@@ -70,11 +70,17 @@ def run_check(cfg: AgentConfig, say: Callable[[str], None]) -> bool:
         say("  PROBLEM: " + text)
 
     try:
-        r = httpx.get(cfg.relay.rstrip("/") + "/healthz", timeout=5)
-        r.raise_for_status()
-        health = r.json()
-        say(f"relay {cfg.relay}: reachable (version {health.get('version')}, "
-            f"{health.get('head')} events)")
+        # With the agent's token: a relay with tokens tells strangers only whether it is up.
+        headers = {"Authorization": f"Bearer {cfg.token}"} if cfg.token else {}
+        r = httpx.get(cfg.relay.rstrip("/") + "/healthz", timeout=5, headers=headers)
+        health = r.json() if r.status_code in (200, 503) else {}
+        if r.status_code == 503:
+            say(f"relay {cfg.relay}: reachable but it cannot store events: "
+                f"{health.get('store_error', 'its log is failing')}")
+        else:
+            r.raise_for_status()
+            say(f"relay {cfg.relay}: reachable (version {health.get('version')}, "
+                f"{health.get('head')} events)")
     except (httpx.HTTPError, ValueError) as e:
         say(f"relay {cfg.relay}: NOT reachable ({e})")
         say("  the agent keeps retrying and queues events meanwhile (in the spool if set)")

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import msgspec
 
-from storage_events.wire import flags_mask
+from storage_events.wire import MAX_BATCH, flags_mask
 
 Name = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
 Positive = Annotated[float, msgspec.Meta(gt=0)]
@@ -43,7 +43,7 @@ class AgentConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     flush_interval: Positive = 0.2  # seconds between spool writes: what a SIGKILL can lose
     snapshot_interval: float = 300.0  # seconds between tree snapshots (0: only at shutdown)
     metrics: str | None = None  # HOST:PORT to serve Prometheus metrics on, e.g. 127.0.0.1:9808
-    max_batch: PositiveInt = 2000
+    max_batch: Annotated[int, msgspec.Meta(gt=0, le=MAX_BATCH)] = 2000
     # On SIGTERM, how long to wait for the relay to acknowledge what is still queued.
     shutdown_grace: float = 5.0
     retry_interval: Positive = 30.0  # seconds between retries of directories that could not be

@@ -9,6 +9,8 @@ from typing import Annotated
 
 import msgspec
 
+from storage_events.wire import MAX_BATCH
+
 from .auth import JWTConfig, TokenConfig
 
 Positive = Annotated[float, msgspec.Meta(gt=0)]
@@ -71,7 +73,8 @@ class RelayConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     insecure: bool = False
     heartbeat: Positive = 15.0  # seconds between SSE heartbeat comments on an idle feed
     max_frame: PositiveInt = 16 * 1024 * 1024  # largest ingest WebSocket message, bytes
-    max_batch: PositiveInt = 10_000  # most events in one ingest batch
+    max_batch: Annotated[int, msgspec.Meta(gt=0, le=MAX_BATCH)] = MAX_BATCH  # most events in
+    # one ingest batch
     subscriber_buffer: PositiveInt = 4 * 1024 * 1024  # bytes queued per subscriber before it
     # falls back to reading the log
     durability: Annotated[str, msgspec.Meta(pattern="^(normal|full)$")] = "normal"

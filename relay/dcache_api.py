@@ -47,7 +47,8 @@ ANONYMOUS = "anonymous"
 MAX_BODY = 64 * 1024
 REPLAY_PAGE = 2000
 _TITLES = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
-           405: "Method Not Allowed", 413: "Payload Too Large", 429: "Too Many Requests"}
+           405: "Method Not Allowed", 413: "Payload Too Large", 415: "Unsupported Media Type",
+           429: "Too Many Requests"}
 
 SELECTOR_SCHEMA = {
     "$schema": "http://json-schema.org/draft-07/schema#",
@@ -464,7 +465,13 @@ class ChannelService:
 
 
 async def _body(request: Request) -> bytes:
+    # Only JSON, said so: a page on another origin cannot send that without a CORS preflight
+    # (a form or a "simple" fetch can send text/plain), so no page can write here.
+    media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
     body = await request.body()
+    if body and media != "application/json" and not media.endswith("+json"):
+        raise ChannelError(415, f"the request body must be JSON, sent with Content-Type: "
+                                f"application/json (not {media[:60] or 'none'!r})")
     if len(body) > MAX_BODY:
         raise ChannelError(413, f"the request body is larger than {MAX_BODY} bytes")
     return body

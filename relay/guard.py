@@ -10,8 +10,9 @@ a host name that resolves to 127.0.0.1. So:
 - Origin: no browser page publishes, so a WebSocket handshake with an ``Origin`` is refused; a
   write (POST, PUT, PATCH, DELETE) from a page is allowed only from the relay's own origin or
   one in ``cors_origins``;
-- Content-Type: a write with a body must say it is JSON, which a page on another origin cannot
-  send without a CORS preflight that the relay does not grant.
+- Content-Type: a write with a body must say it is JSON (checked where bodies are read, in
+  :mod:`.dcache_api`), which a page on another origin cannot send without a CORS preflight that
+  the relay does not grant.
 """
 
 from __future__ import annotations
@@ -73,20 +74,6 @@ def _host_name(host_header: str) -> str:
     return host.rpartition(":")[0] if host.count(":") == 1 else host
 
 
-def content_type_problem(method: str, headers: dict[str, str]) -> str | None:
-    if method not in _WRITES:
-        return None
-    has_body = headers.get("content-length", "0").strip() not in ("", "0") or \
-        "transfer-encoding" in headers
-    if not has_body:
-        return None
-    media = headers.get("content-type", "").partition(";")[0].strip().lower()
-    if media == "application/json" or media.endswith("+json"):
-        return None
-    return (f"the request body must be JSON, sent with Content-Type: application/json (not "
-            f"{media[:60] or 'none'!r})")
-
-
 class Guard:
     """The ASGI middleware applying a :class:`Policy`."""
 
@@ -107,8 +94,6 @@ class Guard:
             problem, status = self.policy.origin_problem(
                 kind, method, headers.get("origin"), scope.get("scheme", "http"),
                 headers.get("host")), 403
-        if problem is None and kind == "http":
-            problem, status = content_type_problem(method, headers), 415
         if problem is None:
             await self.app(scope, receive, send)
         elif kind == "websocket":

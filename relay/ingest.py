@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import msgspec
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
 
 from storage_events.wire import (
     Ack,
@@ -49,11 +49,14 @@ class ProtocolError(Exception):
         self.code = code  # WebSocket close code
 
 
+MAX_HELLO = 16 * 1024  # bytes: names and a token
+
+
 @dataclass(frozen=True, slots=True)
 class IngestLimits:
     max_batch: int = 10_000
     # Nothing larger is decoded before the sender is known: a hello is names and a token.
-    max_hello: int = 16 * 1024
+    max_hello: int = MAX_HELLO
     hello_timeout: float = 10.0
 
 
@@ -72,6 +75,7 @@ class IngestSession:
         # an agent: the highest seq the relay may acknowledge to it (held, or sent by it)
         self.loops: LoopGuard | None = None  # a pushing relay: events that come back
         self.replaced = False  # an agent: a newer connection publishes its stream now
+        self.identity: str | None = None  # the token's name (None: anonymous)
 
     def receive(self, frame: bytes | str) -> Hello | list[Event]:
         if isinstance(frame, str):
@@ -122,6 +126,8 @@ class IngestSession:
             if who is not None and who.node is not None and who.node != hello.node:
                 raise ProtocolError(f"token {who.name!r} may publish as node {who.node!r}, "
                                     f"not {hello.node!r}")
+            if who is not None:
+                self.identity = who.name
             if who is not None and who.role == "relay":
                 self.sites = who.scope.sites
         if hello.role == "agent" and not (hello.stream.startswith(hello.node + ":")
@@ -317,17 +323,17 @@ class Ingest:
                 raise ProtocolError(f"no hello within {self.limits.hello_timeout:g} s") from None
             assert isinstance(hello, Hello)
             peer = f"{hello.role} {hello.site}/{hello.node} ({peer})"
-            if hello.role == "agent":
-                self._take(hello.stream, session, ws, peer)
-                publishing = hello.stream
-            counter = self.relays if hello.role == "relay" else self.by_site
-            counter[hello.site] += 1
             # A relay's position is the last of its ids we hold; an agent's, its stream's seq.
             key = PUSHED_KEY.format(hello.stream) if hello.role == "relay" else hello.stream
             # (Off the event loop: a shared store may have to ask its servers.)
             session.checkpoint = await asyncio.to_thread(self.log.position, key)
             if hello.role == "agent":
+                # Checked and taken with no await between: no other hello comes in between.
                 self._check_owner(hello)
+                self._take(hello.stream, session, ws, peer)
+                publishing = hello.stream
+            counter = self.relays if hello.role == "relay" else self.by_site
+            counter[hello.site] += 1
             await ws.send_bytes(encode_frame(Welcome(stream=hello.stream,
                                                      acked=session.checkpoint)))
             log.info("%s connected, stream %s", peer, hello.stream)
@@ -352,9 +358,9 @@ class Ingest:
             # Not the sender's fault: close without an error frame, so it retries soon and
             # resends what was not acknowledged.
             log.error("cannot store events from %s: %s", peer, e)
-            with contextlib.suppress(RuntimeError, WebSocketDisconnect, OSError):
-                await ws.close(1011, "the relay cannot store events right now; retry")
-        except WebSocketDisconnect:
+            await _close(ws, 1011, "the relay cannot store events right now; retry")
+        except (WebSocketDisconnect, WebSocketDisconnected):
+            # (The second: closed by the relay meanwhile, as when a newer connection took over.)
             log.info("%s disconnected", peer)
         finally:
             self.connections -= 1
@@ -364,18 +370,24 @@ class Ingest:
                 del self._live[publishing]
 
     def _take(self, stream: str, session: IngestSession, ws: WebSocket, peer: str) -> None:
-        """Make this the one connection publishing ``stream``. An older one is a connection
-        its agent gave up on (it reconnected: the old one may not even know yet) or an
-        impostor's; either way it is closed and acknowledges nothing more, so every ack goes
-        to the connection whose events were stored."""
+        """Make this the one connection publishing ``stream``. An older one of the same sender
+        (site, node and token) is a connection its agent gave up on (it reconnected: the old
+        one may not even know yet): it is closed, and acknowledges nothing more, so every ack
+        goes to the connection whose events were stored. Anyone else is refused."""
+        holder = (session.hello.site, session.hello.node, session.identity) \
+            if session.hello else None
         old = self._live.get(stream)
         if old is not None:
             old_session, old_ws, old_peer = old
+            old_hello = old_session.hello
+            if old_hello is None or holder != (old_hello.site, old_hello.node,
+                                               old_session.identity):
+                raise ProtocolError(f"stream {stream!r} is being published by {old_peer}")
             old_session.replaced = True
             log.warning("stream %s: %s takes over from %s", stream, peer, old_peer)
-            closing = asyncio.ensure_future(_refuse(
-                old_ws, f"stream {stream!r} is now published by another connection ({peer})",
-                1008))
+            # No error frame: the agent there must not take this for a refusal of its batch.
+            closing = asyncio.ensure_future(_close(old_ws, 1012, "a newer connection "
+                                                   "publishes this stream"))
             self._closing.add(closing)
             closing.add_done_callback(self._closing.discard)
         self._live[stream] = (session, ws, peer)
@@ -402,6 +414,11 @@ async def _receive(ws: WebSocket, timeout: float | None = None) -> bytes | str:
     if message["type"] == "websocket.disconnect":
         raise WebSocketDisconnect(message.get("code", 1000))
     return message.get("bytes") if message.get("bytes") is not None else message.get("text", "")
+
+
+async def _close(ws: WebSocket, code: int, reason: str) -> None:
+    with contextlib.suppress(RuntimeError, WebSocketDisconnect, OSError):
+        await ws.close(code, reason)
 
 
 async def _refuse(ws: WebSocket, message: str, code: int) -> None:

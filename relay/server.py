@@ -14,8 +14,10 @@ import logging
 import uvicorn
 from starlette.types import ASGIApp
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from .config import RelayConfig
+from .ingest import MAX_HELLO
 
 log = logging.getLogger("storage_events.relay")
 
@@ -83,6 +85,23 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self.transport.close()
 
 
+class HelloFirstWebSocketProtocol(WebSocketsSansIOProtocol):
+    """Until the relay has sent its first message (the welcome, once the hello and its token
+    passed), a peer's message may be at most a hello's size: a larger frame is refused from
+    its header (close 1009), before its payload is even read, so an unauthenticated peer
+    cannot make the relay receive megabytes."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self._max_message = self.conn.max_message_size
+        self.conn.max_message_size = MAX_HELLO
+
+    async def asgi_send(self, message: dict) -> None:  # type: ignore[override]
+        if message["type"] == "websocket.send":
+            self.conn.max_message_size = self._max_message
+        await super().asgi_send(message)  # type: ignore[arg-type]
+
+
 def server_config(app: ASGIApp, cfg: RelayConfig, *, verbose: int) -> uvicorn.Config:
     host, port = cfg.host_port()
 
@@ -94,6 +113,7 @@ def server_config(app: ASGIApp, cfg: RelayConfig, *, verbose: int) -> uvicorn.Co
         host=host,
         port=port,
         http=Protocol,
+        ws=HelloFirstWebSocketProtocol,
         # uvicorn refuses a request once its connections, the new one included, or its running
         # requests reach the limit: one more than max_connections serves that many at once.
         # Each SSE subscriber and each agent or relay WebSocket is one of both while it lasts.

@@ -207,8 +207,11 @@ class Welcome(msgspec.Struct, tag="welcome", kw_only=True):
     acked: int
 
 
+MAX_BATCH = 10_000  # events in one batch: checked from the frame's header, before decoding
+
+
 class Batch(msgspec.Struct, tag="batch"):
-    events: list[Event]
+    events: Annotated[list[Event], msgspec.Meta(max_length=MAX_BATCH)]
 
 
 class Ack(msgspec.Struct, tag="ack"):

@@ -16,7 +16,7 @@ def test_web_page_shows_the_feed_a_token_may_read(tmp_path, procs):
     config = tmp_path / "relay.toml"
     config.write_text(CONFIG)
     relay = Relay(tmp_path, procs, extra=("--config", str(config)))
-    assert asyncio.run(publish(relay, TOKENS["agent-b"], "b", "b:1", B_EVENTS)) is None
+    assert asyncio.run(publish(relay, TOKENS["agent-b"], "b", "n1:b", B_EVENTS)) is None
     browser = Browser(tmp_path, procs)
     try:
         # Catch-up, scoped: this reader sees /data/b/public only, and the move into it without
@@ -32,8 +32,8 @@ def test_web_page_shows_the_feed_a_token_may_read(tmp_path, procs):
         # Live, with a hostile name: shown as text, never as markup.
         hostile = "/data/b/public/<img src=x onerror=alert(1)>"
         private = "/data/b/private/unseen"
-        assert asyncio.run(publish(relay, TOKENS["agent-b"], "b", "b:1", [
-            ev("b", "b:1", 5, private), ev("b", "b:1", 6, hostile)])) is None
+        assert asyncio.run(publish(relay, TOKENS["agent-b"], "b", "n1:b", [
+            ev("b", "n1:b", 5, private), ev("b", "n1:b", 6, hostile)])) is None
         wait_for(lambda: len(browser.js(ROWS)) == 3, 20, "the live event on the page")
         assert browser.js(ROWS)[0] == hostile
         assert browser.js("document.querySelectorAll('img').length") == 0
