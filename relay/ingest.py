@@ -30,7 +30,7 @@ from storage_events.wire import (
     event_problem,
 )
 
-from .auth import Authenticator, AuthError
+from .auth import Authenticator, AuthError, Identity
 from .federation import PUSHED_KEY, LoopGuard
 from .hub import Hub
 from .log import EventLog, StoreError
@@ -85,7 +85,7 @@ class IngestSession:
         # make the relay parse megabytes.
         if self.hello is None and len(frame) > self.limits.max_hello:
             raise ProtocolError(f"the first frame must be a hello of at most "
-                                    f"{self.limits.max_hello:,} bytes, not {len(frame):,}", 1009)
+                                f"{self.limits.max_hello:,} bytes, not {len(frame):,}", 1009)
         try:
             msg = decode_to_relay(frame)
         except msgspec.ValidationError as e:
@@ -116,20 +116,8 @@ class IngestSession:
                 who = self.auth.identify(hello.token)
             except AuthError as e:
                 raise ProtocolError(str(e)) from None
-            if who is not None and who.role != hello.role:
-                raise ProtocolError(f"token {who.name!r} is a {who.role} token: it cannot "
-                                    f"publish as {hello.role}")
-            if who is not None and who.site != hello.site:
-                raise ProtocolError(f"token {who.name!r} may publish as "
-                                    f"{'site' if who.role == 'agent' else 'relay'} "
-                                    f"{who.site!r}, not {hello.site!r}")
-            if who is not None and who.node is not None and who.node != hello.node:
-                raise ProtocolError(f"token {who.name!r} may publish as node {who.node!r}, "
-                                    f"not {hello.node!r}")
             if who is not None:
-                self.identity = who.name
-            if who is not None and who.role == "relay":
-                self.sites = who.scope.sites
+                self._check_identity(hello, who)
         if hello.role == "agent" and not (hello.stream.startswith(hello.node + ":")
                                           and len(hello.stream) > len(hello.node) + 1):
             # Names no relay's loss notices (<relay>.gap) or another node's stream can take.
@@ -142,6 +130,21 @@ class IngestSession:
             self.loops = LoopGuard(self.me, f"relay {hello.site!r}")
         self.hello = hello
         return hello
+
+    def _check_identity(self, hello: Hello, who: Identity) -> None:
+        if who.role != hello.role:
+            raise ProtocolError(f"token {who.name!r} is a {who.role} token: it cannot "
+                                f"publish as {hello.role}")
+        if who.site != hello.site:
+            raise ProtocolError(f"token {who.name!r} may publish as "
+                                f"{'site' if who.role == 'agent' else 'relay'} "
+                                f"{who.site!r}, not {hello.site!r}")
+        if who.node is not None and who.node != hello.node:
+            raise ProtocolError(f"token {who.name!r} may publish as node {who.node!r}, "
+                                f"not {hello.node!r}")
+        self.identity = who.name
+        if who.role == "relay":
+            self.sites = who.scope.sites
 
     def _check_batch(self, events: list[Event]) -> list[Event]:
         hello = self.hello
@@ -195,7 +198,8 @@ def check_relayed(events: list[Event], previous: int, sender: str | None,
         if not (_NAME.match(ev.site) and _NAME.match(ev.node) and _STREAM.match(ev.stream)):
             raise ProtocolError(f"event {i}: site, node or stream name is not valid")
         where = f"event {i} ({ev.stream} seq {ev.seq})"  # (names checked: safe to show)
-        if ev.stream.endswith(".gap") and not _is_gap(ev):
+        gap = _is_gap(ev)  # a relay's loss notice: made by the puller or the sender itself
+        if ev.stream.endswith(".gap") and not gap:
             raise ProtocolError(f"{where}: a stream <relay>.gap holds only that relay's loss "
                                 "notices (an overflow of / from site and node <relay>)")
         if sites is not None and ev.site not in sites and not (
@@ -205,7 +209,6 @@ def check_relayed(events: list[Event], previous: int, sender: str | None,
         if ev.id <= previous:
             raise ProtocolError(f"{where}: the sending relay's ids must increase "
                                 f"(id {ev.id} after {previous})")
-        gap = _is_gap(ev)  # a relay's loss notice: made by the puller or sender itself
         if not (ev.via or (gap and sender is None)) or (ev.origin_id is None and not gap):
             raise ProtocolError(f"{where}: a relayed event names the relays it passed through "
                                 "(via) and the first one's id (origin_id)")
@@ -223,9 +226,8 @@ def check_relayed(events: list[Event], previous: int, sender: str | None,
 
 
 def _is_gap(ev: Event) -> bool:
-    relay = ev.stream.removesuffix(".gap")
-    return (ev.site == ev.node == relay and ev.path == "/" and ev.flags == ["IN_Q_OVERFLOW"]
-            and ev.old_path is None)
+    return (ev.stream.endswith(".gap") and ev.site == ev.node == ev.stream[:-4]
+            and ev.path == "/" and ev.flags == ["IN_Q_OVERFLOW"] and ev.old_path is None)
 
 
 def _check_event(where: str, ev: Event) -> None:
