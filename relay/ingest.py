@@ -327,8 +327,8 @@ class Ingest:
             peer = f"{hello.role} {hello.site}/{hello.node} ({peer})"
             # A relay's position is the last of its ids we hold; an agent's, its stream's seq.
             key = PUSHED_KEY.format(hello.stream) if hello.role == "relay" else hello.stream
-            # (Off the event loop: a shared store may have to ask its servers.)
-            session.checkpoint = await asyncio.to_thread(self.log.position, key)
+            session.checkpoint = (await asyncio.to_thread(self.log.position, key)
+                                  if self.log.position_io else self.log.position(key))
             if hello.role == "agent":
                 # Checked and taken with no await between: no other hello comes in between.
                 self._check_owner(hello)

@@ -47,6 +47,11 @@ class Record:
 class LogCounters:
     """What both logs keep in memory and hand out without I/O."""
 
+    # Whether position() may wait on I/O (a shared store asking its servers): callers on the
+    # event loop then run it in a thread, and only then (a thread hop for each of thousands of
+    # connections is what a flood of hellos would cost otherwise).
+    position_io = False
+
     _head: int
     _first: int
     _bytes: int
@@ -108,6 +113,7 @@ class EventLog(Protocol):
         """Bytes of event data held."""
 
     stored: int  # events this relay stored since it started
+    position_io: bool  # position() may wait on I/O (see LogCounters)
 
     @property
     def epoch(self) -> int:

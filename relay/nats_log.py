@@ -43,6 +43,7 @@ def subject(stream: str) -> str:
 
 
 class NATSLog(LogCounters):
+    position_io = True  # a stream's position is read back from JetStream on its first hello
     def __init__(self, servers: list[str], *, name: str, stream: str = "STORAGE_EVENTS",
                  replicas: int = 1, max_age: float = 0, max_events: int = 0,
                  max_bytes: int = 0, duplicate_window: float = 600.0) -> None:

@@ -15,6 +15,7 @@ import uvicorn
 from starlette.types import ASGIApp
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.frames import Frame, Opcode
 
 from .config import RelayConfig
 from .ingest import MAX_HELLO
@@ -86,20 +87,39 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
 
 class HelloFirstWebSocketProtocol(WebSocketsSansIOProtocol):
-    """Until the relay has sent its first message (the welcome, once the hello and its token
-    passed), a peer's message may be at most a hello's size: a larger frame is refused from
-    its header (close 1009), before its payload is even read, so an unauthenticated peer
-    cannot make the relay receive megabytes."""
+    """A peer's first message (the hello, names and a token) may be at most a hello's size: a
+    larger frame is refused from its header (close 1009) before its payload is even read, so
+    an unauthenticated peer cannot make the relay receive megabytes. Later messages may be as
+    large as ``max_frame``; they are decoded only once the hello has passed."""
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self._max_message = self.conn.max_message_size
-        self.conn.max_message_size = MAX_HELLO
+        conn = self.conn
+        full, conn.max_message_size = conn.max_message_size, MAX_HELLO
+        received = conn.recv_frame
 
-    async def asgi_send(self, message: dict) -> None:  # type: ignore[override]
-        if message["type"] == "websocket.send":
-            self.conn.max_message_size = self._max_message
-        await super().asgi_send(message)  # type: ignore[arg-type]
+        def recv_frame(frame: Frame) -> None:
+            # The parser reads the limit when a frame starts, so it is raised right here,
+            # between the hello's last frame and the next one.
+            if frame.fin and frame.opcode in (Opcode.BINARY, Opcode.TEXT, Opcode.CONT):
+                conn.max_message_size = full
+                conn.recv_frame = received  # type: ignore[method-assign]
+            received(frame)
+
+        conn.recv_frame = recv_frame  # type: ignore[method-assign]
+
+
+# uvicorn and websockets log every WebSocket connection at INFO: access-log lines, which for
+# plain HTTP requests appear only with -v. Without it they are dropped here too: a peer that
+# reconnects in a loop must not fill the log (the relay logs what matters of each connection).
+_ACCESS_LINES = frozenset({'%s - "WebSocket %s" [accepted]', '%s - "WebSocket %s" 403',
+                           '%s - "WebSocket %s" %d', "connection open", "connection closed",
+                           "connection rejected (%d %s)"})
+
+
+class WebSocketAccessLines(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg not in _ACCESS_LINES
 
 
 def server_config(app: ASGIApp, cfg: RelayConfig, *, verbose: int) -> uvicorn.Config:
@@ -107,6 +127,9 @@ def server_config(app: ASGIApp, cfg: RelayConfig, *, verbose: int) -> uvicorn.Co
 
     class Protocol(BoundedHttpToolsProtocol):
         head_timeout = cfg.request_head_timeout
+
+    if not verbose:
+        logging.getLogger("uvicorn.error").addFilter(WebSocketAccessLines())
 
     return uvicorn.Config(
         app,

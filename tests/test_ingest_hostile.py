@@ -195,15 +195,20 @@ def ws_url(relay: Relay) -> str:
     return relay.url.replace("http://", "ws://") + "/ingest"
 
 
-async def exchange(relay: Relay, hello: Hello, *batches: list[Event]) -> list[object]:
-    """What the relay answers to a hello and batches (until it closes)."""
+async def exchange(relay: Relay, hello: Hello, *batches: list[Event],
+                   eager: bool = False) -> list[object]:
+    """What the relay answers to a hello and batches (until it closes); ``eager``: the batches
+    are sent at once, not each after the previous answer."""
     replies: list[object] = []
     async with websockets.connect(ws_url(relay), max_size=None) as ws:
         await ws.send(encode_frame(hello))
+        for batch in batches if eager else ():
+            await ws.send(msgspec.msgpack.encode(Batch(batch)))
         with contextlib.suppress(websockets.ConnectionClosed):
             replies.append(decode_to_agent(await ws.recv()))
             for batch in batches:
-                await ws.send(msgspec.msgpack.encode(Batch(batch)))
+                if not eager:
+                    await ws.send(msgspec.msgpack.encode(Batch(batch)))
                 replies.append(decode_to_agent(await asyncio.wait_for(ws.recv(), 10)))
     return replies
 
@@ -302,10 +307,13 @@ def test_unauthenticated_floods_are_refused_before_reading_them(token_relay):
         # Refused from the frame's header: the relay read 16 KiB of it at most.
         assert code in (1009, 1006), (code, reason)
         assert code == 1006 or "exceeds limit of 16384 bytes" in reason
-    # A hello of the right size is read, and answered.
+    # A hello of the right size is read and answered, and a large batch sent right after it
+    # (an agent does not wait for the welcome to be read) is taken.
     hello = Hello(site="kit", node="n1", stream="n1:x", token=TOKENS["agent-kit"])
-    got = asyncio.run(exchange(token_relay, hello, [ev(1, stream="n1:x")]))
-    assert got == [Welcome(stream="n1:x", acked=0), Ack("n1:x", 1)]
+    batch = [ev(i, stream="n1:x", path=f"/data/{'d' * 200}/f{i}") for i in range(1, 2001)]
+    assert len(encode_frame(Batch(batch))) > 256 * 1024
+    got = asyncio.run(exchange(token_relay, hello, batch, eager=True))
+    assert got == [Welcome(stream="n1:x", acked=0), Ack("n1:x", 2000)]
 
 
 # -- web pages in a real browser, and DNS rebinding -----------------------------------------
