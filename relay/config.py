@@ -29,6 +29,9 @@ class UpstreamConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     idle_timeout: Positive = 45.0  # reconnect when nothing, not even a heartbeat, came for this
     # long (3 heartbeats at the default 15 s): a link that died silently is noticed
     ca_file: str | None = None  # to check its TLS certificate (default: the system's CAs)
+    # Seconds before a feed that broke the protocol (an event that is not one, a line beyond
+    # the limit) is pulled again: it would most likely send the same.
+    broken_feed_retry: Positive = 60.0
 
     def __post_init__(self) -> None:
         _check_url(self.url)

@@ -167,6 +167,14 @@ class ChannelService:
         rows = [(ch.id, i, data, origin) for ch, i, data, origin in routed.events
                 if live.get(ch.id) is ch]
         self.routed += len(rows)
+        if not rows and not touched:
+            # Nothing reached a channel: the cursor moves on in memory only, and is stored with
+            # the next write. After a crash these records are routed again and reach no watch
+            # again (a watch added since was stored with a cursor past them). Otherwise every
+            # batch stored, a forger's too, would cost a transaction here.
+            if cursor is not None:
+                self.cursor = cursor
+            return
         async with self._commit:
             snaps = self._snapshots(touched.values())
             await asyncio.to_thread(self.store.save, snaps, cursor, rows)

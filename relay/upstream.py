@@ -51,7 +51,9 @@ class Puller:
                                 self.name, type(e).__name__, e, backoff)
                 except BadFeed as e:
                     # Its feed is broken or hostile: what was taken before is stored, the rest
-                    # is not buffered; the next try starts after the last event stored.
+                    # is not buffered; the next try starts after the last event stored. It would
+                    # most likely send the same again, so it is not retried soon.
+                    backoff = max(backoff, self.cfg.broken_feed_retry)
                     log.error("%s; dropped the connection, retrying in %.1f s", e, backoff)
                 except Exception:
                     log.exception("pulling upstream %s failed; retrying in %.0f s", self.name,
@@ -59,7 +61,7 @@ class Puller:
                 finally:
                     self.connected = False
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, MAX_BACKOFF)
+                backoff = min(backoff * 2, max(MAX_BACKOFF, backoff))
 
     async def _pull(self, client: httpx.AsyncClient) -> None:
         # The checkpoint is per epoch of the upstream's log: if that log was started afresh,

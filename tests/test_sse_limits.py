@@ -176,7 +176,9 @@ def endless() -> Iterator[FakeRelay]:
 
 
 def test_a_relay_drops_an_upstream_sending_an_endless_line_and_retries(tmp_path, procs, endless):
-    relay = Relay(tmp_path, procs, extra=("--upstream", endless.url))
+    config = tmp_path / "relay.toml"
+    config.write_text(f'[[upstream]]\nurl = "{endless.url}"\nbroken_feed_retry = 0.5\n')
+    relay = Relay(tmp_path, procs, extra=("--config", str(config)))
     assert relay.proc is not None
     label = endless.url.removeprefix("http://").replace(":", "_")
     wait_for(lambda: endless.streams >= 2, 20, "the relay to pull the upstream again")
