@@ -22,6 +22,11 @@ from .filters import Scope
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS held_loss (  -- loss notices routed past but not yet announced
+    site TEXT NOT NULL,
+    path TEXT NOT NULL,
+    PRIMARY KEY (site, path)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS channels (
     id TEXT PRIMARY KEY,
     owner TEXT NOT NULL,
@@ -144,6 +149,7 @@ class ChannelStore:
                 "SELECT channel, sid, site, path, mask, oneshot, selector, moved "
                 "FROM watches").fetchall()
             cursor = self._db.execute("SELECT value FROM meta WHERE key = 'cursor'").fetchone()
+            registry.deferred.update(self._db.execute("SELECT site, path FROM held_loss"))
         channels = {}
         for (cid, owner, sites, prefixes, client_id, url, timeout, next_id, first_id,
              connected, disconnected_at) in rows:
@@ -166,9 +172,11 @@ class ChannelStore:
 
     def save(self, channels: list[Snapshot], cursor: int | None,
              backlog: list[tuple[str, int, bytes, Origin]] | None = None,
-             deleted: list[str] | None = None) -> None:
+             deleted: list[str] | None = None,
+             held: list[tuple[str, str]] | None = None) -> None:
         """Write channels (with their changed watches), new backlog rows, removals and (unless
-        None) the routing cursor in one transaction. A channel's rows older than its
+        None) the routing cursor and the loss notices held back, in one transaction: a cursor
+        past a held notice is never stored without it. A channel's rows older than its
         ``first_id`` go."""
         with self._lock:
             db = self._db
@@ -199,6 +207,9 @@ class ChannelStore:
                         db.execute(f"DELETE FROM {table} WHERE {key} = ?", (cid,))
                 if cursor is not None:
                     db.execute("INSERT OR REPLACE INTO meta VALUES ('cursor', ?)", (cursor,))
+                if held is not None:
+                    db.execute("DELETE FROM held_loss")
+                    db.executemany("INSERT INTO held_loss VALUES (?, ?)", held)
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")

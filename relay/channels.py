@@ -23,7 +23,7 @@ import msgspec
 from storage_events.wire import Event, Flag
 
 from .filters import Scope, under
-from .log import Record
+from .log import Record, make_record
 
 # The twelve events a dCache selector may name, and the names that stand for several.
 EVENTS = {
@@ -49,6 +49,7 @@ _OVERFLOW, _MOVED_TO = int(Flag.Q_OVERFLOW), int(Flag.MOVED_TO)
 _AS_SELF = {int(Flag.DELETE): Flag.DELETE_SELF, int(Flag.MOVED_FROM): Flag.MOVE_SELF}
 
 MAX_PATH = 4096
+LOSS_WINDOW = 1.0  # seconds: loss notices of one place, coalesced (and delayed) at most this
 
 
 class ChannelError(Exception):
@@ -268,6 +269,11 @@ class Registry:
         # The directories above watched paths, each → the next components down towards them:
         # what a directory move concerns is found without looking at every watched path.
         self._below: dict[str, set[str]] = {}
+        # One notice for a loss at one place can reach 10,000 watches of each of many channels:
+        # a sender announcing loss in a loop must not make that many events each time. So per
+        # (site, path): when its notice last went out, and those held back since.
+        self._loss_at: dict[tuple[str, str], float] = {}
+        self.deferred: set[tuple[str, str]] = set()  # stored with the routing cursor
 
     # -- channels ------------------------------------------------------------------------
 
@@ -419,16 +425,22 @@ class Registry:
 
     # -- routing -------------------------------------------------------------------------
 
-    def route(self, records: Iterable[Record]) -> Routed:
+    def route(self, records: Iterable[Record], now: float | None = None) -> Routed:
+        """``now`` (monotonic seconds): loss notices of one site and path are announced at
+        most once per ``LOSS_WINDOW``; the ones held back in it become one more notice at its
+        end (:meth:`flush`). None: every notice at once."""
         out = Routed()
         if not self._by_path:
             return out
         for r in records:
             if r.flags & _OVERFLOW:
-                origin = Origin(r.site, r.path, overflow=True)
-                for w in self._all():
-                    if self._loss_visible(w, r):
-                        self._emit(out, w, origin, Payload(["IN_Q_OVERFLOW"]))
+                key = (r.site, r.path)
+                if now is not None and now - self._loss_at.get(key, -LOSS_WINDOW) < LOSS_WINDOW:
+                    self.deferred.add(key)
+                    continue
+                if now is not None:
+                    self._loss_at[key] = now
+                self._announce(out, *key)
                 continue
             parent = r.path.rpartition("/")[0] or "/"
             children = self._by_path.get(parent) if r.path != "/" else None
@@ -446,6 +458,28 @@ class Registry:
             if r.flags & _MOVED_TO:
                 self._follow(out, r)
         return out
+
+    def flush(self, now: float) -> Routed:
+        """The loss notices held back whose window has ended."""
+        out = Routed()
+        for key in [k for k in self.deferred
+                    if now - self._loss_at.get(k, -LOSS_WINDOW) >= LOSS_WINDOW]:
+            self.deferred.discard(key)
+            self._loss_at[key] = now
+            if self._by_path:
+                self._announce(out, *key)
+        for key in [k for k, t in self._loss_at.items()
+                    if now - t >= LOSS_WINDOW and k not in self.deferred]:
+            del self._loss_at[key]  # (a notice for it now goes out at once again)
+        return out
+
+    def _announce(self, out: Routed, site: str, path: str) -> None:
+        """An IN_Q_OVERFLOW to every watch the loss at ``path`` of ``site`` may concern."""
+        notice = make_record(0, site, "", path, _OVERFLOW, b"{}")
+        origin = Origin(site, path, overflow=True)
+        for w in self._all():
+            if self._loss_visible(w, notice):
+                self._emit(out, w, origin, Payload(["IN_Q_OVERFLOW"]))
 
     @property
     def has_watches(self) -> bool:

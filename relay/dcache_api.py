@@ -142,7 +142,7 @@ class ChannelService:
                 continue
             if not pending:
                 return
-            await self._apply(self.registry.route(pending), pending[-1].id)
+            await self._apply(self.registry.route(pending, time.monotonic()), pending[-1].id)
 
     def _snapshots(self, channels: Iterable[Channel]) -> list[Snapshot]:
         """Rows of the channels that still exist (one may be deleted while a request waits)."""
@@ -177,7 +177,8 @@ class ChannelService:
             return
         async with self._commit:
             snaps = self._snapshots(touched.values())
-            await asyncio.to_thread(self.store.save, snaps, cursor, rows)
+            await asyncio.to_thread(self.store.save, snaps, cursor, rows, None,
+                                    sorted(self.registry.deferred))
             self._saved(snaps)
             if cursor is not None:
                 self.cursor = cursor
@@ -205,12 +206,16 @@ class ChannelService:
     async def _save(self, ch: Channel) -> None:
         async with self._commit:  # so self.cursor is a committed one
             snaps = self._snapshots([ch])
-            await asyncio.to_thread(self.store.save, snaps, self.cursor)
+            await asyncio.to_thread(self.store.save, snaps, self.cursor, None, None,
+                                    sorted(self.registry.deferred))
             self._saved(snaps)
 
     async def expire(self, every: float = 1.0) -> None:
         while True:
             try:
+                held = self.registry.flush(time.monotonic())  # loss notices held back
+                if held.events:
+                    await self._apply(held)
                 for ch in self.registry.expired(time.time()):
                     if ch.connected or ch.id not in self.registry.channels:
                         continue  # a client came back, or it went, while we waited

@@ -453,3 +453,38 @@ def test_moves_per_site_and_replay_under_the_current_token_through_the_api(tmp_p
         ("6", "run2", True), ("7", "a.h5", False), ("8", "b.h5", False), ("9", "h", False)]
     limited.stop()
     http.close()
+
+
+# -- loss notices, once per place and window: a sender looping on them is not multiplied ------
+
+def test_loss_notices_of_one_place_are_coalesced_never_dropped(tmp_path):
+    reg = Registry(Limits())
+    channels = [reg.create(f"u{i}", Scope(), None, BASE, 0.0) for i in range(3)]
+    for ch in channels:
+        for k in range(100):
+            reg.subscribe(ch, Selector(f"/d/w{k}"))
+    ev = Log()
+    notices = [ev("/", "IN_Q_OVERFLOW", site="evil", is_dir=True) for _ in range(50)]
+    # The first goes out at once, to all 300 watches; the 49 after it in the window are held.
+    assert len(reg.route(notices, now=10.0).events) == 300
+    assert reg.deferred == {("evil", "/")}
+    assert not reg.flush(10.5).events  # still in the window
+    # A loss at another place is not held back by this one.
+    assert len(reg.route([ev("/d/w1", "IN_Q_OVERFLOW", site="evil")], now=10.6).events) == 3
+    # At the window's end the held ones become one more notice: nothing is dropped, so a
+    # client that rescanned after the first one learns of what was lost since.
+    again = reg.flush(11.0).events
+    assert len(again) == 300 and not reg.deferred
+    assert {json.loads(d)["event"]["mask"][0] for _, _, d, _ in again} == {"IN_Q_OVERFLOW"}
+    # A later one, after a quiet window, goes out at once again.
+    reg.flush(12.5)
+    assert len(reg.route([ev("/", "IN_Q_OVERFLOW", site="evil")], now=12.6).events) == 300
+
+    # Held notices are stored with the routing cursor that passed them, and come back.
+    store = ChannelStore(tmp_path)
+    reg.route([ev("/", "IN_Q_OVERFLOW", site="evil")], now=12.7)
+    store.save([snapshot(ch) for ch in channels], 99, None, None, sorted(reg.deferred))
+    loaded = Registry(Limits())
+    assert ChannelStore(tmp_path).load(loaded, 20.0) == 99
+    assert loaded.deferred == {("evil", "/")}
+    assert len(loaded.flush(time.monotonic()).events) == 300
