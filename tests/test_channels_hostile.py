@@ -24,7 +24,7 @@ from test_channels import BASE, Log, received
 from storage_events.relay.auth import Authenticator, JWTConfig
 from storage_events.relay.auth import hash_token as h
 from storage_events.relay.channel_store import ChannelStore, snapshot
-from storage_events.relay.channels import Limits, Registry, Selector
+from storage_events.relay.channels import Channel, Limits, Registry, Selector
 from storage_events.relay.dcache_api import ChannelService
 from storage_events.relay.filters import Scope
 from storage_events.relay.sqlite_log import SQLiteLog
@@ -140,13 +140,20 @@ def names(items: list[tuple[int, bytes]]) -> list[str]:
 
 # -- 2. what was routed under a wider token is not delivered under a narrower one --------------
 
+def carols_channel(tmp_path: Path) -> tuple[ChannelService, Channel, str, str]:
+    """A service with carol's channel watching /data/secret and /data/public, and two tokens of
+    hers: one for /data, one for /data/public only."""
+    svc = service(tmp_path, SECRET)
+    wide, narrow = token("carol", ["/data"]), token("carol", ["/data/public"])
+    ch = svc.registry.create("jwt:carol", WIDE, None, BASE, 0.0)
+    svc.registry.subscribe(ch, Selector("/data/secret"))
+    svc.registry.subscribe(ch, Selector("/data/public"))
+    return svc, ch, wide, narrow
+
+
 def test_a_reconnect_with_a_narrower_token_gets_nothing_routed_under_the_wider_one(tmp_path):
     async def main() -> None:
-        svc = service(tmp_path, SECRET)
-        wide, narrow = token("carol", ["/data"]), token("carol", ["/data/public"])
-        ch = svc.registry.create("jwt:carol", WIDE, None, BASE, 0.0)
-        svc.registry.subscribe(ch, Selector("/data/secret"))
-        svc.registry.subscribe(ch, Selector("/data/public"))
+        svc, ch, wide, narrow = carols_channel(tmp_path)
         await svc.get_channel(get_stream(ch.id, wide))
         # The routed batch's write is held up, so that the narrower client connects between the
         # routing (under the wide scope) and the delivery to the connected client.
@@ -175,11 +182,7 @@ def test_a_reconnect_with_a_narrower_token_gets_nothing_routed_under_the_wider_o
 
 def test_the_backlog_is_replayed_as_the_owners_current_token_allows(tmp_path):
     async def main() -> None:
-        svc = service(tmp_path, SECRET)
-        wide, narrow = token("carol", ["/data"]), token("carol", ["/data/public"])
-        ch = svc.registry.create("jwt:carol", WIDE, None, BASE, 0.0)
-        svc.registry.subscribe(ch, Selector("/data/secret"))
-        svc.registry.subscribe(ch, Selector("/data/public"))
+        svc, ch, wide, narrow = carols_channel(tmp_path)
         ev = Log()
         await svc._apply(svc.registry.route([
             ev("/data/secret/f", "IN_CLOSE_WRITE"), ev("/data/public/g", "IN_CLOSE_WRITE"),
