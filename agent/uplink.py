@@ -13,6 +13,7 @@ import msgspec
 import websockets
 
 from storage_events.wire import (
+    FRAME_BUDGET,
     Ack,
     Batch,
     Error,
@@ -31,9 +32,6 @@ from .outbox import Outbox
 log = logging.getLogger("storage_events.agent")
 
 
-# Bytes per batch frame, at most: a quarter of the relay's default max_frame (16 MiB), so that a
-# relay with a smaller one is met by the shrinking below rather than at every batch.
-FRAME_BUDGET = 4 * 1024 * 1024
 # Close codes with which a relay refuses what it was sent (1009 alone, with no error frame, is
 # the web server's frame limit).
 _REFUSED = frozenset({1007, 1008, 1009})

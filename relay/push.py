@@ -12,6 +12,7 @@ import time
 import websockets
 
 from storage_events.wire import (
+    FRAME_BUDGET,
     Ack,
     Batch,
     Error,
@@ -102,7 +103,13 @@ class Pusher:
                 if not batch:
                     await self._wake.wait()
                     continue
-                await ws.send(encode_frame(Batch(batch)))
+                frame = encode_frame(Batch(batch))
+                while len(frame) > FRAME_BUDGET and len(batch) > 1:
+                    # Long paths: fewer events a frame (the rest follow, read again by id), or
+                    # the other relay would refuse the frame, and every resend of it.
+                    batch = batch[: len(batch) // 2]
+                    frame = encode_frame(Batch(batch))
+                await ws.send(frame)
                 sent = batch[-1].id
             acks.result()  # raises what ended the acknowledgements
         finally:

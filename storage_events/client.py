@@ -50,6 +50,17 @@ def events_url(url: str) -> str:
     return base if base.endswith("/events") else base + "/events"
 
 
+def _event_id(url: str, value: str | None) -> int | None:
+    """A relay's event ids are numbers (ASCII digits, 64-bit): anything else comes from a peer
+    that is not one, and would be sent back to it as ``Last-Event-ID``."""
+    if not value:
+        return None
+    if not (value.isascii() and value.isdigit() and len(value) <= 19):
+        raise FeedError(None, f"relay {events_url(url)} sent an event id that is not one: "
+                              f"{value[:80]!r}")
+    return int(value)
+
+
 def subscribe(
     url: str,
     *,
@@ -98,7 +109,7 @@ def subscribe(
                         for msg in messages:
                             if msg.event == "shutdown":
                                 raise httpx.RemoteProtocolError("the relay is shutting down")
-                            yield Received(msg.event, int(msg.id) if msg.id else None, msg.data)
+                            yield Received(msg.event, _event_id(url, msg.id), msg.data)
                         # The relay sends the resume point first, so even an idle connection
                         # knows where to pick up.
                         last_id = parser.last_event_id or last_id

@@ -208,6 +208,10 @@ class Welcome(msgspec.Struct, tag="welcome", kw_only=True):
 
 
 MAX_BATCH = 10_000  # events in one batch: checked from the frame's header, before decoding
+# Bytes a sender (agent or pushing relay) puts in one frame, at most: a quarter of the relay's
+# default max_frame (16 MiB), so that a relay with a smaller one is met by shrinking, not at
+# every batch.
+FRAME_BUDGET = 4 * 1024 * 1024
 
 
 class Batch(msgspec.Struct, tag="batch"):

@@ -3,11 +3,14 @@ send, and exactly-once storage when the same events come by two routes."""
 
 from __future__ import annotations
 
+import asyncio
+
 import msgspec
 import pytest
 
 from storage_events import sse
 from storage_events.relay.auth import Authenticator, TokenConfig, hash_token
+from storage_events.relay.config import PushConfig
 from storage_events.relay.federation import FeedReader, LoopGuard
 from storage_events.relay.ingest import (
     IngestLimits,
@@ -15,8 +18,18 @@ from storage_events.relay.ingest import (
     ProtocolError,
     check_relayed,
 )
+from storage_events.relay.push import Pusher
 from storage_events.relay.sqlite_log import SQLiteLog
-from storage_events.wire import Batch, Event, Hello, encode_frame, event_json
+from storage_events.wire import (
+    FRAME_BUDGET,
+    Batch,
+    Event,
+    Hello,
+    Welcome,
+    decode_to_relay,
+    encode_frame,
+    event_json,
+)
 
 
 def ev(stream: str, seq: int, *, site: str = "s", id: int = 0, via: list[str] | None = None,
@@ -141,3 +154,36 @@ def test_a_stream_belongs_to_its_first_site(tmp_path):
     assert log.position("n:1") == 1 and log.stream_owner("n:1").site == "a"
     log.close()
     assert SQLiteLog(tmp_path, name="central").stream_owner("n:1").site == "a"
+
+
+def test_a_pushing_relay_keeps_its_frames_within_the_budget(tmp_path):
+    """Events with long paths: the pusher sends fewer a frame, and all of them, in order."""
+    log = SQLiteLog(tmp_path, name="site1")
+    deep = "/d/" + "x" * 8000
+    log.append([Event(site="s", node="n", path=f"{deep}/{i}", flags=["IN_CLOSE_WRITE"], ts=1,
+                      stream="n:1", seq=i) for i in range(1, 1501)])
+
+    class Peer:  # the other relay's end of the WebSocket: welcomes, then takes frames
+        def __init__(self) -> None:
+            self.frames: list[bytes] = []
+            self.replies: asyncio.Queue[bytes] = asyncio.Queue()
+            self.replies.put_nowait(encode_frame(Welcome(stream="relay:site1:1", acked=0)))
+
+        async def send(self, frame: bytes) -> None:
+            self.frames.append(frame)
+
+        async def recv(self) -> bytes:
+            return await self.replies.get()
+
+    async def main() -> Peer:
+        peer, pusher = Peer(), Pusher(PushConfig(url="http://central:8808"), log, "site1")
+        task = asyncio.create_task(pusher._push(peer))  # type: ignore[arg-type]
+        while sum(len(decode_to_relay(f).events) for f in peer.frames[1:]) < 1500:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        return peer
+
+    peer = asyncio.run(main())
+    batches = [decode_to_relay(f).events for f in peer.frames[1:]]
+    assert all(len(f) <= FRAME_BUDGET for f in peer.frames) and len(batches) > 2
+    assert [e.id for b in batches for e in b] == list(range(1, 1501))

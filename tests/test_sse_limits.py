@@ -195,3 +195,16 @@ def test_the_client_stops_with_a_clear_error_on_an_endless_line(endless):
     assert f"relay {endless.url}/events sent a feed this client cannot read" in tail.stderr
     assert "4,194,304 bytes" in tail.stderr and "Traceback" not in tail.stderr
     assert endless.streams == 1  # not retried: the same request would get the same answer
+
+
+def test_the_client_stops_with_a_clear_error_on_an_id_that_is_not_one():
+    upstream = FakeRelay(lambda: [b"id: \xc2\xb2\x1b[2J\nevent: inotify\ndata: {}\n\n"])
+    try:
+        tail = subprocess.run([command("storage-events"), "tail", upstream.url, "--count", "1"],
+                              capture_output=True, text=True, timeout=30)
+    finally:
+        upstream.close()
+    assert tail.returncode == 1, tail
+    assert "sent an event id that is not one" in tail.stderr and "Traceback" not in tail.stderr
+    assert "\x1b" not in tail.stderr  # shown escaped
+    assert upstream.streams == 1  # not retried with it as Last-Event-ID
