@@ -22,6 +22,7 @@ from .ingest import MAX_HELLO
 
 log = logging.getLogger("storage_events.relay")
 
+TOO_LARGE = b"the request head is larger than this relay takes (64 KiB)\n"
 BUSY = b"this relay is serving as many connections as it may (max_connections); retry later\n"
 
 
@@ -33,7 +34,11 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     """
 
     head_timeout = 10.0  # seconds; each relay sets its own in server_config()
+    # Bytes a request head may take (the HTTP parser itself sets no limit: a client could make
+    # the relay hold megabytes of header within the timeout). Far more than any real client's.
+    max_head = 64 * 1024
     _head_timer: asyncio.TimerHandle | None = None
+    _head_bytes = 0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -42,6 +47,19 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._head_timer is None or self.transport.is_closing():
+            return  # (a chunk that completed the head, and the body after it, are not counted)
+        self._head_bytes += len(data)
+        if self._head_bytes > self.max_head:
+            self._disarm()
+            self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+                                 b"content-type: text/plain; charset=utf-8\r\n"
+                                 b"content-length: %d\r\nconnection: close\r\n\r\n%s"
+                                 % (len(TOO_LARGE), TOO_LARGE))
+            self.transport.close()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -71,6 +89,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def _arm(self) -> None:
         self._disarm()
+        self._head_bytes = 0
         self._head_timer = self.loop.call_later(self.head_timeout, self._head_timed_out)
 
     def _disarm(self) -> None:

@@ -246,3 +246,19 @@ def test_beyond_max_connections_the_relay_answers_503_and_recovers(tmp_path, pro
              "the relay to serve again once connections closed")
     for s in subscribers[3:] + agents[2:]:
         s.close()
+
+
+def test_a_request_head_beyond_64_kib_is_refused_and_bodies_are_not_counted(tmp_path, procs):
+    relay = Relay(tmp_path, procs)
+    # One send, and nothing after it: a server closing with unread data would reset the
+    # connection, and the answer with it.
+    huge = connect(relay, HEAD + b"X-Pad: " + b"p" * 70_000 + b"\r\n")
+    assert b" 431 " in response_head(huge)
+    wait_for(lambda: closed_by_server(huge), 5, "the relay to close it")
+    huge.close()
+    # A head of a few hundred bytes with a body far larger than 64 KiB: the body is not head.
+    body = b'{"path": "/' + b"d" * 100_000 + b'"}'
+    r = httpx.post(relay.url + "/api/v1/events/channels", content=body, timeout=5,
+                   headers={"Content-Type": "application/json"})
+    assert r.status_code == 413, r.text  # the dCache API's own limit on bodies answers
+    assert httpx.get(relay.url + "/healthz", timeout=2).status_code == 200
