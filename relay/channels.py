@@ -23,7 +23,7 @@ import msgspec
 from storage_events.wire import Event, Flag
 
 from .filters import Scope, under
-from .log import Record, make_record
+from .log import Record
 
 # The twelve events a dCache selector may name, and the names that stand for several.
 EVENTS = {
@@ -475,10 +475,9 @@ class Registry:
 
     def _announce(self, out: Routed, site: str, path: str) -> None:
         """An IN_Q_OVERFLOW to every watch the loss at ``path`` of ``site`` may concern."""
-        notice = make_record(0, site, "", path, _OVERFLOW, b"{}")
         origin = Origin(site, path, overflow=True)
         for w in self._all():
-            if self._loss_visible(w, notice):
+            if self._loss_visible(w, site, path):
                 self._emit(out, w, origin, Payload(["IN_Q_OVERFLOW"]))
 
     @property
@@ -494,14 +493,15 @@ class Registry:
             return False
         return w.channel.scope.allows(r.site, r.path)
 
-    def _loss_visible(self, w: Watch, r: Record) -> bool:
-        if not r.site:  # the router's own notice: records were lost before routing
+    def _loss_visible(self, w: Watch, site: str, path: str) -> bool:
+        """Whether a loss at ``path`` of ``site`` concerns ``w``."""
+        if not site:  # the router's own notice: records were lost before routing
             return True  # (its path is "/": it concerns every watch)
-        if w.site is not None and r.site != w.site:
+        if w.site is not None and site != w.site:
             return False
-        path = w.path_on(r.site)
-        return (under(path, r.path) or under(r.path, path)) and w.channel.scope.allows(
-            r.site, r.path, overflow=True)
+        watched = w.path_on(site)
+        return (under(watched, path) or under(path, watched)) and w.channel.scope.allows(
+            site, path, overflow=True)
 
     def _child(self, out: Routed, w: Watch, r: Record) -> None:
         bits = r.flags & _CHILD_EVENTS & w.mask

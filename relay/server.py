@@ -55,11 +55,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._head_bytes += len(data)
         if self._head_bytes > self.max_head:
             self._disarm()
-            self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
-                                 b"content-type: text/plain; charset=utf-8\r\n"
-                                 b"content-length: %d\r\nconnection: close\r\n\r\n%s"
-                                 % (len(TOO_LARGE), TOO_LARGE))
-            self.transport.close()
+            self._answer_and_close(b"431 Request Header Fields Too Large", TOO_LARGE)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -79,13 +75,16 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         limit = self.limit_concurrency
         if limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit):
             self.logger.warning("Exceeded concurrency limit: WebSocket upgrade refused.")
-            self.transport.write(b"HTTP/1.1 503 Service Unavailable\r\n"
-                                 b"content-type: text/plain; charset=utf-8\r\n"
-                                 b"content-length: %d\r\nconnection: close\r\n\r\n%s"
-                                 % (len(BUSY), BUSY))
-            self.transport.close()
+            self._answer_and_close(b"503 Service Unavailable", BUSY)
             return
         super().handle_websocket_upgrade()
+
+    def _answer_and_close(self, status: bytes, text: bytes) -> None:
+        """A refusal written here, before (or instead of) any request reaching the app."""
+        self.transport.write(b"HTTP/1.1 %s\r\ncontent-type: text/plain; charset=utf-8\r\n"
+                             b"content-length: %d\r\nconnection: close\r\n\r\n%s"
+                             % (status, len(text), text))
+        self.transport.close()
 
     def _arm(self) -> None:
         self._disarm()
