@@ -27,27 +27,44 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
-              help="TOML config file; flags override it.")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="TOML config file; flags override it.",
+)
 @click.option("--relay", help="Relay base URL, e.g. http://relay:8808 (default 127.0.0.1:8808).")
 @click.option("--site", help="Site name this node belongs to.")
 @click.option("--node", help="Node name (default: the short host name).")
 @token_option
-@click.option("--spool", type=click.Path(file_okay=False),
-              help="Directory for unacknowledged events and the tree snapshot.")
+@click.option(
+    "--spool",
+    type=click.Path(file_okay=False),
+    help="Directory for unacknowledged events and the tree snapshot.",
+)
 @click.option("-v", "--verbose", count=True, help="More log output.")
 @log_format_option
 @click.argument("paths", nargs=-1, type=click.Path(file_okay=False, path_type=Path))
 @version_option
-def run(config_file: Path | None, relay: str | None, site: str | None, node: str | None,
-        token: str | None, spool: str | None, verbose: int, log_format: str,
-        paths: tuple[Path, ...]) -> None:
+def run(
+    config_file: Path | None,
+    relay: str | None,
+    site: str | None,
+    node: str | None,
+    token: str | None,
+    spool: str | None,
+    verbose: int,
+    log_format: str,
+    paths: tuple[Path, ...],
+) -> None:
     """Watch PATH... (and the config's roots) and publish to the relay."""
     setup_logging(verbose, log_format)
     roots = [{"path": str(p.resolve())} for p in paths]
-    cfg = load_config(config_file, AgentConfig,
-                      {"relay": relay, "site": site, "node": node, "token": token,
-                       "spool": spool})
+    cfg = load_config(
+        config_file,
+        AgentConfig,
+        {"relay": relay, "site": site, "node": node, "token": token, "spool": spool},
+    )
     cfg.root.extend(load_config(None, AgentConfig, {"root": roots}).root)
     try:
         ingest_url(cfg.relay)
@@ -60,8 +77,12 @@ def run(config_file: Path | None, relay: str | None, site: str | None, node: str
 
 
 @main.command()
-@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
-              help="TOML config file to check.")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="TOML config file to check.",
+)
 @click.option("--relay", help="Relay base URL to try.")
 @click.argument("paths", nargs=-1, type=click.Path(file_okay=False, path_type=Path))
 @version_option
@@ -70,7 +91,8 @@ def check(config_file: Path | None, relay: str | None, paths: tuple[Path, ...]) 
     from .check import run_check  # httpx is for this command only: keeps `run` small
 
     cfg = load_config(config_file, AgentConfig, {"relay": relay})
-    cfg.root.extend(load_config(None, AgentConfig,
-                                {"root": [{"path": str(p.resolve())} for p in paths]}).root)
+    cfg.root.extend(
+        load_config(None, AgentConfig, {"root": [{"path": str(p.resolve())} for p in paths]}).root
+    )
     if not run_check(cfg, click.echo):
         raise SystemExit(1)

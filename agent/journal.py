@@ -61,22 +61,28 @@ def _key(entries: dict[Any, Any], raw: bytes) -> str | bytes:
     return raw
 
 
-def apply(snapshot: dict[str, Any], events: Iterable[Event],
-          roots: Iterable[tuple[str, str]], marks: Marks | None = None) -> dict[str, Any]:
+def apply(
+    snapshot: dict[str, Any],
+    events: Iterable[Event],
+    roots: Iterable[tuple[str, str]],
+    marks: Marks | None = None,
+) -> dict[str, Any]:
     """Apply ``events`` (published after ``snapshot`` was taken, in order) onto it; returns it
     (changed in place). ``roots``: (local path, published prefix) of each root. ``marks``, if
     given, collects the files marked changed, for :func:`settle`."""
     # Published prefix → local path, longest first: a root published inside another's prefix
     # wins, as in the watcher.
-    prefixes = sorted(((os.fsencode(prefix).rstrip(b"/"), local.rstrip("/") or "/")
-                       for local, prefix in roots), key=lambda t: -len(t[0]))
+    prefixes = sorted(
+        ((os.fsencode(prefix).rstrip(b"/"), local.rstrip("/") or "/") for local, prefix in roots),
+        key=lambda t: -len(t[0]),
+    )
     moving: dict[int, Any] = {}  # cookie → entry moved away, until its IN_MOVED_TO
 
     def locate(ev: Event) -> tuple[str, list[bytes]] | None:
         path = ev.raw_path if ev.raw_path is not None else ev.path.encode("utf-8")
         for prefix, local in prefixes:
             if path == prefix or path.startswith(prefix + b"/"):
-                return local, [p for p in path[len(prefix):].split(b"/") if p]
+                return local, [p for p in path[len(prefix) :].split(b"/") if p]
         return None
 
     for ev in events:
@@ -127,8 +133,9 @@ def apply(snapshot: dict[str, Any], events: Iterable[Event],
     return snapshot
 
 
-def settle(snapshot: dict[str, Any], marks: Marks,
-           stat: Callable[[str | bytes], os.stat_result] = os.lstat) -> int:
+def settle(
+    snapshot: dict[str, Any], marks: Marks, stat: Callable[[str | bytes], os.stat_result] = os.lstat
+) -> int:
     """Give each file :func:`apply` marked changed its real stat again when it has not been
     modified since its last event (so the restart does not report it twice); returns how many.
     A change within the same clock tick as the event's reading can pass for none: the unclean
@@ -152,8 +159,11 @@ def settle(snapshot: dict[str, Any], marks: Marks,
                     st = stat(path)
                 except OSError:
                     continue  # gone: the comparison reports it
-                if not stat_mode.S_ISDIR(st.st_mode) and st.st_mtime_ns <= mark[1] and \
-                        st.st_ctime_ns <= mark[1]:
+                if (
+                    not stat_mode.S_ISDIR(st.st_mode)
+                    and st.st_mtime_ns <= mark[1]
+                    and st.st_ctime_ns <= mark[1]
+                ):
                     entry[:] = [st.st_ino, st.st_mtime_ns, st.st_size]
                     settled += 1
     return settled

@@ -40,8 +40,9 @@ def read_available(fd: int) -> list[bytes | int]:
 
 
 class KernelReader:
-    def __init__(self, fd: int, notify: Callable[[], None], *,
-                 max_buffered: int = 256 * 1024 * 1024) -> None:
+    def __init__(
+        self, fd: int, notify: Callable[[], None], *, max_buffered: int = 256 * 1024 * 1024
+    ) -> None:
         self.fd = fd
         self.notify = notify  # called (from this thread) when data arrives in an empty buffer
         self.max_buffered = max_buffered
@@ -93,8 +94,9 @@ class KernelReader:
                 # The agent is far behind; let the kernel queue take the strain (an overflow
                 # there is announced and recovered by a rescan) rather than grow without bound.
                 if not full_reported:
-                    log.warning("%d MiB of kernel events waiting to be processed",
-                                self._buffered >> 20)
+                    log.warning(
+                        "%d MiB of kernel events waiting to be processed", self._buffered >> 20
+                    )
                     full_reported = True
                 time.sleep(0.01)
                 continue

@@ -18,8 +18,7 @@ class Outbox:
     in memory; later ones are only in the spool until there is room (see :meth:`refill_wanted`).
     """
 
-    def __init__(self, stream: str, *, window: int = 50_000,
-                 memory_limit: int = 1_000_000) -> None:
+    def __init__(self, stream: str, *, window: int = 50_000, memory_limit: int = 1_000_000) -> None:
         self.stream = stream
         self.window = window
         self.memory_limit = memory_limit
@@ -61,8 +60,7 @@ class Outbox:
         event.stream = self.stream
         event.seq = self._next_seq
         self._next_seq += 1
-        if self._spilled is None and \
-                len(self._unsent) + len(self._inflight) < self.memory_limit:
+        if self._spilled is None and len(self._unsent) + len(self._inflight) < self.memory_limit:
             self._unsent.append(event)
         elif self._spilled is None:
             self._spilled = event.seq
@@ -81,8 +79,9 @@ class Outbox:
     def refill(self, events: list[Event]) -> None:
         for ev in events:
             if ev.seq != self._spilled:
-                raise ValueError(f"spool returned seq {ev.seq} of {self.stream}, "
-                                 f"expected {self._spilled}")
+                raise ValueError(
+                    f"spool returned seq {ev.seq} of {self.stream}, expected {self._spilled}"
+                )
             self._unsent.append(ev)
             self._spilled += 1
             if self._spilled == self._next_seq:

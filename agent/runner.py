@@ -55,32 +55,45 @@ class Agent:
         # One stream per agent incarnation: its seq numbers restart at 1.
         self.outbox = Outbox(f"{cfg.node}:{uuid.uuid4().hex[:12]}", memory_limit=memory)
         # Streams of earlier runs whose events the relay has not acknowledged yet.
-        self.old = [Outbox.restored(s, first, last, memory_limit=cfg.memory_events)
-                    for s, first, last in (spool.streams() if spool else [])]
+        self.old = [
+            Outbox.restored(s, first, last, memory_limit=cfg.memory_events)
+            for s, first, last in (spool.streams() if spool else [])
+        ]
         self.stop = asyncio.Event()
         self.crashed: BaseException | None = None
         self.refused = 0  # events replaced by loss notices before they were numbered
-        self.watcher = Watcher(roots, site=cfg.site, node=cfg.node, sink=self.publish,
-                               retry_interval=cfg.retry_interval)
+        self.watcher = Watcher(
+            roots,
+            site=cfg.site,
+            node=cfg.node,
+            sink=self.publish,
+            retry_interval=cfg.retry_interval,
+        )
         loop = asyncio.get_running_loop()  # built inside run_agent
         # While processing is paused, kernel events wait in the reader's memory: with a spool
         # its quota sets the scale (a raw event is a fraction of a spooled one), so an agent
         # given little room for its backlog does not hold hundreds of MiB of it in memory.
         buffered = min(_READER_BUFFER, cfg.spool_quota // 4) if spool else _READER_BUFFER
-        self.reader = KernelReader(self.watcher.fileno(),
-                                   lambda: loop.call_soon_threadsafe(self._process_safely),
-                                   max_buffered=buffered)
+        self.reader = KernelReader(
+            self.watcher.fileno(),
+            lambda: loop.call_soon_threadsafe(self._process_safely),
+            max_buffered=buffered,
+        )
         self.watcher.drain = self.reader.drain
         self.paused = False
         self.uplinks = [self._uplink(box, drain_only=False) for box in [self.outbox]]
         self.uplinks += [self._uplink(box, drain_only=True) for box in self.old]
 
     def _uplink(self, box: Outbox, *, drain_only: bool) -> Uplink:
-        return Uplink(self.cfg.relay,
-                      Hello(site=self.cfg.site, node=self.cfg.node, stream=box.stream,
-                            token=self.cfg.token),
-                      box, asyncio.Event(), max_batch=self.cfg.max_batch, drain_only=drain_only,
-                      on_replace=self.spool.replace if self.spool else None)
+        return Uplink(
+            self.cfg.relay,
+            Hello(site=self.cfg.site, node=self.cfg.node, stream=box.stream, token=self.cfg.token),
+            box,
+            asyncio.Event(),
+            max_batch=self.cfg.max_batch,
+            drain_only=drain_only,
+            on_replace=self.spool.replace if self.spool else None,
+        )
 
     def fail(self, exc: BaseException) -> None:
         """An internal error: stop (cleanly as far as possible) and exit non-zero, so that the
@@ -95,8 +108,12 @@ class Agent:
         path = event.path
         # The watcher's flags are kernel names and its paths hold no NUL: only a path's length
         # can be wrong in the common case, so the whole check runs only when it may matter.
-        if not path or len(path) > MAX_PATH or event.old_path is not None or \
-                event.raw_path is not None:
+        if (
+            not path
+            or len(path) > MAX_PATH
+            or event.old_path is not None
+            or event.raw_path is not None
+        ):
             problem = event_problem(event)
             if problem is not None:
                 event = self._refuse(event, problem)
@@ -114,12 +131,17 @@ class Agent:
         notice = loss_notice(event)
         self.refused += 1
         if self.refused <= _REFUSALS_LOGGED or self.refused % 1000 == 0:
-            log.error("cannot publish %s of %s: %s. Publishing an overflow of %s instead "
-                      "(subscribers learn that something there changed)%s",
-                      ",".join(event.flags[:4]), short_path(event.path), problem,
-                      short_path(notice.path),
-                      "" if self.refused < _REFUSALS_LOGGED else
-                      f"; {self.refused} such events so far, only every 1000th is logged")
+            log.error(
+                "cannot publish %s of %s: %s. Publishing an overflow of %s instead "
+                "(subscribers learn that something there changed)%s",
+                ",".join(event.flags[:4]),
+                short_path(event.path),
+                problem,
+                short_path(notice.path),
+                ""
+                if self.refused < _REFUSALS_LOGGED
+                else f"; {self.refused} such events so far, only every 1000th is logged",
+            )
         return notice
 
     def _pause(self) -> None:
@@ -133,10 +155,13 @@ class Agent:
             where = f"spool {self.cfg.spool} reached its quota of {self.cfg.spool_quota} bytes"
         else:
             where = f"{self.cfg.memory_events} events wait in memory (no --spool)"
-        log.error("%s while the relay does not acknowledge: processing inotify events is "
-                  "paused; if the kernel queue overflows meanwhile, that is announced and "
-                  "repaired by a rescan. Raise spool_quota, free disk space, or bring the "
-                  "relay back.", where)
+        log.error(
+            "%s while the relay does not acknowledge: processing inotify events is "
+            "paused; if the kernel queue overflows meanwhile, that is announced and "
+            "repaired by a rescan. Raise spool_quota, free disk space, or bring the "
+            "relay back.",
+            where,
+        )
 
     def _full(self) -> bool:
         if self.spool:
@@ -194,14 +219,21 @@ class Agent:
                     if want:
                         up.outbox.refill(spool.load(up.outbox.stream, *want))
             if self.paused and self._has_room():
-                log.warning("%s: reading inotify again",
-                            "the spool has room again" if spool else "the relay caught up")
+                log.warning(
+                    "%s: reading inotify again",
+                    "the spool has room again" if spool else "the relay caught up",
+                )
                 self.paused = False
                 self.process()
-            if spool and not spool.disk_full and (
+            if (
+                spool
+                and not spool.disk_full
+                and (
                     (self.cfg.snapshot_interval > 0 and time.monotonic() >= next_snapshot)
                     or spool.journal_events >= JOURNAL_EVENTS
-                    or spool.journal_bytes >= JOURNAL_BYTES):
+                    or spool.journal_bytes >= JOURNAL_BYTES
+                )
+            ):
                 # Also early when many events were published since the last one: they are
                 # kept until the next snapshot (the journal), which bounds them.
                 next_snapshot = time.monotonic() + self.cfg.snapshot_interval
@@ -217,15 +249,25 @@ class Agent:
                 await asyncio.wait_for(asyncio.shield(self._any_ack()), 0.1)
         left = sum(up.outbox.unacked for up in self.uplinks)
         if not left:
-            log.info("stopped; the relay acknowledged every event (last seq %d)",
-                     self.outbox.last_seq)
+            log.info(
+                "stopped; the relay acknowledged every event (last seq %d)", self.outbox.last_seq
+            )
         elif self.spool:
-            log.warning("stopping with %d unacknowledged events kept in %s; they are sent on "
-                        "the next start", left, self.cfg.spool)
+            log.warning(
+                "stopping with %d unacknowledged events kept in %s; they are sent on "
+                "the next start",
+                left,
+                self.cfg.spool,
+            )
         else:
-            log.error("stopping with %d events the relay has not acknowledged (seq %d-%d of "
-                      "%s); without --spool they are lost", left, self.outbox.acked + 1,
-                      self.outbox.last_seq, self.outbox.stream)
+            log.error(
+                "stopping with %d events the relay has not acknowledged (seq %d-%d of "
+                "%s); without --spool they are lost",
+                left,
+                self.outbox.acked + 1,
+                self.outbox.last_seq,
+                self.outbox.stream,
+            )
 
     async def _any_ack(self) -> None:
         for up in self.uplinks:
@@ -257,8 +299,14 @@ def _roots(cfg: AgentConfig) -> list[Root]:
         if not os.path.isdir(path):
             log.error("root %s is not a directory; skipping it", path)
             continue
-        roots.append(Root(path, r.prefix if r.prefix is not None else path,
-                          Selector(r.include, r.exclude), flags_mask(r.types)))
+        roots.append(
+            Root(
+                path,
+                r.prefix if r.prefix is not None else path,
+                Selector(r.include, r.exclude),
+                flags_mask(r.types),
+            )
+        )
     if not roots:
         raise AgentError("nothing to watch: give at least one existing directory")
     # A directory in two roots would be watched twice and its events published twice, under
@@ -273,7 +321,8 @@ def _roots(cfg: AgentConfig) -> list[Root]:
                 raise AgentError(
                     f"roots overlap: {inner.path} is {how} {outer.path}. Each directory may "
                     "belong to one root only: remove one of them (a root watches its whole "
-                    "tree; `exclude` leaves parts of it out)")
+                    "tree; `exclude` leaves parts of it out)"
+                )
     return roots
 
 
@@ -284,19 +333,23 @@ def _previous(spool: Spool, roots: list[Root]) -> dict | None:
     if previous is None or not spool.unclean:
         return previous
     if spool.journal_lost:
-        log.warning("the spool's journal is incomplete (its disk was full): comparing the tree "
-                    "with the last snapshot alone; the overflow announced covers the rest")
+        log.warning(
+            "the spool's journal is incomplete (its disk was full): comparing the tree "
+            "with the last snapshot alone; the overflow announced covers the rest"
+        )
         return previous
     marks: journal.Marks = {}
     try:
         journal.apply(previous, spool.journal(), [(r.path, r.prefix) for r in roots], marks)
         journal.settle(previous, marks)
         return previous
-    except (sqlite3.Error, msgspec.DecodeError, ValueError, TypeError, KeyError,
-            IndexError) as e:
-        log.error("cannot replay the spool's journal in %s (%s): starting without a snapshot; "
-                  "the overflow announced for each root is all subscribers get", spool.directory,
-                  e)
+    except (sqlite3.Error, msgspec.DecodeError, ValueError, TypeError, KeyError, IndexError) as e:
+        log.error(
+            "cannot replay the spool's journal in %s (%s): starting without a snapshot; "
+            "the overflow announced for each root is all subscribers get",
+            spool.directory,
+            e,
+        )
         return None
 
 
@@ -309,9 +362,11 @@ def _close_spool(agent: Agent, spool: Spool, clean: bool) -> None:
         log.error("cannot write the spool %s at shutdown: %s", spool.directory, e)
         clean = False
     if spool.disk_full:
-        log.error("some events could not be written to the spool %s (the disk is full) and "
-                  "are lost; the next start announces possible loss and reports what changed",
-                  spool.directory)
+        log.error(
+            "some events could not be written to the spool %s (the disk is full) and "
+            "are lost; the next start announces possible loss and reports what changed",
+            spool.directory,
+        )
         clean = False
     if clean:
         clean = agent.snapshot()
@@ -331,8 +386,10 @@ async def run_agent(cfg: AgentConfig) -> None:
         except SpoolError as e:
             raise AgentError(str(e)) from None
     else:
-        log.warning("no spool configured: events not yet acknowledged are lost if the agent "
-                    "stops, and a restart cannot report what changed meanwhile")
+        log.warning(
+            "no spool configured: events not yet acknowledged are lost if the agent "
+            "stops, and a restart cannot report what changed meanwhile"
+        )
     agent = Agent(cfg, roots, spool)
     loop = asyncio.get_running_loop()
     stop = agent.stop
@@ -369,8 +426,13 @@ async def run_agent(cfg: AgentConfig) -> None:
         agent.snapshot()
     for box in agent.old:
         log.info("resending %d unacknowledged events of stream %s", box.unacked, box.stream)
-    log.info("agent %s/%s publishing stream %s to %s", cfg.site, cfg.node, agent.outbox.stream,
-             agent.uplinks[0].url)
+    log.info(
+        "agent %s/%s publishing stream %s to %s",
+        cfg.site,
+        cfg.node,
+        agent.outbox.stream,
+        agent.uplinks[0].url,
+    )
     tasks = [asyncio.create_task(up.run()) for up in agent.uplinks]
     tasks.append(asyncio.create_task(agent.maintain()))
     for task in tasks:
@@ -395,6 +457,8 @@ async def run_agent(cfg: AgentConfig) -> None:
             _close_spool(agent, spool, clean)
         agent.watcher.close()
     if agent.crashed is not None:
-        raise AgentError("stopped after an internal error (logged above); exiting with a "
-                         "non-zero status so that the service manager restarts the agent. "
-                         "Unacknowledged events are in the spool, if one is configured.")
+        raise AgentError(
+            "stopped after an internal error (logged above); exiting with a "
+            "non-zero status so that the service manager restarts the agent. "
+            "Unacknowledged events are in the spool, if one is configured."
+        )

@@ -67,8 +67,9 @@ class SpoolError(Exception):
 
 
 def _disk_full(e: sqlite3.Error) -> bool:
-    return getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or \
-        "database or disk is full" in str(e)
+    return getattr(
+        e, "sqlite_errorcode", None
+    ) == sqlite3.SQLITE_FULL or "database or disk is full" in str(e)
 
 
 class Spool:
@@ -83,14 +84,17 @@ class Spool:
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise SpoolError(f"spool directory {directory} is in use by another agent; give "
-                             "each agent its own --spool") from None
+            raise SpoolError(
+                f"spool directory {directory} is in use by another agent; give "
+                "each agent its own --spool"
+            ) from None
         # Written from one thread at a time (the agent's flush task), possibly not the opener;
         # the lock keeps a flush at shutdown from meeting one still running on its thread.
         self._mutex = threading.Lock()
         try:
-            self._db = sqlite3.connect(directory / "outbox.sqlite3", isolation_level=None,
-                                       check_same_thread=False)
+            self._db = sqlite3.connect(
+                directory / "outbox.sqlite3", isolation_level=None, check_same_thread=False
+            )
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute(f"PRAGMA wal_autocheckpoint={_WAL_PAGES}")
@@ -101,8 +105,7 @@ class Spool:
             self._covered: dict[str, int] = dict(self._db.execute("SELECT * FROM covered"))
             self._points = dict(self._covered)
             self._gone: dict[str, int] = {}  # deleted up to, per stream, by this run
-            stored = self._db.execute(
-                "SELECT value FROM meta WHERE key='unacked_bytes'").fetchone()
+            stored = self._db.execute("SELECT value FROM meta WHERE key='unacked_bytes'").fetchone()
             self._stored = int(stored[0]) if stored else self._measure()
             lost = self._db.execute("SELECT value FROM meta WHERE key='journal_lost'").fetchone()
             # Acknowledged events had to be deleted before a snapshot covered them (full disk):
@@ -113,9 +116,11 @@ class Spool:
             self.unclean = running is not None and running[0] == "1"
             self._set("running", "1")
         except sqlite3.Error as e:
-            raise SpoolError(f"cannot open the spool database in {directory}: {e}. If it is "
-                             "damaged, move the directory away (its unacknowledged events are "
-                             "then lost) and start again") from None
+            raise SpoolError(
+                f"cannot open the spool database in {directory}: {e}. If it is "
+                "damaged, move the directory away (its unacknowledged events are "
+                "then lost) and start again"
+            ) from None
         self._buffer: list[Row] = []  # added since the last take()
         self._buffered = 0  # their bytes
         self._unwritten: list[Row] = []  # taken, but the disk was full: written next time
@@ -183,20 +188,24 @@ class Spool:
                     # Acknowledged while waiting: no longer needed (the journal is incomplete
                     # anyway), and the disk has little room.
                     rows = [r for r in rows if r[1] > self._acked.get(r[0], 0)]
-                self._insert(rows[:self._fitting(rows)] if tight else rows, tight)
+                self._insert(rows[: self._fitting(rows)] if tight else rows, tight)
             except sqlite3.Error as e:
                 with contextlib.suppress(sqlite3.Error):
                     self._db.execute("ROLLBACK")
                 if not _disk_full(e):
                     raise
                 self._make_room()
-            self._unwritten = rows[self._committed:]  # (take() emptied it)
+            self._unwritten = rows[self._committed :]  # (take() emptied it)
             self._pending = sum(len(r[2]) + ROW_OVERHEAD for r in self._unwritten)
             if self._unwritten and not self.disk_full:
-                log.error("spool %s: the disk is full: %d events wait in memory, processing "
-                          "of kernel events is paused and the write is retried at every flush."
-                          " Free space on the file system of %s, or give the spool more room.",
-                          self.directory, len(self._unwritten), self.directory)
+                log.error(
+                    "spool %s: the disk is full: %d events wait in memory, processing "
+                    "of kernel events is paused and the write is retried at every flush."
+                    " Free space on the file system of %s, or give the spool more room.",
+                    self.directory,
+                    len(self._unwritten),
+                    self.directory,
+                )
                 self.disk_full = True
             elif not self._unwritten and self.disk_full:
                 log.warning("spool %s can be written again", self.directory)
@@ -235,8 +244,10 @@ class Spool:
         """How many of ``rows`` fit in the database's free pages and the disk's free space,
         with a wide margin (pages are not filled; the log needs room too)."""
         db = self._db
-        free = db.execute("PRAGMA freelist_count").fetchone()[0] * \
-            db.execute("PRAGMA page_size").fetchone()[0]
+        free = (
+            db.execute("PRAGMA freelist_count").fetchone()[0]
+            * db.execute("PRAGMA page_size").fetchone()[0]
+        )
         fs = os.statvfs(self.directory)
         room = free // 2 + max(0, fs.f_bavail * fs.f_frsize - 2 * self._reserve_size) // 4
         count = 0
@@ -268,11 +279,18 @@ class Spool:
                 freed += db.execute(
                     "SELECT coalesce(sum(length(data)), 0) + count(*) * ? FROM events "
                     "WHERE stream = ? AND seq > ? AND seq <= ?",
-                    (ROW_OVERHEAD, stream, self._acked.get(stream, 0), seq)).fetchone()[0]
-            db.executemany("INSERT INTO acked VALUES (?, ?) ON CONFLICT(stream) DO UPDATE "
-                           "SET seq = excluded.seq", newly.items())
-            db.executemany("INSERT INTO covered VALUES (?, ?) ON CONFLICT(stream) DO UPDATE "
-                           "SET seq = excluded.seq", covered.items())
+                    (ROW_OVERHEAD, stream, self._acked.get(stream, 0), seq),
+                ).fetchone()[0]
+            db.executemany(
+                "INSERT INTO acked VALUES (?, ?) ON CONFLICT(stream) DO UPDATE "
+                "SET seq = excluded.seq",
+                newly.items(),
+            )
+            db.executemany(
+                "INSERT INTO covered VALUES (?, ?) ON CONFLICT(stream) DO UPDATE "
+                "SET seq = excluded.seq",
+                covered.items(),
+            )
             stored = max(0, self._stored - freed)
             self._set("unacked_bytes", str(stored))
             over = self._lost_over and not lost and not tight
@@ -291,8 +309,10 @@ class Spool:
             low = self._gone.get(stream, 0)
             while low < last:
                 high = min(last, low + _CHUNK) if tight else last
-                db.execute("DELETE FROM events WHERE stream = ? AND seq > ? AND seq <= ?",
-                           (stream, low, high))  # (autocommit: one small transaction)
+                db.execute(
+                    "DELETE FROM events WHERE stream = ? AND seq > ? AND seq <= ?",
+                    (stream, low, high),
+                )  # (autocommit: one small transaction)
                 self._gone[stream] = low = high
                 if tight:
                     self._checkpoint()
@@ -303,9 +323,8 @@ class Spool:
         # rows that did not fit.
         step = _CHUNK // 4 if tight else _CHUNK
         for start in range(0, len(rows), step):
-            chunk = rows[start:start + step]
-            added = sum(len(r[2]) + ROW_OVERHEAD for r in chunk
-                        if r[1] > self._acked.get(r[0], 0))
+            chunk = rows[start : start + step]
+            added = sum(len(r[2]) + ROW_OVERHEAD for r in chunk if r[1] > self._acked.get(r[0], 0))
             db.execute("BEGIN")
             # REPLACE: a later row of the same seq is a loss notice taking the place of an
             # event the relay refused.
@@ -326,15 +345,20 @@ class Spool:
         return self._db.execute(
             "SELECT e.stream, coalesce(a.seq, 0) + 1, max(e.seq) FROM events e "
             "LEFT JOIN acked a USING (stream) GROUP BY e.stream "
-            "HAVING max(e.seq) > coalesce(a.seq, 0)").fetchall()
+            "HAVING max(e.seq) > coalesce(a.seq, 0)"
+        ).fetchall()
 
     def load(self, stream: str, first: int, limit: int) -> list[Event]:
         """Events ``first``… of ``stream`` (at most ``limit``), from disk or, if they could not
         be written yet, from memory."""
         with self._mutex:
-            found = dict(self._db.execute(
-                "SELECT seq, data FROM events WHERE stream = ? AND seq >= ? ORDER BY seq "
-                "LIMIT ?", (stream, first, limit)).fetchall())
+            found = dict(
+                self._db.execute(
+                    "SELECT seq, data FROM events WHERE stream = ? AND seq >= ? ORDER BY seq "
+                    "LIMIT ?",
+                    (stream, first, limit),
+                ).fetchall()
+            )
             for s, seq, data in (*self._unwritten, *self._buffer):
                 if s == stream and seq >= first:
                     found[seq] = data  # (the newer row: a loss notice in place of an event)
@@ -348,13 +372,15 @@ class Spool:
         for (stream,) in self._db.execute("SELECT DISTINCT stream FROM events").fetchall():
             row = self._db.execute(
                 "SELECT data FROM events WHERE stream = ? AND seq > ? ORDER BY seq LIMIT 1",
-                (stream, points.get(stream, 0))).fetchone()
+                (stream, points.get(stream, 0)),
+            ).fetchone()
             if row is not None:
                 firsts.append((_decode(row[0]).ts, stream))
         for _, stream in sorted(firsts):
             cursor = self._db.execute(
                 "SELECT data FROM events WHERE stream = ? AND seq > ? ORDER BY seq",
-                (stream, points.get(stream, 0)))
+                (stream, points.get(stream, 0)),
+            )
             for (data,) in cursor:
                 yield _decode(data)
 
@@ -363,7 +389,8 @@ class Spool:
         return self._db.execute(
             "SELECT coalesce(sum(length(e.data)), 0) + count(*) * ? FROM events e "
             "LEFT JOIN acked a USING (stream) WHERE e.seq > coalesce(a.seq, 0)",
-            (ROW_OVERHEAD,)).fetchone()[0]
+            (ROW_OVERHEAD,),
+        ).fetchone()[0]
 
     # -- snapshot and lifecycle --------------------------------------------------------------------
 
@@ -389,8 +416,7 @@ class Spool:
         tmp = path.with_suffix(".tmp")
         try:
             with open(tmp, "wb") as f:
-                f.write(msgspec.msgpack.encode({"version": 1, "roots": roots,
-                                                "points": points}))
+                f.write(msgspec.msgpack.encode({"version": 1, "roots": roots, "points": points}))
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -398,9 +424,12 @@ class Spool:
             with contextlib.suppress(OSError):
                 tmp.unlink()
             what = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else e.strerror
-            log.error("cannot write the tree snapshot %s: %s. The events since the last one are "
-                      "kept instead (an unclean restart replays them); free space there.",
-                      path, what)
+            log.error(
+                "cannot write the tree snapshot %s: %s. The events since the last one are "
+                "kept instead (an unclean restart replays them); free space there.",
+                path,
+                what,
+            )
             return False
         # Only now: rows up to these points may go once acknowledged, as the file covers them.
         self._points = dict(points)
@@ -418,5 +447,7 @@ class Spool:
             self._lock.close()
 
     def _set(self, key: str, value: str) -> None:
-        self._db.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE "
-                         "SET value = excluded.value", (key, value))
+        self._db.execute(
+            "INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )

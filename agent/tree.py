@@ -113,8 +113,9 @@ class _Dir:
     # Tree._failed.
     __slots__ = ("cache", "entries", "ino", "name", "parent", "root", "scanned", "wd")
 
-    def __init__(self, wd: int, ino: int, name: str, parent: _Dir | None,
-                 root: _Root | None) -> None:
+    def __init__(
+        self, wd: int, ino: int, name: str, parent: _Dir | None, root: _Root | None
+    ) -> None:
         self.wd = wd  # or _UNWATCHED
         self.ino = ino  # 0: not known yet (a directory only seen in an event)
         self.name = name
@@ -153,7 +154,6 @@ def join_path(base: str, rel: list[str]) -> str:
     if not rel:
         return base or "/"
     return base.rstrip("/") + "/" + "/".join(rel)
-
 
 
 class Tree:
@@ -207,15 +207,22 @@ class Tree:
     def unwatched_count(self) -> int:
         return len(self._failed)
 
-    def add_root(self, local: str, prefix: str | None = None,
-                 previous: dict[str, Any] | list[Any] | None = None,
-                 select: Selector | None = None) -> tuple[_Root, list[Output]]:
+    def add_root(
+        self,
+        local: str,
+        prefix: str | None = None,
+        previous: dict[str, Any] | list[Any] | None = None,
+        select: Selector | None = None,
+    ) -> tuple[_Root, list[Output]]:
         """Watch a root. With ``previous`` (from :meth:`snapshot` of an earlier run), what
         changed since is published: the root comes with a :class:`WatchDir` to diff against it.
         Without, the shell walks the tree (:meth:`attach`) and the tree as found is the starting
         point. ``select``: names to leave out (neither watched nor published)."""
-        root = _Root(local.rstrip("/") or "/", prefix if prefix is not None else local,
-                     select if select is not None and select.active else None)
+        root = _Root(
+            local.rstrip("/") or "/",
+            prefix if prefix is not None else local,
+            select if select is not None and select.active else None,
+        )
         self._selective = self._selective or root.select is not None
         self._roots.append(root)
         old = _load(previous) if previous is not None else None
@@ -227,8 +234,9 @@ class Tree:
 
     # -- start-up, where nothing is published ---------------------------------------------------
 
-    def attach(self, wd: int, parent: _Dir | None, name: str, ino: int, dev: int | None,
-               root: _Root | None) -> _Dir | None:
+    def attach(
+        self, wd: int, parent: _Dir | None, name: str, ino: int, dev: int | None, root: _Root | None
+    ) -> _Dir | None:
         """The shell walks the tree itself at start-up (the cheapest loop for 100,000
         directories) and records each watch and file here. None: that directory is watched
         already at another place (a bind mount): see :meth:`attach_failed`. ``dev``: None when
@@ -243,16 +251,24 @@ class Tree:
     def attach_file(node: _Dir, name: str, stat: FileStat) -> None:
         _writable(node)[name] = stat
 
-    def attach_failed(self, parent: _Dir | None, name: str, ino: int, dev: int | None,
-                      root: _Root | None, reason: str) -> _Dir:
+    def attach_failed(
+        self,
+        parent: _Dir | None,
+        name: str,
+        ino: int,
+        dev: int | None,
+        root: _Root | None,
+        reason: str,
+    ) -> _Dir:
         """A directory found at start-up that could not be watched: in the model, unwatched,
         retried later (:meth:`retry`). Loss notices are the shell's to publish here."""
         node = self._new_node(_UNWATCHED, parent, name, ino, dev, root)
         self._failed[node] = reason
         return node
 
-    def _new_node(self, wd: int, parent: _Dir | None, name: str, ino: int, dev: int | None,
-                  root: _Root | None) -> _Dir:
+    def _new_node(
+        self, wd: int, parent: _Dir | None, name: str, ino: int, dev: int | None, root: _Root | None
+    ) -> _Dir:
         node = _Dir(wd, ino, name, parent, root)
         if dev is not None:
             self._devs[node] = dev
@@ -302,8 +318,17 @@ class Tree:
         """Nothing more to do for ``node``: it is gone from the tree for good."""
         return self._parts(node) is None and not self.in_limbo(node)
 
-    def watched(self, node: _Dir, wd: int, dev: int, ino: int, entries: Listing,
-                now: float, *, deep: bool = True) -> list[Output]:
+    def watched(
+        self,
+        node: _Dir,
+        wd: int,
+        dev: int,
+        ino: int,
+        entries: Listing,
+        now: float,
+        *,
+        deep: bool = True,
+    ) -> list[Output]:
         """The directory ``node`` stands for is watched as ``wd`` and held ``entries`` just
         after the watch was added. Publishes how that differs from what subscribers know."""
         out: list[Output] = []
@@ -317,8 +342,7 @@ class Tree:
         out.extend(self._diff(node, entries, now, deep))
         return out
 
-    def _diff(self, node: _Dir, entries: Listing, now: float,
-              deep: bool = True) -> list[Output]:
+    def _diff(self, node: _Dir, entries: Listing, now: float, deep: bool = True) -> list[Output]:
         """Publish how a fresh listing of ``node`` differs from what subscribers know of it,
         and make the model hold the listing."""
         out: list[Output] = []
@@ -356,8 +380,11 @@ class Tree:
             moved = self._scan_paired(name, is_dir, eino)
             if moved is not None:
                 cookie, move = moved
-                out.append(Change(path, _MOVED_TO, is_dir, cookie=cookie, old_path=move.path,
-                                  synthetic=True))
+                out.append(
+                    Change(
+                        path, _MOVED_TO, is_dir, cookie=cookie, old_path=move.path, synthetic=True
+                    )
+                )
                 entry = move.entry
                 if isinstance(entry, _Dir):
                     self._limbo.pop(entry, None)
@@ -395,8 +422,15 @@ class Tree:
             self._scanned_nodes[node] = until
         return out
 
-    def watch_failed(self, node: _Dir, reason: str, entries: Listing | None = None,
-                     now: float = 0.0, dev: int = 0, ino: int = 0) -> list[Output]:
+    def watch_failed(
+        self,
+        node: _Dir,
+        reason: str,
+        entries: Listing | None = None,
+        now: float = 0.0,
+        dev: int = 0,
+        ino: int = 0,
+    ) -> list[Output]:
         """``node`` cannot be watched (``reason``: "permission", "limit", or "alias": its
         directory is watched at another place already, a bind mount, and one inotify watch
         serves one place); it stays in the model, unwatched, and is retried (:meth:`retry`).
@@ -445,8 +479,9 @@ class Tree:
 
     def handle(self, wd: int, mask: int, cookie: int, name: str, now: float) -> list[Output]:
         if mask & _Q_OVERFLOW:
-            out: list[Output] = [Change(r.published, _Q_OVERFLOW, True) for r in self._roots
-                                 if not r.gone]
+            out: list[Output] = [
+                Change(r.published, _Q_OVERFLOW, True) for r in self._roots if not r.gone
+            ]
             return out + self.rescan()
         node = self._wds.get(wd)
         if node is None:
@@ -535,8 +570,9 @@ class Tree:
             entries[name] = (entry[0], self._clock_ns, -1)
         return [Change(path, kind, is_dir, cookie=cookie or None)]
 
-    def _moved_to(self, node: _Dir, name: str, path: str, is_dir: bool, cookie: int,
-                  now: float) -> list[Output]:
+    def _moved_to(
+        self, node: _Dir, name: str, path: str, is_dir: bool, cookie: int, now: float
+    ) -> list[Output]:
         pending = self._moves.pop(cookie, None)
         entries = _writable(node)
         here = entries.get(name)
@@ -555,8 +591,15 @@ class Tree:
             node.scanned.pop(name, None)
         moved = pending.entry if pending is not None else None
         known = pending is not None and moved is not None
-        out.append(Change(path, _MOVED_TO, is_dir, cookie=cookie,
-                          old_path=pending.path if known and pending else None))
+        out.append(
+            Change(
+                path,
+                _MOVED_TO,
+                is_dir,
+                cookie=cookie,
+                old_path=pending.path if known and pending else None,
+            )
+        )
         if isinstance(moved, _Dir) and pending is not None:
             self._limbo.pop(moved, None)
             moved.parent, moved.name = node, name
@@ -610,7 +653,8 @@ class Tree:
                     del self._moves[cookie]
                     return cookie, move
             elif isinstance(entry, tuple) and (
-                    entry[0] == ino or (entry[0] == 0 and move.path.rsplit("/", 1)[-1] == name)):
+                entry[0] == ino or (entry[0] == 0 and move.path.rsplit("/", 1)[-1] == name)
+            ):
                 del self._moves[cookie]
                 return cookie, move
         return None
@@ -815,8 +859,13 @@ def _key(name: str) -> str | bytes:
 
 
 def _dump(node: _Dir) -> list[Any]:
-    return [node.ino, {_key(name): _dump(e) if isinstance(e, _Dir) else list(e)
-                       for name, e in node.entries.items()}]
+    return [
+        node.ino,
+        {
+            _key(name): _dump(e) if isinstance(e, _Dir) else list(e)
+            for name, e in node.entries.items()
+        },
+    ]
 
 
 def _load(data: Any) -> _Dir | None:

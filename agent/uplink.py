@@ -45,8 +45,7 @@ class RelayRefused(Exception):
 class BatchRefused(Exception):
     """The relay refused a batch of events (its error frame, or its close code, says why)."""
 
-    def __init__(self, reason: str, *, frame_too_big: bool = False,
-                 implicit: bool = False) -> None:
+    def __init__(self, reason: str, *, frame_too_big: bool = False, implicit: bool = False) -> None:
         super().__init__(reason)
         self.frame_too_big = frame_too_big
         # Only inferred: the connection dropped, without a close frame, while a batch was in
@@ -114,8 +113,12 @@ class Uplink:
                         self._refused(reply.acked + 1, refused)
                         refused = None
                     self._sent.clear()
-                    log.info("connected to %s: relay holds seq %d, %d events to send",
-                             self.url, reply.acked, len(self.outbox))
+                    log.info(
+                        "connected to %s: relay holds seq %d, %d events to send",
+                        self.url,
+                        reply.acked,
+                        len(self.outbox),
+                    )
                     self.connected.set()
                     backoff = 0.05
                     await self._pump(ws)
@@ -128,32 +131,50 @@ class Uplink:
             except RelayRefused as e:
                 log.error("relay %s refused this agent: %s", self.url, e)
                 backoff = self.max_backoff
-            except (OSError, TimeoutError, websockets.WebSocketException,
-                    msgspec.DecodeError, msgspec.ValidationError) as e:
+            except (
+                OSError,
+                TimeoutError,
+                websockets.WebSocketException,
+                msgspec.DecodeError,
+                msgspec.ValidationError,
+            ) as e:
                 rcvd = e.rcvd if isinstance(e, websockets.ConnectionClosed) else None
                 if welcomed and self._sent and rcvd is not None and rcvd.code in _REFUSED:
                     # Closed without an error frame (or before we read it): the web server's
                     # frame limit (1009), or the relay's reason in the close frame.
-                    refused = BatchRefused(rcvd.reason or "message too big",
-                                           frame_too_big=rcvd.code == 1009)
-                    log.warning("relay %s refused a batch (close code %d): %s", self.url,
-                                rcvd.code, refused)
-                elif welcomed and self._sent and rcvd is None and \
-                        isinstance(e, websockets.ConnectionClosed):
+                    refused = BatchRefused(
+                        rcvd.reason or "message too big", frame_too_big=rcvd.code == 1009
+                    )
+                    log.warning(
+                        "relay %s refused a batch (close code %d): %s", self.url, rcvd.code, refused
+                    )
+                elif (
+                    welcomed
+                    and self._sent
+                    and rcvd is None
+                    and isinstance(e, websockets.ConnectionClosed)
+                ):
                     drops = drops + 1 if dropped_at == self.outbox.acked else 1
                     dropped_at = self.outbox.acked
                     if drops >= 2:
                         refused = BatchRefused(
                             f"the relay dropped the connection {drops} times while it had the "
-                            "batch (too big for it?)", frame_too_big=True, implicit=True)
+                            "batch (too big for it?)",
+                            frame_too_big=True,
+                            implicit=True,
+                        )
                         log.warning("relay %s: %s", self.url, refused)
                     else:
                         log.warning("relay %s dropped the connection; retrying", self.url)
                 else:
                     reason = rcvd.reason if rcvd is not None else e
-                    log.warning("relay %s unreachable (%s); retrying in %.1f s, %d events "
-                                "waiting", self.url, reason or type(e).__name__, backoff,
-                                len(self.outbox))
+                    log.warning(
+                        "relay %s unreachable (%s); retrying in %.1f s, %d events waiting",
+                        self.url,
+                        reason or type(e).__name__,
+                        backoff,
+                        len(self.outbox),
+                    )
             self.connected.clear()
             await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
             if refused is None:
@@ -179,25 +200,42 @@ class Uplink:
         if count > 1:
             self.ceiling = max(1, count // 2)
             self.limit = max(1, count // 4)
-            log.warning("resending from seq %d of %s in batches of at most %d events (%d "
-                        "bytes) to find what the relay refuses", first, self.outbox.stream,
-                        self.limit, self.max_frame)
+            log.warning(
+                "resending from seq %d of %s in batches of at most %d events (%d "
+                "bytes) to find what the relay refuses",
+                first,
+                self.outbox.stream,
+                self.limit,
+                self.max_frame,
+            )
             return
         event = self.outbox.held(first)
         if event is None:
             return  # (acknowledged meanwhile: nothing to replace)
 
         if event.flags == ["IN_Q_OVERFLOW"] and event.path == "/":
-            log.error("relay %s refuses even the loss notice seq %d of %s (%s): it cannot be "
-                      "replaced further; check the relay's log and limits", self.url, first,
-                      self.outbox.stream, refused)
+            log.error(
+                "relay %s refuses even the loss notice seq %d of %s (%s): it cannot be "
+                "replaced further; check the relay's log and limits",
+                self.url,
+                first,
+                self.outbox.stream,
+                refused,
+            )
             return
         notice = loss_notice(event)
-        log.error("relay %s refuses event seq %d of %s (%s %s): %s. It is replaced by an "
-                  "overflow notice of %s, so that the stream goes on; what changed there is "
-                  "not known to subscribers.", self.url, first, self.outbox.stream,
-                  ",".join(event.flags), short_path(event.path), refused,
-                  short_path(notice.path))
+        log.error(
+            "relay %s refuses event seq %d of %s (%s %s): %s. It is replaced by an "
+            "overflow notice of %s, so that the stream goes on; what changed there is "
+            "not known to subscribers.",
+            self.url,
+            first,
+            self.outbox.stream,
+            ",".join(event.flags),
+            short_path(event.path),
+            refused,
+            short_path(notice.path),
+        )
         self.outbox.replace(notice)
         if self.on_replace is not None:
             self.on_replace(notice)
@@ -227,8 +265,9 @@ class Uplink:
             while len(frame) > self.max_frame and len(batch) > 1:
                 # Split by bytes: events vary (deep paths, raw names), and the relay closes
                 # the connection on a frame over its limit, which would be resent forever.
-                keep = min(len(batch) - 1,
-                           max(1, int(len(batch) * self.max_frame / len(frame) * 0.9)))
+                keep = min(
+                    len(batch) - 1, max(1, int(len(batch) * self.max_frame / len(frame) * 0.9))
+                )
                 self.outbox.unsend(batch[keep:])
                 batch = batch[:keep]
                 frame = encode_frame(Batch(batch))

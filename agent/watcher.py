@@ -92,12 +92,14 @@ _LIBC.syscall.restype = ctypes.c_long
 
 
 class _OpenHow(ctypes.Structure):
-    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64),
-                ("resolve", ctypes.c_uint64)]
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
 
 
-_HOW = _OpenHow(_DIR_OPEN_FLAGS & ~os.O_NOFOLLOW, 0,
-                _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS | _RESOLVE_NO_MAGICLINKS)
+_HOW = _OpenHow(
+    _DIR_OPEN_FLAGS & ~os.O_NOFOLLOW,
+    0,
+    _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS | _RESOLVE_NO_MAGICLINKS,
+)
 _openat2_works = True
 
 
@@ -116,8 +118,7 @@ def open_beneath(dirfd: int, parts: list[str]) -> int:
             nxt = -1
             if _openat2_works:
                 path = os.fsencode("/".join(parts[i:j]))
-                nxt = _LIBC.syscall(_SYS_OPENAT2, fd, path, ctypes.byref(_HOW),
-                                    ctypes.sizeof(_HOW))
+                nxt = _LIBC.syscall(_SYS_OPENAT2, fd, path, ctypes.byref(_HOW), ctypes.sizeof(_HOW))
                 if nxt < 0:
                     err = ctypes.get_errno()
                     if err in (errno.ENOSYS, errno.EPERM) and fd == dirfd and i == 0:
@@ -189,8 +190,11 @@ class MountTable:
             return frozenset()
         self._file.seek(0)
         lines = self._file.read().splitlines()
-        return frozenset((fields[0], _unescape(fields[4]))
-                         for fields in (line.split(" ") for line in lines) if len(fields) > 4)
+        return frozenset(
+            (fields[0], _unescape(fields[4]))
+            for fields in (line.split(" ") for line in lines)
+            if len(fields) > 4
+        )
 
     def changed(self) -> set[str]:
         """Mount points mounted or unmounted since the last call."""
@@ -218,8 +222,15 @@ def _raise_fd_limit() -> None:
 class Watcher:
     """Reads kernel events, keeps the watches in step, and hands changes to ``sink``."""
 
-    def __init__(self, roots: list[Root], *, site: str, node: str,
-                 sink: Callable[[Event], None], retry_interval: float = 30.0) -> None:
+    def __init__(
+        self,
+        roots: list[Root],
+        *,
+        site: str,
+        node: str,
+        sink: Callable[[Event], None],
+        retry_interval: float = 30.0,
+    ) -> None:
         self.roots = roots
         self.site = site
         self.node = node
@@ -227,8 +238,9 @@ class Watcher:
         self.retry_interval = retry_interval
         self.tree = Tree()
         # Longest prefix first, so a root published inside another's prefix wins.
-        self._typed = sorted(((r.prefix.rstrip("/"), r.types) for r in roots if r.types),
-                             key=lambda t: -len(t[0]))
+        self._typed = sorted(
+            ((r.prefix.rstrip("/"), r.types) for r in roots if r.types), key=lambda t: -len(t[0])
+        )
         self.inotify = INotify()
         self.fd = self.inotify.fileno()
         os.set_blocking(self.fd, False)  # read here and by the reader thread, never blocking
@@ -278,8 +290,7 @@ class Watcher:
                 self._publish(Change(join_path(root.prefix, []), _Q_OVERFLOW, True))
             old = previous.get(root.path) if previous else None
             if old is not None:
-                log.info("publishing what changed under %s since the agent last stopped",
-                         root.path)
+                log.info("publishing what changed under %s since the agent last stopped", root.path)
             troot, cmds = self.tree.add_root(root.path, root.prefix, old, root.select)
             if cmds:
                 self._run(cmds)
@@ -312,10 +323,18 @@ class Watcher:
         # (parent's descriptor and how many children still need it, name, parent node, inode
         # from the parent's listing, names under the root when a selector needs them)
         stack: list[tuple[list[int] | None, str, _Dir | None, int, list[str]]] = [
-            (None, "", None, 0, [])]
+            (None, "", None, 0, [])
+        ]
         # Bound to locals: with 100,000 directories the attribute lookups would show.
-        pop, push, opn, fch, scan, close, intern = (stack.pop, stack.append, os.open,
-                                                    os.fchdir, os.scandir, os.close, sys.intern)
+        pop, push, opn, fch, scan, close, intern = (
+            stack.pop,
+            stack.append,
+            os.open,
+            os.fchdir,
+            os.scandir,
+            os.close,
+            sys.intern,
+        )
         attach, count = tree.attach, 0
         try:
             while stack:
@@ -349,12 +368,21 @@ class Watcher:
                 if holder is None or name in inner:
                     st = os.fstat(fd)
                     ino, dev = st.st_ino, st.st_dev
-                node = attach(wd, parent, name, ino, dev, root if parent is None else None) \
-                    if wd >= 0 else None
+                node = (
+                    attach(wd, parent, name, ino, dev, root if parent is None else None)
+                    if wd >= 0
+                    else None
+                )
                 if node is None:  # not watched, or watched already at another place
-                    node = self._attach_failed(parent, name, ino, dev, ctypes.get_errno(),
-                                               root if parent is None else None,
-                                               alias=wd >= 0)
+                    node = self._attach_failed(
+                        parent,
+                        name,
+                        ino,
+                        dev,
+                        ctypes.get_errno(),
+                        root if parent is None else None,
+                        alias=wd >= 0,
+                    )
                 mine = [fd, 0]  # this descriptor, and how many children still need it
                 files = None
                 try:
@@ -370,8 +398,7 @@ class Watcher:
                                     else:
                                         continue
                                     mine[1] += 1
-                                elif select is None or not select.excluded(parts, e.name,
-                                                                           False):
+                                elif select is None or not select.excluded(parts, e.name, False):
                                     st = e.stat(follow_symlinks=False)
                                     if files is None:
                                         files = _writable(node)
@@ -393,14 +420,26 @@ class Watcher:
                     with contextlib.suppress(OSError):
                         os.close(holder[0])
 
-    def _attach_failed(self, parent: _Dir | None, name: str, ino: int, dev: int | None,
-                       err: int,
-                       root: _Root | None = None, *, alias: bool = False) -> _Dir:
-        node = self.tree.attach_failed(parent, name, ino, dev, root,
-                                       "alias" if alias else _reason(err))
+    def _attach_failed(
+        self,
+        parent: _Dir | None,
+        name: str,
+        ino: int,
+        dev: int | None,
+        err: int,
+        root: _Root | None = None,
+        *,
+        alias: bool = False,
+    ) -> _Dir:
+        node = self.tree.attach_failed(
+            parent, name, ino, dev, root, "alias" if alias else _reason(err)
+        )
         if alias:
-            log.warning("%s is watched at another place already (a bind mount?): changes are "
-                        "published under that path only", self._local(node))
+            log.warning(
+                "%s is watched at another place already (a bind mount?): changes are "
+                "published under that path only",
+                self._local(node),
+            )
         else:
             self._log_watch_error(self._local(node), err)
         if parent is None or self.tree.failed(parent) is None:
@@ -444,8 +483,7 @@ class Watcher:
                 pos += 16
                 name = ""
                 if length:
-                    name = data[pos:pos + length].rstrip(b"\0").decode("utf-8",
-                                                                         "surrogateescape")
+                    name = data[pos : pos + length].rstrip(b"\0").decode("utf-8", "surrogateescape")
                     pos += length
                 outs = handle(wd, mask, cookie, name, now)
                 if len(outs) == 1 and type(outs[0]) is Change:
@@ -470,8 +508,7 @@ class Watcher:
                 pos += 16
                 name = ""
                 if length:
-                    name = data[pos:pos + length].rstrip(b"\0").decode("utf-8",
-                                                                         "surrogateescape")
+                    name = data[pos : pos + length].rstrip(b"\0").decode("utf-8", "surrogateescape")
                     pos += length
                 if mask & NAME_EVENTS:
                     key = (wd, name)
@@ -538,7 +575,7 @@ class Watcher:
             base = root.local.rstrip("/")
             for point in points:
                 if point == base or point.startswith(base + "/"):
-                    rel = point[len(base):].strip("/")
+                    rel = point[len(base) :].strip("/")
                     node = self.tree.find(root, rel.split("/") if rel else [])
                     if node is not None:
                         log.info("mount table changed at %s: listing it again", point)
@@ -573,8 +610,11 @@ class Watcher:
             attempts += 1
             if not self._attempt(cmd):
                 cmd.tries += 1
-                if cmd.tries > _DEFER_LIMIT and node.parent is not None and \
-                        self.tree.place(node) is not None:
+                if (
+                    cmd.tries > _DEFER_LIMIT
+                    and node.parent is not None
+                    and self.tree.place(node) is not None
+                ):
                     # The queue never explained why: list the parent again instead.
                     pending[node.parent] = WatchDir(node.parent, deep=False)
                 else:
@@ -586,8 +626,9 @@ class Watcher:
             self._process_queue()
         if not pending and self._rescans_logged != self.tree.rescans:
             self._rescans_logged = self.tree.rescans
-            log.warning("rescan %d done: %d directories watched", self.tree.rescans,
-                        self.tree.watch_count)
+            log.warning(
+                "rescan %d done: %d directories watched", self.tree.rescans, self.tree.watch_count
+            )
 
     def _attempt(self, cmd: WatchDir) -> bool:
         """Watch and list ``cmd.node``; False: not now (the disk is ahead of the queue)."""
@@ -661,11 +702,13 @@ class Watcher:
         outs: list[Output] = []
         if other is not None and other is not node:
             if self._still_there(other):
-                log.warning("%s is %s again (a bind mount?): it is watched there only; "
-                            "changes are published under that path", self._local(node),
-                            self._local(other))
-                self._run(tree.watch_failed(node, "alias", entries, now, st.st_dev,
-                                            st.st_ino))
+                log.warning(
+                    "%s is %s again (a bind mount?): it is watched there only; "
+                    "changes are published under that path",
+                    self._local(node),
+                    self._local(other),
+                )
+                self._run(tree.watch_failed(node, "alias", entries, now, st.st_dev, st.st_ino))
                 return True
             outs = tree.take_over(other, node)  # moved out and back: listed afresh
         outs += tree.watched(node, wd, st.st_dev, st.st_ino, entries or [], now, deep=cmd.deep)
@@ -735,15 +778,21 @@ class Watcher:
                     "notice for them. Raise the limit, e.g. `sysctl -w "
                     "fs.inotify.max_user_watches=%d`, then send SIGHUP to the agent (it also "
                     "retries every %.0f s).",
-                    path, self.tree.watch_count, _sysctl("fs/inotify/max_user_watches"),
+                    path,
+                    self.tree.watch_count,
+                    _sysctl("fs/inotify/max_user_watches"),
                     _sysctl("user/max_inotify_watches"),
-                    max(2 * self.tree.watch_count, 1048576), self.retry_interval,
+                    max(2 * self.tree.watch_count, 1048576),
+                    self.retry_interval,
                 )
         elif err in (errno.EACCES, errno.EPERM):
-            log.error("permission denied watching %s: it is not watched (subscribers got a "
-                      "loss notice); it is retried when its permissions change, every %.0f s "
-                      "and on SIGHUP. Run the agent as a user that can read it.", path,
-                      self.retry_interval)
+            log.error(
+                "permission denied watching %s: it is not watched (subscribers got a "
+                "loss notice); it is retried when its permissions change, every %.0f s "
+                "and on SIGHUP. Run the agent as a user that can read it.",
+                path,
+                self.retry_interval,
+            )
         else:
             log.error("cannot watch %s: %s", path, os.strerror(err) if err else "unknown error")
 
@@ -815,5 +864,10 @@ class Watcher:
 
 
 def _reason(err: int) -> str:
-    return "limit" if err == errno.ENOSPC else "permission" if err in (
-        errno.EACCES, errno.EPERM) else "error"
+    return (
+        "limit"
+        if err == errno.ENOSPC
+        else "permission"
+        if err in (errno.EACCES, errno.EPERM)
+        else "error"
+    )

@@ -41,8 +41,20 @@ from harness import burst as burst_files
 
 TREE = (10, 100, 100)  # 10 * 100 * 100 leaves: 101,011 directories with the inner ones
 FILES = 200_000
-EVENTS = ["-e", "create", "-e", "close_write", "-e", "delete", "-e", "moved_from",
-          "-e", "moved_to", "-e", "attrib"]
+EVENTS = [
+    "-e",
+    "create",
+    "-e",
+    "close_write",
+    "-e",
+    "delete",
+    "-e",
+    "moved_from",
+    "-e",
+    "moved_to",
+    "-e",
+    "attrib",
+]
 
 RACE = r"""
 import os, sys
@@ -81,8 +93,9 @@ time.sleep(3600)
 
 
 def py(code: str, *args: object) -> str:
-    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True,
-                          text=True, check=True).stdout
+    return subprocess.run(
+        [sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, check=True
+    ).stdout
 
 
 def build_tree(base: Path) -> Path:
@@ -100,15 +113,19 @@ def build_tree(base: Path) -> Path:
 
 
 def start_inotifywait(root: Path, out: Path) -> subprocess.Popen:
-    p = subprocess.Popen(["inotifywait", "-m", "-r", *EVENTS, "--format", "%e %w%f", str(root)],
-                         stdout=open(out, "wb"), stderr=subprocess.PIPE)  # noqa: SIM115
+    p = subprocess.Popen(
+        ["inotifywait", "-m", "-r", *EVENTS, "--format", "%e %w%f", str(root)],
+        stdout=open(out, "wb"),  # noqa: SIM115 (the child owns it)
+        stderr=subprocess.PIPE,
+    )
     wait_line(p.stderr, b"Watches established")
     return p
 
 
 def start_watchdog(root: Path, mode: str, want: int) -> subprocess.Popen:
-    p = subprocess.Popen([sys.executable, "-c", WATCHDOG, str(root), mode, str(want)],
-                         stdout=subprocess.PIPE)
+    p = subprocess.Popen(
+        [sys.executable, "-c", WATCHDOG, str(root), mode, str(want)], stdout=subprocess.PIPE
+    )
     wait_line(p.stdout, b"READY")
     return p
 
@@ -133,8 +150,9 @@ def feed_count(url: str, match: Callable[[str], bool]) -> int:
     """Lines of the relay's whole feed that ``match``, read until it goes quiet."""
     count = 0
     try:
-        with httpx.stream("GET", url + "/events", params={"since": "earliest"},
-                          timeout=httpx.Timeout(5, read=2)) as r:
+        with httpx.stream(
+            "GET", url + "/events", params={"since": "earliest"}, timeout=httpx.Timeout(5, read=2)
+        ) as r:
             for line in r.iter_lines():
                 count += match(line)
     except httpx.ReadTimeout:
@@ -153,8 +171,16 @@ def setup(base: Path, tool: str) -> dict:
     elif tool == "watchdog":
         p = start_watchdog(root, "count", 1)
     else:
-        p = subprocess.Popen([harness.BIN / "storage-events-agent", "run", "--relay",
-                              "http://127.0.0.1:9", str(root)], stderr=subprocess.PIPE)
+        p = subprocess.Popen(
+            [
+                harness.BIN / "storage-events-agent",
+                "run",
+                "--relay",
+                "http://127.0.0.1:9",
+                str(root),
+            ],
+            stderr=subprocess.PIPE,
+        )
         wait_line(p.stderr, b"watching 101011 directories")
     ready = time.monotonic() - t0
     rss = rss_mib(p.pid)
@@ -213,8 +239,9 @@ def burst(base: Path, tool: str) -> dict:
             if head != last:
                 last, since = head, time.monotonic()
             time.sleep(0.1)
-        got = feed_count(stack.url, lambda line: line.startswith("data:")
-                         and "IN_CLOSE_WRITE" in line)
+        got = feed_count(
+            stack.url, lambda line: line.startswith("data:") and "IN_CLOSE_WRITE" in line
+        )
         overflows = feed_count(stack.url, lambda line: line == "event: overflow")
         stack.close()
     return {"files": got, "lost": FILES - got, "overflows": overflows}
@@ -224,8 +251,11 @@ def latency(base: Path, tool: str, rate: int = 1000, secs: float = 10) -> dict:
     root = make_root(base, "lat", 10)
     seen: dict[str, float] = {}
     if tool == "inotifywait":
-        p = subprocess.Popen(["inotifywait", "-m", "-r", "-e", "close_write", "--format",
-                              "%w%f", str(root)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        p = subprocess.Popen(
+            ["inotifywait", "-m", "-r", "-e", "close_write", "--format", "%w%f", str(root)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         wait_line(p.stderr, b"Watches established")
 
         def read() -> None:
@@ -243,8 +273,18 @@ def latency(base: Path, tool: str, rate: int = 1000, secs: float = 10) -> dict:
 
     else:
         stack = Stack(base, root)
-        p = subprocess.Popen([harness.BIN / "storage-events", "tail", stack.url, "--type",
-                              "IN_CLOSE_WRITE", "--format", "json"], stdout=subprocess.PIPE)
+        p = subprocess.Popen(
+            [
+                harness.BIN / "storage-events",
+                "tail",
+                stack.url,
+                "--type",
+                "IN_CLOSE_WRITE",
+                "--format",
+                "json",
+            ],
+            stdout=subprocess.PIPE,
+        )
         time.sleep(1.0)
 
         def read() -> None:
@@ -262,8 +302,12 @@ def latency(base: Path, tool: str, rate: int = 1000, secs: float = 10) -> dict:
     if tool == "storage-events":
         stack.close()
     lat = sorted((seen[p] - t) * 1000 for p, t in closes.items() if p in seen)
-    return {"samples": len(lat), "missing": len(closes) - len(lat),
-            "p50_ms": statistics.median(lat), "p99_ms": lat[int(0.99 * (len(lat) - 1))]}
+    return {
+        "samples": len(lat),
+        "missing": len(closes) - len(lat),
+        "p50_ms": statistics.median(lat),
+        "p99_ms": lat[int(0.99 * (len(lat) - 1))],
+    }
 
 
 def race(base: Path, tool: str, n: int = 1000) -> dict:
@@ -286,8 +330,10 @@ def race(base: Path, tool: str, n: int = 1000) -> dict:
         stack = Stack(base, root)
         py(RACE, root, n)
         time.sleep(3)
-        got = feed_count(stack.url, lambda line: line.startswith("data:")
-                         and '/b/c/f"' in line and "IN_CREATE" in line)
+        got = feed_count(
+            stack.url,
+            lambda line: line.startswith("data:") and '/b/c/f"' in line and "IN_CREATE" in line,
+        )
         stack.close()
     return {"reported": got, "of": n}
 
@@ -301,8 +347,13 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--only", default=",".join(WORKLOADS))
     ap.add_argument("--tools", default=",".join(TOOLS))
-    ap.add_argument("--build", action="append", default=[], metavar="NAME=VENV_BIN",
-                    help="another build of storage-events to measure beside the others")
+    ap.add_argument(
+        "--build",
+        action="append",
+        default=[],
+        metavar="NAME=VENV_BIN",
+        help="another build of storage-events to measure beside the others",
+    )
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     builds = {"storage-events": harness.BIN}
@@ -319,8 +370,7 @@ def main() -> None:
                 for tool in tools:  # interleaved, so a slow patch of the machine hits all
                     harness.BIN = builds.get(tool, builds["storage-events"])
                     kind = "storage-events" if tool in builds else tool
-                    r = WORKLOADS[name](base, kind) | {"workload": name, "tool": tool,
-                                                       "run": run}
+                    r = WORKLOADS[name](base, kind) | {"workload": name, "tool": tool, "run": run}
                     results.append(r)
                     print(json.dumps(r), flush=True)
     if args.json:

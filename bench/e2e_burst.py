@@ -60,29 +60,40 @@ def run_ours(base: Path, n: int, dirs: int) -> dict:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     logs = open(base / "ours.log", "ab")  # noqa: SIM115
-    relay = subprocess.Popen([BIN / "storage-events-relay", "serve", "--listen",
-                              f"127.0.0.1:{port}", "--data", data], stdout=logs, stderr=logs)
+    relay = subprocess.Popen(
+        [BIN / "storage-events-relay", "serve", "--listen", f"127.0.0.1:{port}", "--data", data],
+        stdout=logs,
+        stderr=logs,
+    )
     procs = [relay]
     try:
         wait_http(url + "/healthz")
-        agent = subprocess.Popen([BIN / "storage-events-agent", "run", "--relay", url, "--site",
-                                  "bench", str(root)], stdout=logs, stderr=logs)
+        agent = subprocess.Popen(
+            [BIN / "storage-events-agent", "run", "--relay", url, "--site", "bench", str(root)],
+            stdout=logs,
+            stderr=logs,
+        )
         procs.append(agent)
         deadline = time.monotonic() + 20
         while not httpx.get(url + "/healthz").json()["agents"]:
             if time.monotonic() > deadline:
                 raise RuntimeError("agent did not connect")
             time.sleep(0.05)
-        sub = subprocess.Popen([sys.executable, "-c", SUBSCRIBER, url, str(n), "10"],
-                               stdout=subprocess.PIPE, text=True)
+        sub = subprocess.Popen(
+            [sys.executable, "-c", SUBSCRIBER, url, str(n), "10"], stdout=subprocess.PIPE, text=True
+        )
         procs.append(sub)
         assert sub.stdout is not None
         assert sub.stdout.readline().strip() == "ready"
         time.sleep(0.3)
         start, gen_end = burst(root, n, dirs)
         closes, overflows, last = sub.stdout.readline().split()
-        return {"delivered": int(closes), "overflows": int(overflows),
-                "seconds": float(last) - start, "gen_seconds": gen_end - start}
+        return {
+            "delivered": int(closes),
+            "overflows": int(overflows),
+            "seconds": float(last) - start,
+            "gen_seconds": gen_end - start,
+        }
     finally:
         for p in reversed(procs):
             stop(p)
@@ -93,10 +104,30 @@ def run_inotifywait(base: Path, n: int, dirs: int) -> dict:
     root = make_root(base, "peer", dirs)
     out_path = base / "inotifywait.out"
     with open(out_path, "wb") as out:
-        p = subprocess.Popen(["inotifywait", "-m", "-r", "-e", "create", "-e", "close_write",
-                              "-e", "delete", "-e", "moved_from", "-e", "moved_to", "-e",
-                              "attrib", "--format", "%e %w%f", str(root)],
-                             stdout=out, stderr=subprocess.PIPE)
+        p = subprocess.Popen(
+            [
+                "inotifywait",
+                "-m",
+                "-r",
+                "-e",
+                "create",
+                "-e",
+                "close_write",
+                "-e",
+                "delete",
+                "-e",
+                "moved_from",
+                "-e",
+                "moved_to",
+                "-e",
+                "attrib",
+                "--format",
+                "%e %w%f",
+                str(root),
+            ],
+            stdout=out,
+            stderr=subprocess.PIPE,
+        )
         assert p.stderr is not None
         while b"Watches established" not in p.stderr.readline():
             pass
@@ -113,8 +144,12 @@ def run_inotifywait(base: Path, n: int, dirs: int) -> dict:
     mtime_wall = out_path.stat().st_mtime
     last = time.monotonic() - (time.time() - mtime_wall)
     closes = sum(1 for line in out_path.open("rb") if line.startswith(b"CLOSE_WRITE"))
-    return {"delivered": closes, "overflows": 0, "seconds": last - start,
-            "gen_seconds": gen_end - start}
+    return {
+        "delivered": closes,
+        "overflows": 0,
+        "seconds": last - start,
+        "gen_seconds": gen_end - start,
+    }
 
 
 def main() -> None:
@@ -135,19 +170,30 @@ def main() -> None:
                 r["events_per_s"] = 2 * r["delivered"] / r["seconds"]
                 results.append(r)
                 print(json.dumps(r), flush=True)
-    print(f"\n{args.files} files x {args.runs} runs, max_queued_events={queued}, "
-          f"{os.cpu_count()} CPUs, tmpfs")
-    print(f"{'tool':16} {'delivered':>10} {'overflow':>9} {'events/s (median)':>18} "
-          f"{'ratio to inotifywait':>21}")
-    ratios = [o["events_per_s"] / p["events_per_s"] for o, p in
-              zip(results[1::2], results[0::2], strict=True)]
+    print(
+        f"\n{args.files} files x {args.runs} runs, max_queued_events={queued}, "
+        f"{os.cpu_count()} CPUs, tmpfs"
+    )
+    print(
+        f"{'tool':16} {'delivered':>10} {'overflow':>9} {'events/s (median)':>18} "
+        f"{'ratio to inotifywait':>21}"
+    )
+    ratios = [
+        o["events_per_s"] / p["events_per_s"]
+        for o, p in zip(results[1::2], results[0::2], strict=True)
+    ]
     for tool in ("inotifywait", "storage-events"):
         rs = [r for r in results if r["tool"] == tool]
         rate = statistics.median(r["events_per_s"] for r in rs)
-        ratio = f"{statistics.median(ratios):.2f} [{min(ratios):.2f}-{max(ratios):.2f}]" \
-            if tool == "storage-events" else "1"
-        print(f"{tool:16} {min(r['delivered'] for r in rs):>10} "
-              f"{max(r['overflows'] for r in rs):>9} {rate:>18,.0f} {ratio:>21}")
+        ratio = (
+            f"{statistics.median(ratios):.2f} [{min(ratios):.2f}-{max(ratios):.2f}]"
+            if tool == "storage-events"
+            else "1"
+        )
+        print(
+            f"{tool:16} {min(r['delivered'] for r in rs):>10} "
+            f"{max(r['overflows'] for r in rs):>9} {rate:>18,.0f} {ratio:>21}"
+        )
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 

@@ -54,9 +54,15 @@ http {{
 
 
 def event(i: int) -> Event:
-    return Event(site="bench", node="pool-07", path=f"/data/run1/d{i % 100:03d}/f{i:07d}.h5",
-                 flags=["IN_CLOSE_WRITE"], ts=1764000000123456789, stream="pool-07:3f9c0a1b2c3d",
-                 seq=i)
+    return Event(
+        site="bench",
+        node="pool-07",
+        path=f"/data/run1/d{i % 100:03d}/f{i:07d}.h5",
+        flags=["IN_CLOSE_WRITE"],
+        ts=1764000000123456789,
+        stream="pool-07:3f9c0a1b2c3d",
+        seq=i,
+    )
 
 
 class Subscriber:
@@ -65,8 +71,9 @@ class Subscriber:
 
     async def connect(self, port: int, path: str) -> None:
         self.reader, self.writer = await asyncio.open_connection("127.0.0.1", port)
-        self.writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n"
-                          .encode())
+        self.writer.write(
+            f"GET {path} HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n".encode()
+        )
         await self.writer.drain()
         # The response head is not awaited here: nchan may hold it back until a message comes.
 
@@ -111,8 +118,7 @@ async def publish_naive(port: int, m: int) -> None:
             await client.post(f"http://127.0.0.1:{port}/pub", content=body)
 
 
-async def publish_nchan(port: int, m: int, channel: str = "c",
-                        rate: float | None = None) -> None:
+async def publish_nchan(port: int, m: int, channel: str = "c", rate: float | None = None) -> None:
     """``rate``: at most this many messages/s. nchan numbers a channel's messages
     ``<unix second>:<tag>`` with a 16-bit tag, so more than 32,767 in one second wrap the tag
     and break the order of its buffer (a later catch-up stalls); live delivery, measured here,
@@ -137,8 +143,10 @@ async def publish_nchan(port: int, m: int, channel: str = "c",
     start = time.perf_counter()
     for i in range(1, m + 1):
         body = event_json(event(i))
-        writer.write(b"POST /pub?c=%s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
-                     % (channel.encode(), len(body), body))
+        writer.write(
+            b"POST /pub?c=%s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+            % (channel.encode(), len(body), body)
+        )
         if i % 200 == 0:
             await writer.drain()
             if rate and (ahead := start + i / rate - time.perf_counter()) > 0:
@@ -151,7 +159,7 @@ async def publish_nchan(port: int, m: int, channel: str = "c",
 async def measure(port: int, path: str, publish, m: int, k: int) -> float:
     subs = [Subscriber(m) for _ in range(k)]
     for i in range(0, k, 100):
-        await asyncio.gather(*(s.connect(port, path) for s in subs[i:i + 100]))
+        await asyncio.gather(*(s.connect(port, path) for s in subs[i : i + 100]))
     runs = [asyncio.create_task(s.run()) for s in subs]
     await asyncio.sleep(0.5)
     start = time.perf_counter()
@@ -165,20 +173,33 @@ def start(tool: str, base: Path) -> tuple[subprocess.Popen, int]:
     port = free_port()
     log = open(base / f"{tool}.log", "ab")  # noqa: SIM115
     if tool == "storage-events":
-        p = subprocess.Popen([BIN / "storage-events-relay", "serve", "--listen",
-                              f"127.0.0.1:{port}", "--data", base / f"data-{port}"],
-                             stdout=log, stderr=log)
+        p = subprocess.Popen(
+            [
+                BIN / "storage-events-relay",
+                "serve",
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--data",
+                base / f"data-{port}",
+            ],
+            stdout=log,
+            stderr=log,
+        )
         wait_http(f"http://127.0.0.1:{port}/healthz")
     elif tool == "naive":
-        p = subprocess.Popen([sys.executable, HERE / "naive_broadcaster.py", str(port)],
-                             stdout=log, stderr=log)
+        p = subprocess.Popen(
+            [sys.executable, HERE / "naive_broadcaster.py", str(port)], stdout=log, stderr=log
+        )
         time.sleep(1.0)
     else:
         d = base / f"nchan-{port}"
         (d / "tmp").mkdir(parents=True)
         (d / "nginx.conf").write_text(NCHAN_CONF.format(module=NCHAN_MODULE, dir=d, port=port))
-        p = subprocess.Popen(["nginx", "-g", "daemon off;", "-c", str(d / "nginx.conf"),
-                              "-p", str(d)], stdout=log, stderr=log)
+        p = subprocess.Popen(
+            ["nginx", "-g", "daemon off;", "-c", str(d / "nginx.conf"), "-p", str(d)],
+            stdout=log,
+            stderr=log,
+        )
         time.sleep(1.0)
     return p, port
 
@@ -186,8 +207,9 @@ def start(tool: str, base: Path) -> tuple[subprocess.Popen, int]:
 PATHS = {"storage-events": "/events", "naive": "/sub", "nchan": "/sub"}
 
 
-def one(tool: str, base: Path, nchan: tuple[subprocess.Popen, int] | None, m: int, k: int,
-        run: int) -> dict | None:
+def one(
+    tool: str, base: Path, nchan: tuple[subprocess.Popen, int] | None, m: int, k: int, run: int
+) -> dict | None:
     """One measurement; a fresh relay or broadcaster each time, nchan's own channel."""
     if tool == "nchan":
         assert nchan is not None
@@ -206,6 +228,8 @@ def one(tool: str, base: Path, nchan: tuple[subprocess.Popen, int] | None, m: in
         if p is not None:
             stop(p)
     return {"tool": tool, "subscribers": k, "run": run, "deliveries_per_s": rate}
+
+
 PUBLISHERS = {"storage-events": publish_relay, "naive": publish_naive, "nchan": publish_nchan}
 
 
@@ -246,8 +270,9 @@ def main() -> None:
         ours = {r["run"]: r["deliveries_per_s"] for r in row["storage-events"]}
         for t in tools:
             if t != "storage-events":
-                ratios = [ours[r["run"]] / r["deliveries_per_s"] for r in row[t]
-                          if r["run"] in ours]
+                ratios = [
+                    ours[r["run"]] / r["deliveries_per_s"] for r in row[t] if r["run"] in ours
+                ]
                 cells.append(f"ours/{t} {statistics.median(ratios):.2f}")
         print("  ".join(cells))
     if args.json:

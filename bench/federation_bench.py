@@ -67,8 +67,9 @@ with open(out, "w") as f, httpx.Client(timeout=httpx.Timeout(10, read=None)) as 
 """
 
 
-def relay_config(path: Path, name: str, *, tokens: list[str], upstream: list[str] = (),
-                 push: list[str] = ()) -> Path:
+def relay_config(
+    path: Path, name: str, *, tokens: list[str], upstream: list[str] = (), push: list[str] = ()
+) -> Path:
     """``tokens``: [[token]] blocks as text; ``upstream``/``push``: URLs."""
     lines = [f'name = "{name}"', *tokens]
     for url in upstream:
@@ -99,8 +100,7 @@ def wait_until(pred, timeout: float, what: str) -> None:
 
 
 def get(url: str) -> dict:
-    return httpx.get(url, timeout=2,
-                     headers={"Authorization": f"Bearer {SECRET['reader']}"}).json()
+    return httpx.get(url, timeout=2, headers={"Authorization": f"Bearer {SECRET['reader']}"}).json()
 
 
 def cpu_seconds(pid: int) -> float:
@@ -133,8 +133,12 @@ def summary(lat: list[float]) -> dict:
     lat = sorted(lat)
     if not lat:
         return {"n": 0}
-    return {"n": len(lat), "p50_ms": round(statistics.median(lat), 3),
-            "p99_ms": round(pct(lat, 0.99), 3), "max_ms": round(lat[-1], 3)}
+    return {
+        "n": len(lat),
+        "p50_ms": round(statistics.median(lat), 3),
+        "p99_ms": round(pct(lat, 0.99), 3),
+        "max_ms": round(lat[-1], 3),
+    }
 
 
 def one_run(base: Path, hosts: Hosts, run: int, args: argparse.Namespace) -> dict:
@@ -149,34 +153,56 @@ def one_run(base: Path, hosts: Hosts, run: int, args: argparse.Namespace) -> dic
     def start(host: str, name: str, cmd: list, **kw) -> subprocess.Popen:
         log = open(d / f"{name}.log", "wb")  # noqa: SIM115 - closed below
         logs.append(log)
-        p = subprocess.Popen([*(hosts.exec(host) if host else []), *map(str, cmd)],
-                             stdout=kw.pop("stdout", log), stderr=kw.pop("stderr", log), **kw)
+        p = subprocess.Popen(
+            [*(hosts.exec(host) if host else []), *map(str, cmd)],
+            stdout=kw.pop("stdout", log),
+            stderr=kw.pop("stderr", log),
+            **kw,
+        )
         procs.append(p)
         return p
 
     def relay(host: str, cfg: Path) -> subprocess.Popen:
-        p = start(host, host, [BIN / "storage-events-relay", "serve", "--listen",
-                               f"{hosts.addr[host]}:{port}", "--data", d / f"{host}-data",
-                               "--config", cfg])
+        p = start(
+            host,
+            host,
+            [
+                BIN / "storage-events-relay",
+                "serve",
+                "--listen",
+                f"{hosts.addr[host]}:{port}",
+                "--data",
+                d / f"{host}-data",
+                "--config",
+                cfg,
+            ],
+        )
         wait_until(lambda: get(url[host] + "/healthz")["status"] == "ok", 20, f"{host} relay")
         return p
 
     try:
         pids = {}
         for site in SITES:
-            tokens = [token(f"agent-{site}", "agent", SECRET[site], site),
-                      token("central", "reader", SECRET["pull"]),
-                      token("bench", "reader", SECRET["reader"])]
+            tokens = [
+                token(f"agent-{site}", "agent", SECRET[site], site),
+                token("central", "reader", SECRET["pull"]),
+                token("bench", "reader", SECRET["reader"]),
+            ]
             push = [url["central"]] if MODE[site] == "push" else []
             cfg = relay_config(d / f"{site}.toml", site, tokens=tokens, push=push)
             if MODE[site] == "pull":
                 pids[site] = relay(site, cfg).pid
             else:
                 push_cfg = cfg
-        cfg = relay_config(d / "central.toml", "central",
-                           tokens=[token("bench", "reader", SECRET["reader"]),
-                                   token("site3-relay", "relay", SECRET["push"], "site3")],
-                           upstream=[url[s] for s in SITES if MODE[s] == "pull"])
+        cfg = relay_config(
+            d / "central.toml",
+            "central",
+            tokens=[
+                token("bench", "reader", SECRET["reader"]),
+                token("site3-relay", "relay", SECRET["push"], "site3"),
+            ],
+            upstream=[url[s] for s in SITES if MODE[s] == "pull"],
+        )
         pids["central"] = relay("central", cfg).pid
         for site in SITES:
             if MODE[site] == "push":
@@ -184,8 +210,12 @@ def one_run(base: Path, hosts: Hosts, run: int, args: argparse.Namespace) -> dic
 
         def federated() -> bool:
             s = get(url["central"] + "/sites")
-            return (all(u["connected"] for u in s["upstreams"]) and len(s["upstreams"]) == 2
-                    and s["pushing_here"] == {"site3": 1})
+            return (
+                all(u["connected"] for u in s["upstreams"])
+                and len(s["upstreams"]) == 2
+                and s["pushing_here"] == {"site3": 1}
+            )
+
         wait_until(federated, 30, "the central relay's upstreams and push")
 
         roots = {}
@@ -193,21 +223,42 @@ def one_run(base: Path, hosts: Hosts, run: int, args: argparse.Namespace) -> dic
             roots[site] = d / f"{site}-tree"
             for k in range(10):
                 (roots[site] / f"d{k:03d}").mkdir(parents=True)
-            a = start(site, f"agent-{site}",
-                      [BIN / "storage-events-agent", "run", "--relay", url[site], "--site",
-                       site, "--node", f"node{i}", "--token", SECRET[site], roots[site]])
+            a = start(
+                site,
+                f"agent-{site}",
+                [
+                    BIN / "storage-events-agent",
+                    "run",
+                    "--relay",
+                    url[site],
+                    "--site",
+                    site,
+                    "--node",
+                    f"node{i}",
+                    "--token",
+                    SECRET[site],
+                    roots[site],
+                ],
+            )
             log = d / f"agent-{site}.log"
-            wait_until(lambda log=log: b"publishing stream" in log.read_bytes(), 30,
-                       f"agent of {site}")
+            wait_until(
+                lambda log=log: b"publishing stream" in log.read_bytes(), 30, f"agent of {site}"
+            )
             pids[f"agent-{site}"] = a.pid
-        wait_until(lambda: all(get(url[s] + "/healthz")["agents"] == 1 for s in SITES), 20,
-                   "agents connected")
+        wait_until(
+            lambda: all(get(url[s] + "/healthz")["agents"] == 1 for s in SITES),
+            20,
+            "agents connected",
+        )
 
         subs = {}
         for h in ["central", *SITES]:
-            p = start("", f"sub-{h}", [sys.executable, "-c", SUBSCRIBER, url[h],
-                                       SECRET["reader"], d / f"sub-{h}.txt"],
-                      stdout=subprocess.PIPE)
+            p = start(
+                "",
+                f"sub-{h}",
+                [sys.executable, "-c", SUBSCRIBER, url[h], SECRET["reader"], d / f"sub-{h}.txt"],
+                stdout=subprocess.PIPE,
+            )
             status = p.stdout.readline().strip()
             if status != b"200":
                 raise RuntimeError(f"subscriber on {h}: HTTP {status!r}")
@@ -219,9 +270,15 @@ def one_run(base: Path, hosts: Hosts, run: int, args: argparse.Namespace) -> dic
         cut3 = cut1 + cut + args.settle
         total = cut3 + cut + args.settle
         t0 = time.monotonic() + 1.0
-        writers = {s: start("", f"writer-{s}", [sys.executable, "-c", PACED, roots[s],
-                                                 args.rate, total, t0], stdout=subprocess.PIPE)
-                   for s in SITES}
+        writers = {
+            s: start(
+                "",
+                f"writer-{s}",
+                [sys.executable, "-c", PACED, roots[s], args.rate, total, t0],
+                stdout=subprocess.PIPE,
+            )
+            for s in SITES
+        }
 
         def at(offset: float) -> None:
             time.sleep(max(0.0, t0 + offset - time.monotonic()))
@@ -235,8 +292,10 @@ def one_run(base: Path, hosts: Hosts, run: int, args: argparse.Namespace) -> dic
         at(cut1)
         cpu = {k: round(cpu_seconds(p) - cpu0[k], 2) for k, p in pids.items()}
         wall = time.monotonic() - wall0
-        load = {"machine_busy_cores": round((machine_busy() - busy0) / wall, 2),
-                "ours_cores": round((ours() - ours0) / wall, 2)}
+        load = {
+            "machine_busy_cores": round((machine_busy() - busy0) / wall, 2),
+            "ours_cores": round((ours() - ours0) / wall, 2),
+        }
         # the rest: kernel work not charged to a process (softirq: the veths) and other programs
         load["rest_cores"] = round(load["machine_busy_cores"] - load["ours_cores"], 2)
         events = []
@@ -250,8 +309,9 @@ def one_run(base: Path, hosts: Hosts, run: int, args: argparse.Namespace) -> dic
         closes: dict[str, dict[str, float]] = {}
         for s, w in writers.items():
             out, _ = w.communicate(timeout=total + 60)
-            closes[s] = {p: float(t) for p, t in (ln.rsplit(" ", 1)
-                                                  for ln in out.decode().splitlines())}
+            closes[s] = {
+                p: float(t) for p, t in (ln.rsplit(" ", 1) for ln in out.decode().splitlines())
+            }
         # Drain: until the central holds every event (2 per file), or it stops growing.
         want = 2 * sum(len(c) for c in closes.values())
         last, since = -1, time.monotonic()
@@ -298,24 +358,35 @@ def one_run(base: Path, hosts: Hosts, run: int, args: argparse.Namespace) -> dic
     def missing(sub: str, site: str) -> int:
         return sum(1 for p in closes[site] if p not in seen[sub][site])
 
-    result: dict = {"run": run, "rate_per_site": args.rate, "schedule": {
-        "warmup": warm, "steady": [warm, cut1], "cuts": events, "end": total},
+    result: dict = {
+        "run": run,
+        "rate_per_site": args.rate,
+        "schedule": {"warmup": warm, "steady": [warm, cut1], "cuts": events, "end": total},
         "cpu_s_in_steady_window": cpu,
-        "steady_load": load, "idle_before_run_cores": idle_before,
-        "central_head": central_head, "central_wanted": want,
-        "duplicates": dups, "upstreams": sites_summary.get("upstreams"),
-        "pushing_here": sites_summary.get("pushing_here")}
+        "steady_load": load,
+        "idle_before_run_cores": idle_before,
+        "central_head": central_head,
+        "central_wanted": want,
+        "duplicates": dups,
+        "upstreams": sites_summary.get("upstreams"),
+        "pushing_here": sites_summary.get("pushing_here"),
+    }
     steady_r = {}
     for mode in ("pull", "push"):
         ss = [s for s in SITES if MODE[s] == mode]
         one = summary([x for s in ss for x in lat(s, [s], warm, cut1)])
         cen = summary(lat("central", ss, warm, cut1))
-        steady_r[mode] = {"sites": ss, "one_hop": one, "central": cen,
-                          "ratio_p50": round(cen["p50_ms"] / one["p50_ms"], 3),
-                          "ratio_p99": round(cen["p99_ms"] / one["p99_ms"], 3)}
+        steady_r[mode] = {
+            "sites": ss,
+            "one_hop": one,
+            "central": cen,
+            "ratio_p50": round(cen["p50_ms"] / one["p50_ms"], 3),
+            "ratio_p99": round(cen["p99_ms"] / one["p99_ms"], 3),
+        }
     result["steady"] = steady_r
-    result["missing"] = {h: {s: missing(h, s) for s in (SITES if h == "central" else [h])}
-                         for h in seen}
+    result["missing"] = {
+        h: {s: missing(h, s) for s in (SITES if h == "central" else [h])} for h in seen
+    }
     before = (cut1 - 10, cut1)
     cuts = {}
     for site, begin in (("site1", cut1), ("site3", cut3)):
@@ -334,21 +405,35 @@ def one_run(base: Path, hosts: Hosts, run: int, args: argparse.Namespace) -> dic
             # the cut site's own events closed while it was cut: when the central got them
             "cut_site_during": summary(own),
             "cut_site_last_arrival_after_heal_s": round(
-                max((seen["central"][site][p] - t0 for p, t in closes[site].items()
-                     if window[0] <= t - t0 < window[1] and p in seen["central"][site]),
-                    default=float("nan")) - window[1], 3),
+                max(
+                    (
+                        seen["central"][site][p] - t0
+                        for p, t in closes[site].items()
+                        if window[0] <= t - t0 < window[1] and p in seen["central"][site]
+                    ),
+                    default=float("nan"),
+                )
+                - window[1],
+                3,
+            ),
         }
         c = cuts[site]
-        c["ratio_during_p50"] = round(c["central_during"]["p50_ms"]
-                                      / c["central_before"]["p50_ms"], 3)
-        c["ratio_during_p99"] = round(c["central_during"]["p99_ms"]
-                                      / c["central_before"]["p99_ms"], 3)
+        c["ratio_during_p50"] = round(
+            c["central_during"]["p50_ms"] / c["central_before"]["p50_ms"], 3
+        )
+        c["ratio_during_p99"] = round(
+            c["central_during"]["p99_ms"] / c["central_before"]["p99_ms"], 3
+        )
     result["cuts"] = cuts
     # Median latency per second of close time, per site, at the central and one hop away.
     result["timeline_p50_ms"] = {
-        f"{sub}:{s}": [round(statistics.median(x), 1) if (x := lat(sub, [s], i, i + 1))
-                       else None for i in range(int(total))]
-        for s in SITES for sub in ("central", s)}
+        f"{sub}:{s}": [
+            round(statistics.median(x), 1) if (x := lat(sub, [s], i, i + 1)) else None
+            for i in range(int(total))
+        ]
+        for s in SITES
+        for sub in ("central", s)
+    }
     return result
 
 
@@ -361,19 +446,23 @@ def report(results: list[dict]) -> None:
     print("\nsteady, median [min–max] over runs (ms):")
     for mode in ("pull", "push"):
         rs = [r["steady"][mode] for r in results]
-        print(f"  {mode:4}: one-hop p50 {med([x['one_hop']['p50_ms'] for x in rs])}, "
-              f"p99 {med([x['one_hop']['p99_ms'] for x in rs])}; central p50 "
-              f"{med([x['central']['p50_ms'] for x in rs])}, p99 "
-              f"{med([x['central']['p99_ms'] for x in rs])}; ratio p50 "
-              f"{med([x['ratio_p50'] for x in rs])}, p99 {med([x['ratio_p99'] for x in rs])}")
+        print(
+            f"  {mode:4}: one-hop p50 {med([x['one_hop']['p50_ms'] for x in rs])}, "
+            f"p99 {med([x['one_hop']['p99_ms'] for x in rs])}; central p50 "
+            f"{med([x['central']['p50_ms'] for x in rs])}, p99 "
+            f"{med([x['central']['p99_ms'] for x in rs])}; ratio p50 "
+            f"{med([x['ratio_p50'] for x in rs])}, p99 {med([x['ratio_p99'] for x in rs])}"
+        )
     for site in ("site1", "site3"):
         rs = [r["cuts"][site] for r in results]
-        print(f"  cut {site}: others at central p50 before "
-              f"{med([x['central_before']['p50_ms'] for x in rs])} during "
-              f"{med([x['central_during']['p50_ms'] for x in rs])}; p99 before "
-              f"{med([x['central_before']['p99_ms'] for x in rs])} during "
-              f"{med([x['central_during']['p99_ms'] for x in rs])} after heal "
-              f"{med([x['central_after_heal']['p99_ms'] for x in rs])}")
+        print(
+            f"  cut {site}: others at central p50 before "
+            f"{med([x['central_before']['p50_ms'] for x in rs])} during "
+            f"{med([x['central_during']['p50_ms'] for x in rs])}; p99 before "
+            f"{med([x['central_before']['p99_ms'] for x in rs])} during "
+            f"{med([x['central_during']['p99_ms'] for x in rs])} after heal "
+            f"{med([x['central_after_heal']['p99_ms'] for x in rs])}"
+        )
 
 
 def main() -> None:
@@ -401,9 +490,12 @@ def main() -> None:
         hosts.close()
     report(results)
     if args.json:
-        meta = {"machine": f"{os.cpu_count()} CPU, Linux {platform.release()}, Python "
-                           f"{platform.python_version()}",
-                "date": time.strftime("%Y-%m-%d"), "argv": sys.argv[1:]}
+        meta = {
+            "machine": f"{os.cpu_count()} CPU, Linux {platform.release()}, Python "
+            f"{platform.python_version()}",
+            "date": time.strftime("%Y-%m-%d"),
+            "argv": sys.argv[1:],
+        }
         args.json.write_text(json.dumps({"meta": meta, "runs": results}, indent=1))
 
 

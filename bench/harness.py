@@ -30,8 +30,7 @@ def free_port() -> int:
 def tmpfs(size: str = "4g") -> Iterator[Path]:
     """A private tmpfs (the VM disk is throttled and slows down run after run)."""
     base = Path(tempfile.mkdtemp(prefix="se-bench-"))
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(base)],
-                   check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(base)], check=True)
     try:
         yield base
     finally:
@@ -107,8 +106,12 @@ print(t0, time.monotonic())
 def burst(root: Path, n: int, dirs: int) -> tuple[float, float]:
     """Write ``n`` files round-robin into ``root/dNNN`` as fast as one process can, in a
     process of its own; returns its (start, end) on the monotonic clock."""
-    out = subprocess.run([sys.executable, "-c", _BURST, str(root), str(n), str(dirs)],
-                         capture_output=True, text=True, check=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", _BURST, str(root), str(n), str(dirs)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     return float(out[0]), float(out[1])
 
 
@@ -154,15 +157,37 @@ class Stack:
         self.log = open(base / "stack.log", "ab")  # noqa: SIM115
         data = base / "relay-data"
         shutil.rmtree(data, ignore_errors=True)
-        self.relay = subprocess.Popen([BIN / "storage-events-relay", "serve", "--listen",
-                                       f"127.0.0.1:{port}", "--data", data],
-                                      stdout=self.log, stderr=self.log)
+        self.relay = subprocess.Popen(
+            [
+                BIN / "storage-events-relay",
+                "serve",
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--data",
+                data,
+            ],
+            stdout=self.log,
+            stderr=self.log,
+        )
         wait_http(self.url + "/healthz")
         config = base / "agent.toml"
         config.write_text(f'metrics = "127.0.0.1:{self.metrics_port}"\n')
-        self.agent = subprocess.Popen([BIN / "storage-events-agent", "run", "--relay", self.url,
-                                       "--site", "bench", "--config", config, *agent_args,
-                                       str(root)], stdout=self.log, stderr=subprocess.PIPE)
+        self.agent = subprocess.Popen(
+            [
+                BIN / "storage-events-agent",
+                "run",
+                "--relay",
+                self.url,
+                "--site",
+                "bench",
+                "--config",
+                config,
+                *agent_args,
+                str(root),
+            ],
+            stdout=self.log,
+            stderr=subprocess.PIPE,
+        )
         assert self.agent.stderr is not None
         wait_line(self.agent.stderr, b"publishing stream")
         wait_http(f"http://127.0.0.1:{self.metrics_port}/metrics")

@@ -95,8 +95,10 @@ RELAY_NAME = "benchrelay"
 MARKER = "INJECTED-BY-HOSTILE-BENCH"
 # A log record of the relay's own text format, smuggled in after a newline.
 FAKE_LINE = f"2026-01-01 00:00:00,000 CRITICAL storage_events.relay: {MARKER} relay taken over"
-LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) (DEBUG|INFO|WARNING|ERROR|"
-                      r"CRITICAL) (\S+): (.*)$")
+LOG_LINE = re.compile(
+    r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) (DEBUG|INFO|WARNING|ERROR|"
+    r"CRITICAL) (\S+): (.*)$"
+)
 MAX_FRAME = 16 * 1024 * 1024  # the relay's default max_frame (uvicorn ws_max_size)
 
 KINDS = {
@@ -115,6 +117,7 @@ SECRETS = ("honest", "honest-reader", "reader", "evil", "evilrelay", "jwt")
 
 
 # -- small shared pieces ---------------------------------------------------------------------
+
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process (its threads included)."""
@@ -146,8 +149,12 @@ def dist(values: list[float], digits: int = 2) -> dict:
     v = sorted(values)
     if not v:
         return {"n": 0}
-    return {"n": len(v), "p50": round(statistics.median(v), digits),
-            "p99": round(pct(v, 0.99), digits), "max": round(v[-1], digits)}
+    return {
+        "n": len(v),
+        "p50": round(statistics.median(v), digits),
+        "p99": round(pct(v, 0.99), digits),
+        "max": round(v[-1], digits),
+    }
 
 
 def norm(text: str, limit: int = 160) -> str:
@@ -268,6 +275,7 @@ with open(out, "w", buffering=1) as f:
 
 # -- the bench (main process) ----------------------------------------------------------------
 
+
 @contextlib.contextmanager
 def workdir(size: str) -> Iterator[Path]:
     if os.geteuid() == 0:
@@ -307,8 +315,9 @@ class Bench:
     def start(self, name: str, cmd: list, **kw) -> subprocess.Popen:
         log = open(self.base / f"{name}.log", "ab")  # noqa: SIM115 - closed in close()
         self.logs.append(log)
-        p = subprocess.Popen([str(c) for c in cmd], stdout=kw.pop("stdout", log),
-                             stderr=kw.pop("stderr", log), **kw)
+        p = subprocess.Popen(
+            [str(c) for c in cmd], stdout=kw.pop("stdout", log), stderr=kw.pop("stderr", log), **kw
+        )
         self.procs.append(p)
         return p
 
@@ -321,22 +330,33 @@ class Bench:
     def relay_config(self, upstreams: bool = True) -> str:
         s = self.secret
 
-        def token(name: str, role: str, secret: str, site: str | None = None,
-                  sites: list[str] | None = None) -> str:
-            lines = ["[[token]]", f'name = "{name}"', f'role = "{role}"',
-                     f'hash = "{hash_token(secret)}"']
+        def token(
+            name: str,
+            role: str,
+            secret: str,
+            site: str | None = None,
+            sites: list[str] | None = None,
+        ) -> str:
+            lines = [
+                "[[token]]",
+                f'name = "{name}"',
+                f'role = "{role}"',
+                f'hash = "{hash_token(secret)}"',
+            ]
             if site:
                 lines.append(f'site = "{site}"')
             if sites is not None:
                 lines.append(f"sites = {json.dumps(sites)}")
             return "\n".join(lines)
 
-        parts = [f'name = "{RELAY_NAME}"',
-                 token("honest-agent", "agent", s["honest"], "honest"),
-                 token("honest-reader", "reader", s["honest-reader"]),
-                 token("reader", "reader", s["reader"]),
-                 token("evil-agent", "agent", s["evil"], "evil"),
-                 token("evilrelay", "relay", s["evilrelay"], "evilrelay", ["evil"])]
+        parts = [
+            f'name = "{RELAY_NAME}"',
+            token("honest-agent", "agent", s["honest"], "honest"),
+            token("honest-reader", "reader", s["honest-reader"]),
+            token("reader", "reader", s["reader"]),
+            token("evil-agent", "agent", s["evil"], "evil"),
+            token("evilrelay", "relay", s["evilrelay"], "evilrelay", ["evil"]),
+        ]
         for i, port in enumerate(self.upstream_ports if upstreams else ()):
             parts.append(f'[[upstream]]\nurl = "http://127.0.0.1:{port}"\nname = "evilup{i:02d}"')
         parts.append(f'[jwt]\nsecret = "{s["jwt"]}"')
@@ -344,9 +364,12 @@ class Bench:
 
     def health(self, port: int | None = None) -> dict | None:
         try:
-            r = httpx.get(f"http://127.0.0.1:{port or self.port}/healthz", timeout=2,
-                          trust_env=False,
-                          headers={"Authorization": f"Bearer {self.secret['honest-reader']}"})
+            r = httpx.get(
+                f"http://127.0.0.1:{port or self.port}/healthz",
+                timeout=2,
+                trust_env=False,
+                headers={"Authorization": f"Bearer {self.secret['honest-reader']}"},
+            )
             return r.json() if r.status_code == 200 else None
         except (httpx.HTTPError, ValueError):
             return None
@@ -355,8 +378,10 @@ class Bench:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.relay.poll() is not None:
-                raise RuntimeError(f"the relay exited ({self.relay.returncode}) while waiting "
-                                   f"for {what}:\n{self.log_tail(40)}")
+                raise RuntimeError(
+                    f"the relay exited ({self.relay.returncode}) while waiting "
+                    f"for {what}:\n{self.log_tail(40)}"
+                )
             if pred():
                 return
             time.sleep(0.1)
@@ -374,48 +399,114 @@ class Bench:
             make_root(self.tree, phase, 10)
         cfg = self.base / "relay.toml"
         cfg.write_text(self.relay_config())
-        self.relay = self.start("relay", [BIN / "storage-events-relay", "serve", "--config", cfg,
-                                          "--listen", f"127.0.0.1:{self.port}",
-                                          "--data", self.base / "relay-data"])
+        self.relay = self.start(
+            "relay",
+            [
+                BIN / "storage-events-relay",
+                "serve",
+                "--config",
+                cfg,
+                "--listen",
+                f"127.0.0.1:{self.port}",
+                "--data",
+                self.base / "relay-data",
+            ],
+        )
         self.wait(lambda: self.health() is not None, 30, "the relay's /healthz")
         self.version = (self.health() or {}).get("version")
-        self.agent = self.start("agent", [
-            BIN / "storage-events-agent", "run", "--relay", self.url, "--site", "honest",
-            "--node", "n1", "--token", self.secret["honest"], "--spool", self.base / "spool",
-            self.tree])
+        self.agent = self.start(
+            "agent",
+            [
+                BIN / "storage-events-agent",
+                "run",
+                "--relay",
+                self.url,
+                "--site",
+                "honest",
+                "--node",
+                "n1",
+                "--token",
+                self.secret["honest"],
+                "--spool",
+                self.base / "spool",
+                self.tree,
+            ],
+        )
         agent_log = self.base / "agent.log"
-        self.wait(lambda: b"publishing stream" in agent_log.read_bytes()
-                  or self.agent.poll() is not None, 60, "the agent's start-up")
+        self.wait(
+            lambda: b"publishing stream" in agent_log.read_bytes() or self.agent.poll() is not None,
+            60,
+            "the agent's start-up",
+        )
         if self.agent.poll() is not None:
             raise RuntimeError(f"the agent exited:\n{agent_log.read_text(errors='replace')}")
         m = re.search(rb"publishing stream (\S+)", agent_log.read_bytes())
         self.honest_stream = m.group(1).decode() if m else ""
         self.wait(lambda: (self.health() or {}).get("agents", 1) >= 1, 30, "the agent to connect")
         self.sub_out = self.base / "subscriber.txt"
-        self.sub = self.start("subscriber", [sys.executable, "-c", SUBSCRIBER, self.url,
-                                             self.secret["honest-reader"], self.sub_out],
-                              stdout=subprocess.PIPE)
+        self.sub = self.start(
+            "subscriber",
+            [
+                sys.executable,
+                "-c",
+                SUBSCRIBER,
+                self.url,
+                self.secret["honest-reader"],
+                self.sub_out,
+            ],
+            stdout=subprocess.PIPE,
+        )
         assert self.sub.stdout is not None
         status = self.sub.stdout.readline().strip()
         if status != b"200":
             raise RuntimeError(f"the honest subscriber got HTTP {status!r}")
         self.probe_out = self.base / "probe.txt"
-        self.start("probe", [sys.executable, "-c", PROBE, self.port,
-                             self.secret["honest-reader"], self.probe_out, self.args.probe])
+        self.start(
+            "probe",
+            [
+                sys.executable,
+                "-c",
+                PROBE,
+                self.port,
+                self.secret["honest-reader"],
+                self.probe_out,
+                self.args.probe,
+            ],
+        )
         # The peer in the same run: the same build and config, on the same machine, that no
         # one attacks. What its /healthz suffers is the machine's load, not the attacks'.
         control_cfg = self.base / "control.toml"
         control_cfg.write_text(self.relay_config(upstreams=False))
         self.control_port = free_port()
-        self.control = self.start("control", [
-            BIN / "storage-events-relay", "serve", "--config", control_cfg, "--listen",
-            f"127.0.0.1:{self.control_port}", "--data", self.base / "control-data"])
-        self.wait(lambda: self.health(self.control_port) is not None, 30,
-                  "the control relay's /healthz")
+        self.control = self.start(
+            "control",
+            [
+                BIN / "storage-events-relay",
+                "serve",
+                "--config",
+                control_cfg,
+                "--listen",
+                f"127.0.0.1:{self.control_port}",
+                "--data",
+                self.base / "control-data",
+            ],
+        )
+        self.wait(
+            lambda: self.health(self.control_port) is not None, 30, "the control relay's /healthz"
+        )
         self.control_out = self.base / "control-probe.txt"
-        self.start("control-probe", [sys.executable, "-c", PROBE, self.control_port,
-                                     self.secret["honest-reader"], self.control_out,
-                                     self.args.probe])
+        self.start(
+            "control-probe",
+            [
+                sys.executable,
+                "-c",
+                PROBE,
+                self.control_port,
+                self.secret["honest-reader"],
+                self.control_out,
+                self.args.probe,
+            ],
+        )
         threading.Thread(target=self.sample, daemon=True).start()
         time.sleep(1.0)
 
@@ -436,11 +527,18 @@ class Bench:
 
     def start_attacker(self) -> subprocess.Popen:
         spec = {
-            "port": self.port, "per_kind": self.args.per_kind, "kinds": sorted(self.args.kinds),
-            "duration": self.args.duration, "pause": self.args.pause, "drip": self.args.drip,
-            "upstream_ports": self.upstream_ports, "upstream_rate": self.args.upstream_rate,
-            "tokens": self.secret, "honest_stream": self.honest_stream or "n1:unknown",
-            "honest_root": str(self.tree / "attack"), "relay_name": RELAY_NAME,
+            "port": self.port,
+            "per_kind": self.args.per_kind,
+            "kinds": sorted(self.args.kinds),
+            "duration": self.args.duration,
+            "pause": self.args.pause,
+            "drip": self.args.drip,
+            "upstream_ports": self.upstream_ports,
+            "upstream_rate": self.args.upstream_rate,
+            "tokens": self.secret,
+            "honest_stream": self.honest_stream or "n1:unknown",
+            "honest_root": str(self.tree / "attack"),
+            "relay_name": RELAY_NAME,
             "out": str(self.base / "attacker.json"),
         }
         path = self.base / "attacker-spec.json"
@@ -448,14 +546,19 @@ class Bench:
         # Remote attackers cost the relay's host nothing; one on the same two cores does, so
         # it may run at a lower priority (--attacker-nice) to stand in for them.
         nice = ["nice", "-n", str(self.args.attacker_nice)] if self.args.attacker_nice else []
-        p = self.start("attacker", [*nice, sys.executable, Path(__file__).resolve(),
-                                    "--attacker", path],
-                       stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        p = self.start(
+            "attacker",
+            [*nice, sys.executable, Path(__file__).resolve(), "--attacker", path],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
         assert p.stdout is not None
         line = p.stdout.readline().strip()
         if line != b"ready":
-            raise RuntimeError("the attacker did not start: "
-                               + (self.base / "attacker.log").read_text(errors="replace")[-3000:])
+            raise RuntimeError(
+                "the attacker did not start: "
+                + (self.base / "attacker.log").read_text(errors="replace")[-3000:]
+            )
         return p
 
     def arrivals(self) -> list[tuple[float, str, int, str, str, int, str]]:
@@ -477,8 +580,11 @@ class Bench:
             assert self.attacker.stdin is not None
             self.attacker.stdin.write(f"{t0}\n".encode())
             self.attacker.stdin.flush()
-        writer = subprocess.Popen([sys.executable, "-c", PACED, str(root), str(args.rate),
-                                   str(secs), str(t0)], stdout=subprocess.PIPE, text=True)
+        writer = subprocess.Popen(
+            [sys.executable, "-c", PACED, str(root), str(args.rate), str(secs), str(t0)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         self.procs.append(writer)
         sleep_until(t0)
         cpu0, busy0, log0 = cpu_seconds(self.relay.pid), machine_busy(), self.log_size()
@@ -505,26 +611,42 @@ class Bench:
                 break
             time.sleep(0.25)
         t_end = time.monotonic()
-        return {"name": name, "t0": t0, "t1": t0 + secs, "t_end": t_end, "seconds": secs,
-                "drain_s": round(t_end - drained, 2), "closes": closes, "relay_cpu_s": cpu1 - cpu0,
-                "machine_busy_s": busy1 - busy0, "log": (log0, log1, self.log_size()),
-                "attacker": attacker, "relay_alive": self.relay.poll() is None}
+        return {
+            "name": name,
+            "t0": t0,
+            "t1": t0 + secs,
+            "t_end": t_end,
+            "seconds": secs,
+            "drain_s": round(t_end - drained, 2),
+            "closes": closes,
+            "relay_cpu_s": cpu1 - cpu0,
+            "machine_busy_s": busy1 - busy0,
+            "log": (log0, log1, self.log_size()),
+            "attacker": attacker,
+            "relay_alive": self.relay.poll() is None,
+        }
 
     def shutdown(self) -> dict:
         self.sampling.set()
         hwm = 0
         with contextlib.suppress(OSError):
             hwm = proc_status(self.relay.pid).get("VmHWM", 0)
-        data_mib = sum(f.stat().st_size for f in (self.base / "relay-data").rglob("*")
-                       if f.is_file()) / 2**20
+        data_mib = (
+            sum(f.stat().st_size for f in (self.base / "relay-data").rglob("*") if f.is_file())
+            / 2**20
+        )
         for p in self.procs:
             if p is not self.relay and p is not self.agent:
                 stop(p)
         stop(self.agent)
         t = time.monotonic()
         stop(self.relay)
-        return {"relay_exit": self.relay.returncode, "relay_stop_s": round(time.monotonic() - t, 2),
-                "relay_vmhwm_mib": round(hwm / 1024, 1), "relay_data_mib": round(data_mib, 1)}
+        return {
+            "relay_exit": self.relay.returncode,
+            "relay_stop_s": round(time.monotonic() - t, 2),
+            "relay_vmhwm_mib": round(hwm / 1024, 1),
+            "relay_data_mib": round(data_mib, 1),
+        }
 
     # analysis
 
@@ -564,12 +686,15 @@ class Bench:
         threads = [s[3] for s in self.samples if lo <= s[0] <= hi]
         wall = hi - lo
         return {
-            "seconds": ph["seconds"], "drain_s": ph["drain_s"], "relay_alive": ph["relay_alive"],
+            "seconds": ph["seconds"],
+            "drain_s": ph["drain_s"],
+            "relay_alive": ph["relay_alive"],
             "healthz_ms": dist(lat),
             "control_healthz_ms": dist(control),
             "healthz_no_token_ms": dist([m for v, _, m in probes if v == 0]),
             "healthz_token_ms": dist([m for v, _, m in probes if v == 1]),
-            "healthz_probes": len(probes), "healthz_failed": dict(failed),
+            "healthz_probes": len(probes),
+            "healthz_failed": dict(failed),
             # closed loop: a slow answer delays the next probe, so fewer are made than planned
             "healthz_scheduled": int(wall / self.args.probe),
             "healthz_over_50ms": sum(1 for ms in lat if ms > 50),
@@ -578,7 +703,8 @@ class Bench:
             "missing": sum(1 for p in closes if not per_path.get(p)),
             "late": sum(1 for p in closes if per_path.get(p) and min(per_path[p]) > ph["t_end"]),
             "duplicated": sum(1 for p in closes if len(per_path.get(p, ())) > 1),
-            "forged_honest_events_seen": forged, "overflow_events_seen": overflow,
+            "forged_honest_events_seen": forged,
+            "overflow_events_seen": overflow,
             "delivery_ms": dist(delivery, 1),
             "relay_cpu_s": round(ph["relay_cpu_s"], 2),
             "relay_cpu_cores": round(ph["relay_cpu_s"] / wall, 3),
@@ -590,6 +716,7 @@ class Bench:
 
 
 # -- the relay's log -------------------------------------------------------------------------
+
 
 def read_log(path: Path, start: int, end: int) -> list[str]:
     with open(path, "rb") as f:
@@ -621,14 +748,19 @@ def log_summary(lines: list[str]) -> dict:
             tracebacks.append(current)
         elif current is not None and len(current) < 80:
             current.append(line[:300])
-    return {"levels": dict(levels), "continuation_lines": continuation,
-            "tracebacks": len(tracebacks), "injected_records": injected,
-            "top_messages": messages.most_common(15),
-            "first_tracebacks": ["\n".join(tb) for tb in tracebacks[:2]],
-            "traceback_kinds": collections.Counter(tb[-1] for tb in tracebacks).most_common(8)}
+    return {
+        "levels": dict(levels),
+        "continuation_lines": continuation,
+        "tracebacks": len(tracebacks),
+        "injected_records": injected,
+        "top_messages": messages.most_common(15),
+        "first_tracebacks": ["\n".join(tb) for tb in tracebacks[:2]],
+        "traceback_kinds": collections.Counter(tb[-1] for tb in tracebacks).most_common(8),
+    }
 
 
 # -- the attacker (a process of its own: `hostile_bench.py --attacker SPEC`) ----------------
+
 
 class Tally:
     def __init__(self, name: str) -> None:
@@ -644,10 +776,14 @@ class Tally:
         self.durations.append(seconds)
 
     def report(self) -> dict:
-        return {"name": self.name, "attempts": self.attempts, "open_at_end": self.open_at_end,
-                "outcomes": dict(self.outcomes.most_common()),
-                "attempt_seconds": dist(self.durations),
-                "values": {k: dist(v) for k, v in sorted(self.values.items())}}
+        return {
+            "name": self.name,
+            "attempts": self.attempts,
+            "open_at_end": self.open_at_end,
+            "outcomes": dict(self.outcomes.most_common()),
+            "attempt_seconds": dist(self.durations),
+            "values": {k: dist(v) for k, v in sorted(self.values.items())},
+        }
 
 
 class Attack:
@@ -677,38 +813,75 @@ class Attack:
 
     def build(self) -> None:
         ms = self.msgspec
-        minimal = {"site": "e", "node": "n", "path": "/", "flags": [], "ts": 0, "stream": "s",
-                   "seq": 1}
+        minimal = {
+            "site": "e",
+            "node": "n",
+            "path": "/",
+            "flags": [],
+            "ts": 0,
+            "stream": "s",
+            "seq": 1,
+        }
         each = len(ms.msgpack.encode(minimal))
         n = (MAX_FRAME - 32) // each
         self.huge = ms.msgpack.encode({"type": "batch", "events": [minimal] * n})
         self.huge_events = n
         assert len(self.huge) <= MAX_FRAME, len(self.huge)
         base = {"site": "evil", "node": "big", "path": "/hostile/big", "ts": time.time_ns()}
-        self.old_path_8m = self.template({**base, "flags": ["IN_MOVED_TO"], "cookie": 1,
-                                          "old_path": "/" + "a" * (8 << 20),
-                                          "stream": "big:oldpath"})
-        self.flags_500k = self.template({**base, "flags": ["IN_CLOSE_WRITE"] * 500_000,
-                                         "stream": "big:flags"})
+        self.old_path_8m = self.template(
+            {
+                **base,
+                "flags": ["IN_MOVED_TO"],
+                "cookie": 1,
+                "old_path": "/" + "a" * (8 << 20),
+                "stream": "big:oldpath",
+            }
+        )
+        self.flags_500k = self.template(
+            {**base, "flags": ["IN_CLOSE_WRITE"] * 500_000, "stream": "big:flags"}
+        )
         now = int(time.time())
         key = self.tok["jwt"]
-        unsigned = (b64url(json.dumps({"alg": "none", "typ": "JWT"}).encode()) + "."
-                    + b64url(json.dumps({"sub": "bench", "exp": now + 3600}).encode()) + ".")
+        unsigned = (
+            b64url(json.dumps({"alg": "none", "typ": "JWT"}).encode())
+            + "."
+            + b64url(json.dumps({"sub": "bench", "exp": now + 3600}).encode())
+            + "."
+        )
         self.bad_tokens = [
             ("jwt-expired", jwt_hs256({"sub": "bench", "exp": now - 3600}, key)),
             ("jwt-without-exp", jwt_hs256({"sub": "noexp"}, key)),
             ("jwt-wrong-secret", jwt_hs256({"sub": "bench", "exp": now + 3600}, "not-it")),
             ("jwt-alg-none", unsigned),
-            ("jwt-not-yet-valid", jwt_hs256({"sub": "bench", "exp": now + 7200,
-                                             "nbf": now + 3600}, key)),
+            (
+                "jwt-not-yet-valid",
+                jwt_hs256({"sub": "bench", "exp": now + 7200, "nbf": now + 3600}, key),
+            ),
             ("jwt-without-sub", jwt_hs256({"exp": now + 3600}, key)),
-            ("jwt-bad-claims", jwt_hs256({"sub": "bench", "exp": now + 3600, "sites": "all",
-                                          "paths": 7}, key)),
-            ("jwt-garbage", "eyJ" + secrets.token_urlsafe(30) + "." + secrets.token_urlsafe(60)
-             + "." + secrets.token_urlsafe(40)),
-            ("jwt-6KiB-claims", jwt_hs256({"sub": "bench", "exp": now + 3600,
-                                           "paths": [f"/p{i}/" + "a" * 90 for i in range(50)]},
-                                          key)),
+            (
+                "jwt-bad-claims",
+                jwt_hs256({"sub": "bench", "exp": now + 3600, "sites": "all", "paths": 7}, key),
+            ),
+            (
+                "jwt-garbage",
+                "eyJ"
+                + secrets.token_urlsafe(30)
+                + "."
+                + secrets.token_urlsafe(60)
+                + "."
+                + secrets.token_urlsafe(40),
+            ),
+            (
+                "jwt-6KiB-claims",
+                jwt_hs256(
+                    {
+                        "sub": "bench",
+                        "exp": now + 3600,
+                        "paths": [f"/p{i}/" + "a" * 90 for i in range(50)],
+                    },
+                    key,
+                ),
+            ),
             ("random-token", secrets.token_urlsafe(32)),
             ("random-token-4KiB", secrets.token_urlsafe(3072)),
             ("agent-token", self.tok["evil"]),
@@ -719,8 +892,9 @@ class Attack:
     def template(self, event: dict) -> bytes:
         """A batch of one event whose seq (its last key, a uint64: the frame's last 8 bytes)
         can be set without encoding the rest again."""
-        frame = self.msgspec.msgpack.encode({"type": "batch",
-                                             "events": [{**event, "seq": 1 << 40}]})
+        frame = self.msgspec.msgpack.encode(
+            {"type": "batch", "events": [{**event, "seq": 1 << 40}]}
+        )
         assert frame[-9] == 0xCF
         return frame[:-8]
 
@@ -734,23 +908,33 @@ class Attack:
     def event(self, site: str, node: str, stream: str, seq: int, **kw):
         kw.setdefault("path", "/hostile/file")
         kw.setdefault("flags", ["IN_CLOSE_WRITE"])
-        return self.wire.Event(site=site, node=node, stream=stream, seq=seq, ts=time.time_ns(),
-                               **kw)
+        return self.wire.Event(
+            site=site, node=node, stream=stream, seq=seq, ts=time.time_ns(), **kw
+        )
 
     def batch(self, *events) -> bytes:
         return self.wire.encode_frame(self.wire.Batch(list(events)))
 
     def hello(self, site: str, node: str, stream: str, token: str | None, role: str = "agent"):
-        return self.wire.encode_frame(self.wire.Hello(role=role, site=site, node=node,
-                                                      stream=stream, token=token))
+        return self.wire.encode_frame(
+            self.wire.Hello(role=role, site=site, node=node, stream=stream, token=token)
+        )
 
     # WebSocket plumbing
 
     def connect(self, **kw):
         import websockets
 
-        return websockets.connect(self.ws_url, max_size=None, compression=None, proxy=None,
-                                  open_timeout=10, ping_interval=None, close_timeout=2, **kw)
+        return websockets.connect(
+            self.ws_url,
+            max_size=None,
+            compression=None,
+            proxy=None,
+            open_timeout=10,
+            ping_interval=None,
+            close_timeout=2,
+            **kw,
+        )
 
     def describe(self, msg: bytes | str) -> str:
         wire = self.wire
@@ -798,15 +982,19 @@ class Attack:
             except Exception:
                 welcome = None
             if not isinstance(welcome, wire.Welcome):
-                return "refused at hello: " + self.describe(first) + "; " + \
-                    await self.replies(ws, 5)
+                return (
+                    "refused at hello: " + self.describe(first) + "; " + await self.replies(ws, 5)
+                )
             frame, top = batch(welcome.acked)
             await ws.send(frame)
             answer = await self.replies(ws, 15, until_ack=until_ack)
             m = re.match(r"ack (-?\d+)", answer)
             if m and top is not None:
-                return "acked (stored)" if int(m.group(1)) >= top else \
-                    "ack below the sent seq (not stored)"
+                return (
+                    "acked (stored)"
+                    if int(m.group(1)) >= top
+                    else "ack below the sent seq (not stored)"
+                )
             return answer
 
 
@@ -855,9 +1043,11 @@ async def slow_hello(a: Attack, i: int, n: int) -> str:
     reader, writer = await asyncio.open_connection("127.0.0.1", a.port)
     try:
         key = base64.b64encode(os.urandom(16))
-        writer.write(b"GET /ingest HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nUpgrade: websocket\r\n"
-                     b"Connection: Upgrade\r\nSec-WebSocket-Key: %s\r\n"
-                     b"Sec-WebSocket-Version: 13\r\n\r\n" % (a.port, key))
+        writer.write(
+            b"GET /ingest HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: %s\r\n"
+            b"Sec-WebSocket-Version: 13\r\n\r\n" % (a.port, key)
+        )
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 15)
         status = head.split(b" ", 2)[1].decode(errors="replace")
         if status != "101":
@@ -867,7 +1057,7 @@ async def slow_hello(a: Attack, i: int, n: int) -> str:
         with contextlib.suppress(ConnectionError):
             while True:
                 if k < len(frame):
-                    writer.write(frame[k:k + 1])
+                    writer.write(frame[k : k + 1])
                     k += 1
                 try:
                     chunk = await asyncio.wait_for(reader.read(65536), 1.0)
@@ -878,8 +1068,10 @@ async def slow_hello(a: Attack, i: int, n: int) -> str:
                 got += chunk
                 if any(op == 8 for op, _ in server_frames(got)):
                     break  # the relay's close frame: it has answered
-        answer = "; ".join(a.describe(p) if op == 2 else close_text(p)
-                           for op, p in server_frames(got)) or "nothing"
+        answer = (
+            "; ".join(a.describe(p) if op == 2 else close_text(p) for op, p in server_frames(got))
+            or "nothing"
+        )
         return f"drip: {answer}, held {held(time.monotonic() - t)} ({k} of {len(frame)} bytes)"
     finally:
         writer.close()
@@ -902,12 +1094,12 @@ def server_frames(buf: bytes) -> list[tuple[int, bytes]]:
     while i + 2 <= len(buf):
         op, n, j = buf[i] & 0x0F, buf[i + 1] & 0x7F, i + 2
         if n == 126:
-            n, j = int.from_bytes(buf[j:j + 2], "big"), j + 2
+            n, j = int.from_bytes(buf[j : j + 2], "big"), j + 2
         elif n == 127:
-            n, j = int.from_bytes(buf[j:j + 8], "big"), j + 8
+            n, j = int.from_bytes(buf[j : j + 8], "big"), j + 8
         if j + n > len(buf):
             break
-        out.append((op, buf[j:j + n]))
+        out.append((op, buf[j : j + n]))
         i = j + n
     return out
 
@@ -920,13 +1112,24 @@ def close_text(payload: bytes) -> str:
 
 
 # kind 3
-EVIL_AGENT = ["hijack-honest-stream", "other-node-stream", "seq-jump-1e12", "seq-2^63",
-              "seq-2^64-1", "seq-negative", "old_path-8MiB", "flags-500k", "nul-old_path",
-              "relative-path", "dotdot-path", "raw_path-mismatch", "newline-path"]
+EVIL_AGENT = [
+    "hijack-honest-stream",
+    "other-node-stream",
+    "seq-jump-1e12",
+    "seq-2^63",
+    "seq-2^64-1",
+    "seq-negative",
+    "old_path-8MiB",
+    "flags-500k",
+    "nul-old_path",
+    "relative-path",
+    "dotdot-path",
+    "raw_path-mismatch",
+    "newline-path",
+]
 
 
-async def variant_of(names: list[str], k: int,
-                     run: Callable[[str], Awaitable[str]]) -> str:
+async def variant_of(names: list[str], k: int, run: Callable[[str], Awaitable[str]]) -> str:
     """The k-th variant of an attack (they take turns), and how it was answered."""
     variant = names[k % len(names)]
     try:
@@ -954,31 +1157,38 @@ async def _evil_agent(a: Attack, i: int, n: int, variant: str) -> str:
 
     if variant == "hijack-honest-stream":  # node n1 of site evil, the honest n1's stream
         honest = a.spec["honest_stream"]
-        answer = await a.publish(a.hello("evil", "n1", honest, tok),
-                                 lambda acked: (a.batch(ev("evil", "n1", honest, acked + 1)),
-                                                acked + 1))
+        answer = await a.publish(
+            a.hello("evil", "n1", honest, tok),
+            lambda acked: (a.batch(ev("evil", "n1", honest, acked + 1)), acked + 1),
+        )
     elif variant == "other-node-stream":
         shared = f"b{i}:1"  # node b{i} starts it, then node a{i} says it is its own
-        await a.publish(a.hello("evil", f"b{i}", shared, tok),
-                        lambda acked: (a.batch(ev("evil", f"b{i}", shared, acked + 1)), None))
-        answer = await a.publish(a.hello("evil", f"a{i}", shared, tok),
-                                 lambda acked: (a.batch(ev("evil", f"a{i}", shared, acked + 1)),
-                                                acked + 1))
+        await a.publish(
+            a.hello("evil", f"b{i}", shared, tok),
+            lambda acked: (a.batch(ev("evil", f"b{i}", shared, acked + 1)), None),
+        )
+        answer = await a.publish(
+            a.hello("evil", f"a{i}", shared, tok),
+            lambda acked: (a.batch(ev("evil", f"a{i}", shared, acked + 1)), acked + 1),
+        )
     elif variant == "seq-jump-1e12":
-        answer = await a.publish(hello, lambda acked: (
-            a.batch(ev("evil", node, stream, acked + 10**12)), acked + 10**12))
+        answer = await a.publish(
+            hello, lambda acked: (a.batch(ev("evil", node, stream, acked + 10**12)), acked + 10**12)
+        )
     elif variant in ("seq-2^63", "seq-2^64-1", "seq-negative"):
         seq = {"seq-2^63": 2**63, "seq-2^64-1": 2**64 - 1, "seq-negative": -1}[variant]
-        answer = await a.publish(hello, lambda acked: (a.batch(ev("evil", node, stream, seq)),
-                                                       seq))
+        answer = await a.publish(hello, lambda acked: (a.batch(ev("evil", node, stream, seq)), seq))
     elif variant in ("old_path-8MiB", "flags-500k"):
         prefix = a.old_path_8m if variant == "old_path-8MiB" else a.flags_500k
         big = "big:oldpath" if variant == "old_path-8MiB" else "big:flags"
-        answer = await a.publish(a.hello("evil", "big", big, tok),
-                                 lambda acked: (a.patched(prefix, acked + 1), acked + 1))
+        answer = await a.publish(
+            a.hello("evil", "big", big, tok),
+            lambda acked: (a.patched(prefix, acked + 1), acked + 1),
+        )
     elif variant == "nul-old_path":
-        answer = await a.publish(hello, one(flags=["IN_MOVED_TO"], cookie=1,
-                                            old_path="/hostile/a\0b"))
+        answer = await a.publish(
+            hello, one(flags=["IN_MOVED_TO"], cookie=1, old_path="/hostile/a\0b")
+        )
     elif variant == "relative-path":
         answer = await a.publish(hello, one(path="relative/file"))
     elif variant == "dotdot-path":
@@ -991,9 +1201,20 @@ async def _evil_agent(a: Attack, i: int, n: int, variant: str) -> str:
 
 
 # kind 4
-EVIL_RELAY = ["site-honest-stream", "site-honest-new-stream", "evil-seq-2^63", "evil-seq-2^63-1",
-              "forged-via-origin", "via-newline-loop", "via-newline", "newline-path",
-              "gap-stream-evilrelay", "honest.gap-as-honest", "honest.gap-as-evil", "id-regress"]
+EVIL_RELAY = [
+    "site-honest-stream",
+    "site-honest-new-stream",
+    "evil-seq-2^63",
+    "evil-seq-2^63-1",
+    "forged-via-origin",
+    "via-newline-loop",
+    "via-newline",
+    "newline-path",
+    "gap-stream-evilrelay",
+    "honest.gap-as-honest",
+    "honest.gap-as-evil",
+    "id-regress",
+]
 
 
 async def evil_relay(a: Attack, i: int, n: int) -> str:
@@ -1002,11 +1223,19 @@ async def evil_relay(a: Attack, i: int, n: int) -> str:
 
 async def _evil_relay(a: Attack, i: int, n: int, variant: str) -> str:
     me = a.spec["relay_name"]
-    hello = a.hello("evilrelay", "evilrelay", f"relay:evilrelay:{i + 1}", a.tok["evilrelay"],
-                    role="relay")
+    hello = a.hello(
+        "evilrelay", "evilrelay", f"relay:evilrelay:{i + 1}", a.tok["evilrelay"], role="relay"
+    )
 
-    def ev(eid: int, site: str, stream: str, seq: int, via: list[str] | None = None,
-           node: str = "r1", **kw):
+    def ev(
+        eid: int,
+        site: str,
+        stream: str,
+        seq: int,
+        via: list[str] | None = None,
+        node: str = "r1",
+        **kw,
+    ):
         kw.setdefault("path", "/hostile/relayed")
         kw.setdefault("origin_id", eid)  # as a relay that stored it first would say
         return a.event(site, node, stream, seq, id=eid, via=via or ["evilrelay"], **kw)
@@ -1014,26 +1243,67 @@ async def _evil_relay(a: Attack, i: int, n: int, variant: str) -> str:
     s = f"r1:{i}-{slug(variant)}"  # a stream of node r1, as its agent would name it
     seq = 10**12 + n
     make = {
-        "site-honest-stream": lambda c: [ev(c + 1, "honest", a.spec["honest_stream"], 10**12,
-                                            node="n1", path=a.spec["honest_root"] + "/forged")],
-        "site-honest-new-stream": lambda c: [ev(c + 1, "honest", "forged:1", n + 1, node="n1",
-                                                path="/forged/new-stream")],
+        "site-honest-stream": lambda c: [
+            ev(
+                c + 1,
+                "honest",
+                a.spec["honest_stream"],
+                10**12,
+                node="n1",
+                path=a.spec["honest_root"] + "/forged",
+            )
+        ],
+        "site-honest-new-stream": lambda c: [
+            ev(c + 1, "honest", "forged:1", n + 1, node="n1", path="/forged/new-stream")
+        ],
         "evil-seq-2^63": lambda c: [ev(c + 1, "evil", s, 2**63)],
         "evil-seq-2^63-1": lambda c: [ev(c + 1, "evil", s, 2**63 - 1)],
-        "forged-via-origin": lambda c: [ev(c + 1, "evil", s, n + 1, origin_id=1,
-                                           via=["cern", "desy-central", "evilrelay"])],
-        "via-newline-loop": lambda c: [ev(c + 1, "evil", s, n + 1,
-                                          via=[f"evil\n{FAKE_LINE}", me, "evilrelay"])],
-        "via-newline": lambda c: [ev(c + 1, "evil", s, n + 1,
-                                     via=[f"evil\n{FAKE_LINE}", "evilrelay"])],
+        "forged-via-origin": lambda c: [
+            ev(c + 1, "evil", s, n + 1, origin_id=1, via=["cern", "desy-central", "evilrelay"])
+        ],
+        "via-newline-loop": lambda c: [
+            ev(c + 1, "evil", s, n + 1, via=[f"evil\n{FAKE_LINE}", me, "evilrelay"])
+        ],
+        "via-newline": lambda c: [
+            ev(c + 1, "evil", s, n + 1, via=[f"evil\n{FAKE_LINE}", "evilrelay"])
+        ],
         "newline-path": lambda c: [ev(c + 1, "evil", s, n + 1, path=f"/hostile/\n{FAKE_LINE}")],
-        "gap-stream-evilrelay": lambda c: [ev(c + 1, "evilrelay", "evilrelay.gap", seq,
-                                              node="evilrelay", path="/", flags=["IN_Q_OVERFLOW"],
-                                              is_dir=True)],
-        "honest.gap-as-honest": lambda c: [ev(c + 1, "honest", "honest.gap", seq, node="honest",
-                                              path="/", flags=["IN_Q_OVERFLOW"], is_dir=True)],
-        "honest.gap-as-evil": lambda c: [ev(c + 1, "evil", "honest.gap", seq, node="honest",
-                                            path="/", flags=["IN_Q_OVERFLOW"], is_dir=True)],
+        "gap-stream-evilrelay": lambda c: [
+            ev(
+                c + 1,
+                "evilrelay",
+                "evilrelay.gap",
+                seq,
+                node="evilrelay",
+                path="/",
+                flags=["IN_Q_OVERFLOW"],
+                is_dir=True,
+            )
+        ],
+        "honest.gap-as-honest": lambda c: [
+            ev(
+                c + 1,
+                "honest",
+                "honest.gap",
+                seq,
+                node="honest",
+                path="/",
+                flags=["IN_Q_OVERFLOW"],
+                is_dir=True,
+            )
+        ],
+        "honest.gap-as-evil": lambda c: [
+            ev(
+                c + 1,
+                "evil",
+                "honest.gap",
+                seq,
+                node="honest",
+                path="/",
+                flags=["IN_Q_OVERFLOW"],
+                is_dir=True,
+            )
+        ],
         "id-regress": lambda c: [ev(c + 2, "evil", s, 2 * n + 1), ev(c + 1, "evil", s, 2 * n + 2)],
     }[variant]
 
@@ -1045,9 +1315,15 @@ async def _evil_relay(a: Attack, i: int, n: int, variant: str) -> str:
 
 
 # kind 5
-XORIGIN = ["ws-origin-no-token", "ws-origin-evil-token", "post-channel-no-token",
-           "post-channel-token-in-url", "options-preflight", "events-host-attacker-no-token",
-           "events-host-attacker-token"]
+XORIGIN = [
+    "ws-origin-no-token",
+    "ws-origin-evil-token",
+    "post-channel-no-token",
+    "post-channel-token-in-url",
+    "options-preflight",
+    "events-host-attacker-no-token",
+    "events-host-attacker-token",
+]
 ATTACKER_ORIGIN = "http://attacker.example"
 
 
@@ -1057,31 +1333,45 @@ async def cross_origin(a: Attack, i: int, n: int) -> str:
 
 async def _cross_origin(a: Attack, i: int, variant: str) -> str:
     if variant.startswith("ws-origin"):
-        site, token = ("honest", None) if variant == "ws-origin-no-token" else \
-            ("evil", a.tok["evil"])
+        site, token = (
+            ("honest", None) if variant == "ws-origin-no-token" else ("evil", a.tok["evil"])
+        )
         node = f"xo{i}"
         stream = f"{node}:1"
-        return await a.publish(a.hello(site, node, stream, token),
-                               lambda acked: (a.batch(a.event(site, node, stream, acked + 1)),
-                                              acked + 1),
-                               origin=ATTACKER_ORIGIN)
-    async with httpx.AsyncClient(timeout=15, trust_env=False,
-                                 limits=httpx.Limits(max_keepalive_connections=0)) as c:
+        return await a.publish(
+            a.hello(site, node, stream, token),
+            lambda acked: (a.batch(a.event(site, node, stream, acked + 1)), acked + 1),
+            origin=ATTACKER_ORIGIN,
+        )
+    async with httpx.AsyncClient(
+        timeout=15, trust_env=False, limits=httpx.Limits(max_keepalive_connections=0)
+    ) as c:
         origin = {"Origin": ATTACKER_ORIGIN}
         channels = a.http + "/api/v1/events/channels"
         if variant.startswith("post-channel"):
             params = {"access_token": a.xorigin_jwt} if variant.endswith("url") else None
-            r = await c.post(channels, params=params, content=b'{"client-id": "xo"}',
-                             headers={**origin, "Content-Type": "text/plain"})
+            r = await c.post(
+                channels,
+                params=params,
+                content=b'{"client-id": "xo"}',
+                headers={**origin, "Content-Type": "text/plain"},
+            )
             extra = ""
             if r.status_code == 201 and r.headers.get("location"):
-                d = await c.delete(r.headers["location"],
-                                   headers={"Authorization": f"Bearer {a.xorigin_jwt}"})
+                d = await c.delete(
+                    r.headers["location"], headers={"Authorization": f"Bearer {a.xorigin_jwt}"}
+                )
                 extra = f" (deleted after: {d.status_code})"
         elif variant == "options-preflight":
-            r = await c.request("OPTIONS", channels, headers={
-                **origin, "Access-Control-Request-Method": "POST",
-                "Access-Control-Request-Headers": "authorization,content-type"})
+            r = await c.request(
+                "OPTIONS",
+                channels,
+                headers={
+                    **origin,
+                    "Access-Control-Request-Method": "POST",
+                    "Access-Control-Request-Headers": "authorization,content-type",
+                },
+            )
             extra = ""
         else:
             headers = {"Host": "attacker.example", "Accept": "text/event-stream"}
@@ -1091,8 +1381,9 @@ async def _cross_origin(a: Attack, i: int, variant: str) -> str:
                 pass
             extra = ""
         acao = r.headers.get("access-control-allow-origin")
-        return (f"HTTP {r.status_code}{extra}"
-                + (f", Access-Control-Allow-Origin: {acao}" if acao else ""))
+        return f"HTTP {r.status_code}{extra}" + (
+            f", Access-Control-Allow-Origin: {acao}" if acao else ""
+        )
 
 
 # kind 6
@@ -1108,7 +1399,7 @@ async def slowloris(a: Attack, i: int, n: int) -> str:
                 try:
                     chunk = await asyncio.wait_for(reader.read(65536), a.spec["drip"])
                 except TimeoutError:
-                    writer.write(drip[k:k + 1])
+                    writer.write(drip[k : k + 1])
                     k += 1
                     continue
                 if not chunk:
@@ -1130,10 +1421,13 @@ async def slow_reader(a: Attack, i: int, n: int) -> str:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         s.setblocking(False)
         await loop.sock_connect(s, ("127.0.0.1", a.port))
-        await loop.sock_sendall(s, (
-            "GET /events?since=earliest HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-            f"Authorization: Bearer {a.tok['reader']}\r\nAccept: text/event-stream\r\n\r\n")
-            .encode())
+        await loop.sock_sendall(
+            s,
+            (
+                "GET /events?since=earliest HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                f"Authorization: Bearer {a.tok['reader']}\r\nAccept: text/event-stream\r\n\r\n"
+            ).encode(),
+        )
         t = time.monotonic()
         while True:  # never read: only look at the TCP state (1 established, 7 closed,
             await asyncio.sleep(1.0)  # 8 close-wait: the relay sent FIN)
@@ -1169,8 +1463,9 @@ async def bad_tokens(a: Attack, i: int, n: int) -> str:
 async def channel_watches(a: Attack, i: int, n: int) -> str | tuple[str, float]:
     st = a.state.setdefault((9, i), {"client": None, "channel": None, "k": 0, "last": None})
     if st["client"] is None:
-        st["client"] = httpx.AsyncClient(timeout=15, trust_env=False, headers={
-            "Authorization": f"Bearer {a.tok['reader']}"})
+        st["client"] = httpx.AsyncClient(
+            timeout=15, trust_env=False, headers={"Authorization": f"Bearer {a.tok['reader']}"}
+        )
     c: httpx.AsyncClient = st["client"]
     if st["channel"] is None or st["k"] >= 10_000:
         r = await c.post(a.http + "/api/v1/events/channels", json={"client-id": f"hostile{i}"})
@@ -1195,10 +1490,10 @@ async def channel_watches(a: Attack, i: int, n: int) -> str | tuple[str, float]:
             st["last"] = ids[-1].decode()
         return f"channel SSE (re)connect: HTTP {r.status_code}", 0.0
     t = time.monotonic()
-    r = await c.post(ch + "/subscriptions/inotify",
-                     json={"path": f"/hostile/c{i}/d{k % 100:02d}/w{k:05d}"})
-    a.tally[9].values[f"subscribe ms, {k // 1000}k watches"].append(
-        (time.monotonic() - t) * 1000)
+    r = await c.post(
+        ch + "/subscriptions/inotify", json={"path": f"/hostile/c{i}/d{k % 100:02d}/w{k:05d}"}
+    )
+    a.tally[9].values[f"subscribe ms, {k // 1000}k watches"].append((time.monotonic() - t) * 1000)
     if r.status_code in (201, 303):
         st["k"] += 1
         return f"subscribe: HTTP {r.status_code}", 0.0
@@ -1210,8 +1505,9 @@ async def channel_watches(a: Attack, i: int, n: int) -> str | tuple[str, float]:
 
 
 # kind 10
-async def upstream_handler(a: Attack, reader: asyncio.StreamReader,
-                           writer: asyncio.StreamWriter) -> None:
+async def upstream_handler(
+    a: Attack, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
     task = asyncio.current_task()
     assert task is not None
     a.handlers.add(task)
@@ -1229,18 +1525,22 @@ async def upstream_handler(a: Attack, reader: asyncio.StreamReader,
             target = head.split(b" ", 2)[1].decode(errors="replace")
             if target.startswith("/healthz"):
                 body = b'{"epoch": 1, "status": "ok"}'
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                             b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+                )
                 await writer.drain()
-                tally.outcomes["GET /healthz: answered {\"epoch\": 1, \"status\": \"ok\"}"] += 1
+                tally.outcomes['GET /healthz: answered {"epoch": 1, "status": "ok"}'] += 1
                 continue
             if not target.startswith("/events"):
                 writer.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
                 outcome = f"GET {norm(target, 40)}: 404"
                 return
             tally.outcomes[f"GET {norm(target, 60)}: one endless line sent"] += 1
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-                         b"Cache-Control: no-cache\r\nConnection: close\r\n\r\ndata: ")
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                b"Cache-Control: no-cache\r\nConnection: close\r\n\r\ndata: "
+            )
             due = time.monotonic()
             while True:
                 writer.write(chunk)
@@ -1253,8 +1553,7 @@ async def upstream_handler(a: Attack, reader: asyncio.StreamReader,
         tally.open_at_end += 1
         raise
     except (asyncio.IncompleteReadError, ConnectionError, TimeoutError):
-        outcome = ("the relay closed the endless line" if sent else
-                   "the relay closed the connection")
+        outcome = "the relay closed the endless line" if sent else "the relay closed the connection"
     except Exception as e:
         outcome = failure(e)
     finally:
@@ -1267,8 +1566,17 @@ async def upstream_handler(a: Attack, reader: asyncio.StreamReader,
         a.handlers.discard(task)
 
 
-ATTACKS = {1: huge_frame, 2: slow_hello, 3: evil_agent, 4: evil_relay, 5: cross_origin,
-           6: slowloris, 7: slow_reader, 8: bad_tokens, 9: channel_watches}
+ATTACKS = {
+    1: huge_frame,
+    2: slow_hello,
+    3: evil_agent,
+    4: evil_relay,
+    5: cross_origin,
+    6: slowloris,
+    7: slow_reader,
+    8: bad_tokens,
+    9: channel_watches,
+}
 
 
 async def runner(a: Attack, kind: int, i: int) -> None:
@@ -1306,12 +1614,19 @@ async def attacker_main(spec: dict) -> None:
     if 10 in spec["kinds"]:
         for port in spec["upstream_ports"]:
             try:
-                servers.append(await asyncio.start_server(
-                    lambda r, w: upstream_handler(a, r, w), "127.0.0.1", port))
+                servers.append(
+                    await asyncio.start_server(
+                        lambda r, w: upstream_handler(a, r, w), "127.0.0.1", port
+                    )
+                )
             except OSError as e:
                 a.tally[10].add(f"cannot listen on {port}: {e.strerror}", 0.0)
-    tasks = [asyncio.create_task(runner(a, k, i)) for k in spec["kinds"] if k in ATTACKS
-             for i in range(spec["per_kind"])]
+    tasks = [
+        asyncio.create_task(runner(a, k, i))
+        for k in spec["kinds"]
+        if k in ATTACKS
+        for i in range(spec["per_kind"])
+    ]
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(a.stopping.wait(), max(0.0, a.deadline - time.monotonic()))
     ended = time.monotonic()
@@ -1327,16 +1642,21 @@ async def attacker_main(spec: dict) -> None:
             with contextlib.suppress(Exception):
                 await st["client"].aclose()
     ru = resource.getrusage(resource.RUSAGE_SELF)
-    out = {"kinds": {str(k): t.report() for k, t in a.tally.items()},
-           "huge_frame_events": a.huge_events, "huge_frame_bytes": len(a.huge),
-           "attack_seconds": round(ended - a.t0, 2),
-           "stopped_early": a.stopping.is_set(),
-           "first_upstream_pull_s": None if a.first_pull is None else round(a.first_pull, 2),
-           "cpu_s": round(ru.ru_utime + ru.ru_stime, 2), "max_rss_mib": round(ru.ru_maxrss / 1024)}
+    out = {
+        "kinds": {str(k): t.report() for k, t in a.tally.items()},
+        "huge_frame_events": a.huge_events,
+        "huge_frame_bytes": len(a.huge),
+        "attack_seconds": round(ended - a.t0, 2),
+        "stopped_early": a.stopping.is_set(),
+        "first_upstream_pull_s": None if a.first_pull is None else round(a.first_pull, 2),
+        "cpu_s": round(ru.ru_utime + ru.ru_stime, 2),
+        "max_rss_mib": round(ru.ru_maxrss / 1024),
+    }
     Path(spec["out"]).write_text(json.dumps(out, indent=1))
 
 
 # -- reporting -------------------------------------------------------------------------------
+
 
 def ratio(a: float | None, b: float | None) -> str:
     if a is None or b is None or not b:
@@ -1363,78 +1683,126 @@ def markdown(res: dict) -> str:
         rr = r(base, att) if (r and base and att) else ""
         return f"| {label} | " + " | ".join(cells) + f" | {rr} |"
 
-    out = ["| figure | " + " | ".join(names) + " | attack / baseline |",
-           "|---|" + "---|" * len(names) + "---|",
-           row("seconds (+ drain)", lambda p: f"{p['seconds']:g} (+{p['drain_s']:g})"),
-           row("/healthz probes made of scheduled (failed; > 50 ms)",
-               lambda p: f"{p['healthz_probes']} of {p['healthz_scheduled']} "
-                         f"({sum(p['healthz_failed'].values())}; {p['healthz_over_50ms']})"),
-           row("/healthz p50 / p99 / max, ms", lambda p: ms3(p["healthz_ms"]),
-               lambda b, a: "p99 " + ratio(a["healthz_ms"].get("p99"), b["healthz_ms"].get("p99"))),
-           row("control relay (not attacked, same machine) /healthz p50 / p99 / max, ms",
-               lambda p: ms3(p["control_healthz_ms"])),
-           row("/healthz p99, attacked ÷ control", lambda p: ratio(
-               p["healthz_ms"].get("p99"), p["control_healthz_ms"].get("p99"))),
-           row("/healthz p99 without / with token, ms",
-               lambda p: f"{p['healthz_no_token_ms'].get('p99')} / "
-                         f"{p['healthz_token_ms'].get('p99')}"),
-           row("honest files closed", lambda p: p["files"]),
-           row("delivered exactly once / missing / duplicated (by the end of the run)",
-               lambda p: f"{p['exactly_once']} / {p['missing']} / {p['duplicated']}"),
-           row("of them arrived after the phase's drain", lambda p: p["late"]),
-           row("forged `site=honest` events seen", lambda p: p["forged_honest_events_seen"]),
-           row("loss notices (`overflow`) seen", lambda p: p["overflow_events_seen"]),
-           row("file close → subscriber p50 / p99 / max, ms", lambda p: ms3(p["delivery_ms"]),
-               lambda b, a: "p99 " + ratio(a["delivery_ms"].get("p99"),
-                                           b["delivery_ms"].get("p99"))),
-           row("relay CPU, s (cores)", lambda p: f"{p['relay_cpu_s']} ({p['relay_cpu_cores']})",
-               lambda b, a: ratio(a["relay_cpu_s"], b["relay_cpu_s"])),
-           row("relay RSS max, MiB", lambda p: p["relay_rss_max_mib"],
-               lambda b, a: ratio(a["relay_rss_max_mib"], b["relay_rss_max_mib"])),
-           row("relay open fds max", lambda p: p["relay_fds_max"],
-               lambda b, a: ratio(a["relay_fds_max"], b["relay_fds_max"])),
-           row("relay log WARNING / ERROR / tracebacks",
-               lambda p: f"{p['log']['levels'].get('WARNING', 0)} / "
-                         f"{p['log']['levels'].get('ERROR', 0)} / {p['log']['tracebacks']}"),
-           row("machine busy, cores", lambda p: p["machine_busy_cores"]),
-           ]
+    out = [
+        "| figure | " + " | ".join(names) + " | attack / baseline |",
+        "|---|" + "---|" * len(names) + "---|",
+        row("seconds (+ drain)", lambda p: f"{p['seconds']:g} (+{p['drain_s']:g})"),
+        row(
+            "/healthz probes made of scheduled (failed; > 50 ms)",
+            lambda p: (
+                f"{p['healthz_probes']} of {p['healthz_scheduled']} "
+                f"({sum(p['healthz_failed'].values())}; {p['healthz_over_50ms']})"
+            ),
+        ),
+        row(
+            "/healthz p50 / p99 / max, ms",
+            lambda p: ms3(p["healthz_ms"]),
+            lambda b, a: "p99 " + ratio(a["healthz_ms"].get("p99"), b["healthz_ms"].get("p99")),
+        ),
+        row(
+            "control relay (not attacked, same machine) /healthz p50 / p99 / max, ms",
+            lambda p: ms3(p["control_healthz_ms"]),
+        ),
+        row(
+            "/healthz p99, attacked ÷ control",
+            lambda p: ratio(p["healthz_ms"].get("p99"), p["control_healthz_ms"].get("p99")),
+        ),
+        row(
+            "/healthz p99 without / with token, ms",
+            lambda p: f"{p['healthz_no_token_ms'].get('p99')} / {p['healthz_token_ms'].get('p99')}",
+        ),
+        row("honest files closed", lambda p: p["files"]),
+        row(
+            "delivered exactly once / missing / duplicated (by the end of the run)",
+            lambda p: f"{p['exactly_once']} / {p['missing']} / {p['duplicated']}",
+        ),
+        row("of them arrived after the phase's drain", lambda p: p["late"]),
+        row("forged `site=honest` events seen", lambda p: p["forged_honest_events_seen"]),
+        row("loss notices (`overflow`) seen", lambda p: p["overflow_events_seen"]),
+        row(
+            "file close → subscriber p50 / p99 / max, ms",
+            lambda p: ms3(p["delivery_ms"]),
+            lambda b, a: "p99 " + ratio(a["delivery_ms"].get("p99"), b["delivery_ms"].get("p99")),
+        ),
+        row(
+            "relay CPU, s (cores)",
+            lambda p: f"{p['relay_cpu_s']} ({p['relay_cpu_cores']})",
+            lambda b, a: ratio(a["relay_cpu_s"], b["relay_cpu_s"]),
+        ),
+        row(
+            "relay RSS max, MiB",
+            lambda p: p["relay_rss_max_mib"],
+            lambda b, a: ratio(a["relay_rss_max_mib"], b["relay_rss_max_mib"]),
+        ),
+        row(
+            "relay open fds max",
+            lambda p: p["relay_fds_max"],
+            lambda b, a: ratio(a["relay_fds_max"], b["relay_fds_max"]),
+        ),
+        row(
+            "relay log WARNING / ERROR / tracebacks",
+            lambda p: (
+                f"{p['log']['levels'].get('WARNING', 0)} / "
+                f"{p['log']['levels'].get('ERROR', 0)} / {p['log']['tracebacks']}"
+            ),
+        ),
+        row("machine busy, cores", lambda p: p["machine_busy_cores"]),
+    ]
     lines = ["\n".join(out), ""]
     attacker = res.get("attacker") or {}
     if attacker:
-        lines.append(f"Attacker: {attacker.get('cpu_s')} s CPU over "
-                     f"{attacker.get('attack_seconds')} s, max RSS "
-                     f"{attacker.get('max_rss_mib')} MiB"
-                     + (", stopped early (relay RSS limit)" if attacker.get("stopped_early")
-                        else "") + ".\n")
-        lines += ["| # | kind | attempts | open at end | answers (count) |",
-                  "|---|---|---|---|---|"]
+        lines.append(
+            f"Attacker: {attacker.get('cpu_s')} s CPU over "
+            f"{attacker.get('attack_seconds')} s, max RSS "
+            f"{attacker.get('max_rss_mib')} MiB"
+            + (", stopped early (relay RSS limit)" if attacker.get("stopped_early") else "")
+            + ".\n"
+        )
+        lines += [
+            "| # | kind | attempts | open at end | answers (count) |",
+            "|---|---|---|---|---|",
+        ]
         for k, t in sorted(attacker.get("kinds", {}).items(), key=lambda kv: int(kv[0])):
             answers = list(t["outcomes"].items())
             shown = "; ".join(f"{norm(o, 110)} ×{c}" for o, c in answers[:4])
             if len(answers) > 4:
                 shown += f"; … {len(answers) - 4} more kinds of answer"
-            lines.append(f"| {k} | {t['name']} | {t['attempts']} | {t['open_at_end']} | "
-                         f"{shown.replace('|', '/')} |")
+            lines.append(
+                f"| {k} | {t['name']} | {t['attempts']} | {t['open_at_end']} | "
+                f"{shown.replace('|', '/')} |"
+            )
         lines.append("")
-    lines += ["| relay log lines | " + " | ".join(res["log"]) + " |",
-              "|---|" + "---|" * len(res["log"])]
+    lines += [
+        "| relay log lines | " + " | ".join(res["log"]) + " |",
+        "|---|" + "---|" * len(res["log"]),
+    ]
     for level in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-        lines.append(f"| {level} | " + " | ".join(str(s["levels"].get(level, 0))
-                                                  for s in res["log"].values()) + " |")
-    lines.append("| tracebacks | " + " | ".join(str(s["tracebacks"])
-                                                 for s in res["log"].values()) + " |")
-    lines.append("| forged records (log injection) | " + " | ".join(
-        str(s["injected_records"]) for s in res["log"].values()) + " |")
+        lines.append(
+            f"| {level} | "
+            + " | ".join(str(s["levels"].get(level, 0)) for s in res["log"].values())
+            + " |"
+        )
+    lines.append(
+        "| tracebacks | " + " | ".join(str(s["tracebacks"]) for s in res["log"].values()) + " |"
+    )
+    lines.append(
+        "| forged records (log injection) | "
+        + " | ".join(str(s["injected_records"]) for s in res["log"].values())
+        + " |"
+    )
     return "\n".join(lines)
 
 
 def all_answers(res: dict) -> str:
     """Every kind of answer each hostile kind got, and the values it measured."""
     out = []
-    for k, t in sorted((res.get("attacker") or {}).get("kinds", {}).items(),
-                       key=lambda kv: int(kv[0])):
-        out.append(f"* {k} {t['name']}: {t['attempts']} attempts, {t['open_at_end']} open at "
-                   f"the end; attempt seconds {ms3(t['attempt_seconds'])} (p50 / p99 / max)")
+    for k, t in sorted(
+        (res.get("attacker") or {}).get("kinds", {}).items(), key=lambda kv: int(kv[0])
+    ):
+        out.append(
+            f"* {k} {t['name']}: {t['attempts']} attempts, {t['open_at_end']} open at "
+            f"the end; attempt seconds {ms3(t['attempt_seconds'])} (p50 / p99 / max)"
+        )
         for o, c in t["outcomes"].items():
             out.append(f"  * {c} × {o}")
         for v, d in t["values"].items():
@@ -1444,15 +1812,18 @@ def all_answers(res: dict) -> str:
 
 def relay_code() -> dict:
     def git(*a: str) -> str:
-        return subprocess.run(["git", "-C", str(REPO), *a], capture_output=True,
-                              text=True).stdout.strip()
+        return subprocess.run(
+            ["git", "-C", str(REPO), *a], capture_output=True, text=True
+        ).stdout.strip()
 
     h = hashlib.sha256()
     for f in sorted((REPO / "relay").glob("*.py")):
         h.update(f.name.encode() + f.read_bytes())
-    return {"commit": git("rev-parse", "--short", "HEAD"),
-            "modified": git("status", "--porcelain", "--", "relay", "storage_events").splitlines(),
-            "relay_sources_sha256": h.hexdigest()[:16]}
+    return {
+        "commit": git("rev-parse", "--short", "HEAD"),
+        "modified": git("status", "--porcelain", "--", "relay", "storage_events").splitlines(),
+        "relay_sources_sha256": h.hexdigest()[:16],
+    }
 
 
 def parse_kinds(text: str) -> set[int]:
@@ -1464,8 +1835,7 @@ def parse_kinds(text: str) -> set[int]:
             continue
         k = int(part) if part.isdigit() else names.get(part)
         if k not in KINDS:
-            raise argparse.ArgumentTypeError(f"unknown kind {part!r}: 1-10 or "
-                                             + ", ".join(names))
+            raise argparse.ArgumentTypeError(f"unknown kind {part!r}: 1-10 or " + ", ".join(names))
         out.add(k)
     return out
 
@@ -1474,30 +1844,60 @@ def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "--attacker":
         asyncio.run(attacker_main(json.loads(Path(sys.argv[2]).read_text())))
         return
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="\n".join(__doc__.splitlines()[1:]))
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.splitlines()[1:]),
+    )
     ap.add_argument("--duration", type=float, default=60, help="attack seconds (60)")
     ap.add_argument("--per-kind", type=int, default=20, help="connections of each kind (20)")
     ap.add_argument("--baseline", type=float, default=10, help="baseline seconds (10)")
-    ap.add_argument("--after", type=float, default=10,
-                    help="seconds of honest load after the attack (10; 0: none)")
+    ap.add_argument(
+        "--after",
+        type=float,
+        default=10,
+        help="seconds of honest load after the attack (10; 0: none)",
+    )
     ap.add_argument("--rate", type=int, default=20, help="honest files closed per second (20)")
-    ap.add_argument("--kinds", type=parse_kinds, default=set(KINDS),
-                    help="hostile kinds to run, numbers or names (default: all)")
-    ap.add_argument("--pause", type=float, default=0.1,
-                    help="seconds between reconnects of one hostile connection (0.1)")
+    ap.add_argument(
+        "--kinds",
+        type=parse_kinds,
+        default=set(KINDS),
+        help="hostile kinds to run, numbers or names (default: all)",
+    )
+    ap.add_argument(
+        "--pause",
+        type=float,
+        default=0.1,
+        help="seconds between reconnects of one hostile connection (0.1)",
+    )
     ap.add_argument("--drip", type=float, default=2.0, help="slowloris: s between bytes (2)")
-    ap.add_argument("--upstream-rate", type=int, default=2 << 20,
-                    help="bytes/s of each endless upstream line (2 MiB/s)")
+    ap.add_argument(
+        "--upstream-rate",
+        type=int,
+        default=2 << 20,
+        help="bytes/s of each endless upstream line (2 MiB/s)",
+    )
     ap.add_argument("--probe", type=float, default=0.02, help="s between /healthz probes")
-    ap.add_argument("--drain", type=float, default=30,
-                    help="after each phase, wait at most this long for the honest files")
-    ap.add_argument("--rss-limit", type=int, default=6144,
-                    help="MiB: stop the attack early if the relay's RSS passes this (6144)")
+    ap.add_argument(
+        "--drain",
+        type=float,
+        default=30,
+        help="after each phase, wait at most this long for the honest files",
+    )
+    ap.add_argument(
+        "--rss-limit",
+        type=int,
+        default=6144,
+        help="MiB: stop the attack early if the relay's RSS passes this (6144)",
+    )
     ap.add_argument("--tmpfs-size", default="8g")
-    ap.add_argument("--attacker-nice", type=int, default=0,
-                    help="run the attacker process at this nice level (0: as the relay)")
+    ap.add_argument(
+        "--attacker-nice",
+        type=int,
+        default=0,
+        help="run the attacker process at this nice level (0: as the relay)",
+    )
     ap.add_argument("--out", type=Path, help="write the JSON results here")
     ap.add_argument("--logs", type=Path, help="copy the processes' logs into this directory")
     args = ap.parse_args()
@@ -1505,13 +1905,22 @@ def main() -> None:
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # the relay inherits it
     print(f"command: {command}", flush=True)
-    res: dict = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-                 "machine": {"cpus": os.cpu_count(), "kernel": platform.release(),
-                             "python": platform.python_version()},
-                 "args": {k: (sorted(v) if isinstance(v, set) else
-                              str(v) if isinstance(v, Path) else v)
-                          for k, v in vars(args).items()},
-                 "relay_code": relay_code(), "phases": {}, "raw": {}}
+    res: dict = {
+        "command": command,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "kernel": platform.release(),
+            "python": platform.python_version(),
+        },
+        "args": {
+            k: (sorted(v) if isinstance(v, set) else str(v) if isinstance(v, Path) else v)
+            for k, v in vars(args).items()
+        },
+        "relay_code": relay_code(),
+        "phases": {},
+        "raw": {},
+    }
     with workdir(args.tmpfs_size) as base:
         b = Bench(args, base)
         try:
@@ -1551,8 +1960,7 @@ def main() -> None:
             res["log"][name] = log_summary(read_log(log_path, start, end))
         for name in res["phases"]:
             res["phases"][name]["log"] = res["log"][name]
-        res["log_tail"] = [ln[:400] for ln in read_log(log_path, max(0, size - 64_000), size)
-                           [-40:]]
+        res["log_tail"] = [ln[:400] for ln in read_log(log_path, max(0, size - 64_000), size)[-40:]]
         agent_log = (base / "agent.log").read_text(errors="replace").splitlines()
         res["agent_log"] = log_summary(agent_log)
         res["agent_log_tail"] = [ln[:300] for ln in agent_log[-15:]]
@@ -1565,11 +1973,13 @@ def main() -> None:
                     shutil.copy(base / f, args.logs / f)
     print()
     print(f"command: {command}")
-    print(f"relay {res.get('relay_version')} (commit {res['relay_code']['commit']}, "
-          f"{len(res['relay_code']['modified'])} modified files under relay/ and storage_events/, "
-          f"sources {res['relay_code']['relay_sources_sha256']}); {res['machine']['cpus']} CPUs, "
-          f"Linux {res['machine']['kernel']}, Python {res['machine']['python']}; "
-          f"honest load {args.rate} files/s; {args.per_kind} connections per hostile kind")
+    print(
+        f"relay {res.get('relay_version')} (commit {res['relay_code']['commit']}, "
+        f"{len(res['relay_code']['modified'])} modified files under relay/ and storage_events/, "
+        f"sources {res['relay_code']['relay_sources_sha256']}); {res['machine']['cpus']} CPUs, "
+        f"Linux {res['machine']['kernel']}, Python {res['machine']['python']}; "
+        f"honest load {args.rate} files/s; {args.per_kind} connections per hostile kind"
+    )
     print(f"shutdown: {res.get('shutdown')}\n")
     print(markdown(res))
     print("\nAnswers, per hostile kind:\n" + all_answers(res))

@@ -90,20 +90,38 @@ def start_nchan(base: Path, *, buffer: int, connections: int) -> tuple[subproces
     d = base / f"nchan-{port}"
     (d / "tmp").mkdir(parents=True)
     nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    (d / "nginx.conf").write_text(NCHAN_CONF.format(
-        module=NCHAN_MODULE, dir=d, port=port, nofile=nofile, connections=connections,
-        shm_mib=nchan_shm_mib(buffer), buffer=buffer, small=HISTORY))
+    (d / "nginx.conf").write_text(
+        NCHAN_CONF.format(
+            module=NCHAN_MODULE,
+            dir=d,
+            port=port,
+            nofile=nofile,
+            connections=connections,
+            shm_mib=nchan_shm_mib(buffer),
+            buffer=buffer,
+            small=HISTORY,
+        )
+    )
     log = open(base / "nchan.log", "ab")  # noqa: SIM115
-    p = subprocess.Popen(["nginx", "-g", "daemon off;", "-c", str(d / "nginx.conf"),
-                          "-p", str(d)], stdout=log, stderr=log)
+    p = subprocess.Popen(
+        ["nginx", "-g", "daemon off;", "-c", str(d / "nginx.conf"), "-p", str(d)],
+        stdout=log,
+        stderr=log,
+    )
     wait_port(port)
     return p, port
 
 
 def start_relay(base: Path, config: str = "") -> tuple[subprocess.Popen, int]:
     port = free_port()
-    args = [BIN / "storage-events-relay", "serve", "--listen", f"127.0.0.1:{port}",
-            "--data", base / f"data-{port}"]
+    args = [
+        BIN / "storage-events-relay",
+        "serve",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--data",
+        base / f"data-{port}",
+    ]
     if config:
         (base / f"relay-{port}.toml").write_text(config)
         args += ["--config", base / f"relay-{port}.toml"]
@@ -142,8 +160,7 @@ def cpu_seconds(pid: int) -> float:
 async def replay(port: int, path: str, want: int, cap: float) -> tuple[int, float, bool]:
     """Read ``want`` events, or for ``cap`` seconds at most: (events, events/s, capped)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 22)
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n"
-                 .encode())
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n".encode())
     start_t = time.perf_counter()
     count, carry, capped = 0, b"", False
     while count < want:
@@ -171,8 +188,11 @@ def measure_replay(tool: str, base: Path, n: int, run: int, cap: float) -> dict:
     try:
         t = time.perf_counter()
         if tool == "nchan":
-            asyncio.run(asyncio.wait_for(
-                publish_nchan(port, n, channel="replay", rate=NCHAN_PUBLISH_RATE), 600))
+            asyncio.run(
+                asyncio.wait_for(
+                    publish_nchan(port, n, channel="replay", rate=NCHAN_PUBLISH_RATE), 600
+                )
+            )
             info = nchan_info(port, "replay")
             held = int(info["queued messages"])
             # <unix second>:<tag>; a negative tag would mean it wrapped (see publish_nchan).
@@ -190,29 +210,42 @@ def measure_replay(tool: str, base: Path, n: int, run: int, cap: float) -> dict:
         cpu = cpu_seconds(server_pid(tool, p)) - cpu
     finally:
         stop(p)
-    r = {"measure": "replay", "tool": tool, "run": run, "events": n, "held": held,
-         "stored_per_s": stored, "server_rss_mib": rss_held, "replayed": count,
-         "replay_events_per_s": rate, "replay_capped_at_s": cap if capped else None,
-         "replay_server_cpu_s": cpu,
-         "replay_seconds": count / rate}
+    r = {
+        "measure": "replay",
+        "tool": tool,
+        "run": run,
+        "events": n,
+        "held": held,
+        "stored_per_s": stored,
+        "server_rss_mib": rss_held,
+        "replayed": count,
+        "replay_events_per_s": rate,
+        "replay_capped_at_s": cap if capped else None,
+        "replay_server_cpu_s": cpu,
+        "replay_seconds": count / rate,
+    }
     if tool == "nchan":
         r["nchan_message_buffer_length"] = n
         r["nchan_shared_memory_mib"] = nchan_shm_mib(n)
-    print(f"replay  {tool:15} {held:>9,} events held (stored at {stored:>9,.0f}/s, server RSS "
-          f"{rss_held:,.0f} MiB), {count:,} replayed at {rate:>10,.0f} events/s (server CPU "
-          f"{cpu:.1f} s of {count / rate:.1f} s{'; stopped at the cap' if capped else ''})",
-          flush=True)
+    print(
+        f"replay  {tool:15} {held:>9,} events held (stored at {stored:>9,.0f}/s, server RSS "
+        f"{rss_held:,.0f} MiB), {count:,} replayed at {rate:>10,.0f} events/s (server CPU "
+        f"{cpu:.1f} s of {count / rate:.1f} s{'; stopped at the cap' if capped else ''})",
+        flush=True,
+    )
     return r
 
 
 async def connect_idle(port: int, path: str, k: int) -> list[asyncio.StreamWriter]:
     writers = []
     for i in range(0, k, 200):
-        conns = await asyncio.gather(*(asyncio.open_connection("127.0.0.1", port)
-                                       for _ in range(min(200, k - i))))
+        conns = await asyncio.gather(
+            *(asyncio.open_connection("127.0.0.1", port) for _ in range(min(200, k - i)))
+        )
         for _, writer in conns:
-            writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n"
-                         .encode())
+            writer.write(
+                f"GET {path} HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n".encode()
+            )
             writers.append(writer)
         await asyncio.sleep(0.05)
     await asyncio.sleep(2.0)
@@ -245,10 +278,21 @@ def measure_idle(tool: str, base: Path, k: int, run: int) -> dict:
     finally:
         stop(p)
     each = (after - before) * 1024 / k
-    print(f"idle    {tool:15} {seen:>9,} subscribers connected: RSS {before:.1f} -> {after:.1f} "
-          f"MiB, {each:.1f} KiB each", flush=True)
-    return {"measure": "idle", "tool": tool, "run": run, "subscribers": k, "connected": seen,
-            "rss_before_mib": before, "rss_after_mib": after, "kib_per_subscriber": each}
+    print(
+        f"idle    {tool:15} {seen:>9,} subscribers connected: RSS {before:.1f} -> {after:.1f} "
+        f"MiB, {each:.1f} KiB each",
+        flush=True,
+    )
+    return {
+        "measure": "idle",
+        "tool": tool,
+        "run": run,
+        "subscribers": k,
+        "connected": seen,
+        "rss_before_mib": before,
+        "rss_after_mib": after,
+        "kib_per_subscriber": each,
+    }
 
 
 def read_sse(url: str, last_event_id: str, want: int) -> tuple[int, list[dict]]:
@@ -261,39 +305,68 @@ def read_sse(url: str, last_event_id: str, want: int) -> tuple[int, list[dict]]:
             for chunk in r.iter_raw():
                 for m in parser.feed(chunk):
                     data = json.loads(m.data)
-                    messages.append({"event": m.event, "id": m.id, "seq": data.get("seq"),
-                                     "data": data if "seq" not in data else None})
+                    messages.append(
+                        {
+                            "event": m.event,
+                            "id": m.id,
+                            "seq": data.get("seq"),
+                            "data": data if "seq" not in data else None,
+                        }
+                    )
                 if len(messages) >= want:
                     break
         return r.status_code, messages
 
 
-def describe(tool: str, status: int, messages: list[dict], resumed: str,
-             control: tuple[int, list[dict]]) -> dict:
+def describe(
+    tool: str, status: int, messages: list[dict], resumed: str, control: tuple[int, list[dict]]
+) -> dict:
     seqs = [m["seq"] for m in messages if m["seq"] is not None]
     markers = [m for m in messages if m["seq"] is None]
     first = messages[0] if messages else None
     skipped = sorted(set(range(RESUME_AT + 1, PUBLISHED + 1)) - set(seqs))
-    out = {"measure": "evicted", "tool": tool, "history": HISTORY, "published": PUBLISHED,
-           "last_event_id": resumed, "resumed_after_event": RESUME_AT, "status": status,
-           "first_message": first, "events_delivered": len(seqs),
-           "first_event": seqs[0] if seqs else None, "last_event": seqs[-1] if seqs else None,
-           "markers": markers, "missing_events": [skipped[0], skipped[-1]] if skipped else []}
+    out = {
+        "measure": "evicted",
+        "tool": tool,
+        "history": HISTORY,
+        "published": PUBLISHED,
+        "last_event_id": resumed,
+        "resumed_after_event": RESUME_AT,
+        "status": status,
+        "first_message": first,
+        "events_delivered": len(seqs),
+        "first_event": seqs[0] if seqs else None,
+        "last_event": seqs[-1] if seqs else None,
+        "markers": markers,
+        "missing_events": [skipped[0], skipped[-1]] if skipped else [],
+    }
     held = [m["seq"] for m in control[1] if m["seq"] is not None]
-    out["control"] = {"resumed_after_event": HELD_AT, "status": control[0],
-                      "messages": len(control[1]), "first_event": held[0] if held else None,
-                      "last_event": held[-1] if held else None}
+    out["control"] = {
+        "resumed_after_event": HELD_AT,
+        "status": control[0],
+        "messages": len(control[1]),
+        "first_event": held[0] if held else None,
+        "last_event": held[-1] if held else None,
+    }
     gone = f"events {skipped[0]}-{skipped[-1]} ({len(skipped)})" if skipped else "nothing"
-    said = (", ".join(f"`event: {m['event']}` {json.dumps(m['data'])}" for m in markers)
-            or "no marker of any kind")
-    print(f"evicted {tool:15} Last-Event-ID {resumed} (event {RESUME_AT}, no longer held): "
-          f"HTTP {status}; first message: "
-          + (f"`event: {first['event']}` id {first['id']}" if first else "none")
-          + f"; then events {out['first_event']}-{out['last_event']} ({len(seqs)}); "
-          f"missing {gone}; {said}", flush=True)
-    print(f"        {'':15} control, resuming after event {HELD_AT} (held): HTTP {control[0]}, "
-          f"{len(control[1])} messages, events {out['control']['first_event']}-"
-          f"{out['control']['last_event']}", flush=True)
+    said = (
+        ", ".join(f"`event: {m['event']}` {json.dumps(m['data'])}" for m in markers)
+        or "no marker of any kind"
+    )
+    print(
+        f"evicted {tool:15} Last-Event-ID {resumed} (event {RESUME_AT}, no longer held): "
+        f"HTTP {status}; first message: "
+        + (f"`event: {first['event']}` id {first['id']}" if first else "none")
+        + f"; then events {out['first_event']}-{out['last_event']} ({len(seqs)}); "
+        f"missing {gone}; {said}",
+        flush=True,
+    )
+    print(
+        f"        {'':15} control, resuming after event {HELD_AT} (held): HTTP {control[0]}, "
+        f"{len(control[1])} messages, events {out['control']['first_event']}-"
+        f"{out['control']['last_event']}",
+        flush=True,
+    )
     return out
 
 
@@ -303,13 +376,15 @@ def evicted_nchan(base: Path) -> dict:
         ids = {}
         with httpx.Client() as client:
             for i in range(1, PUBLISHED + 1):
-                client.post(f"http://127.0.0.1:{port}/pub_small?c=evict",
-                            content=event_json(event(i)))
+                client.post(
+                    f"http://127.0.0.1:{port}/pub_small?c=evict", content=event_json(event(i))
+                )
                 ids[i] = nchan_info(port, "evict", "/pub_small")["last message id"]
         held = int(nchan_info(port, "evict", "/pub_small")["queued messages"])
         assert held == HISTORY, held
-        status, messages = read_sse(f"http://127.0.0.1:{port}/sub?c=evict", ids[RESUME_AT],
-                                    HISTORY + 5)
+        status, messages = read_sse(
+            f"http://127.0.0.1:{port}/sub?c=evict", ids[RESUME_AT], HISTORY + 5
+        )
         control = read_sse(f"http://127.0.0.1:{port}/sub?c=evict", ids[HELD_AT], HISTORY)
     finally:
         stop(p)
@@ -321,12 +396,10 @@ def evicted_relay(base: Path) -> dict:
     try:
         asyncio.run(publish_relay(port, PUBLISHED))
         deadline = time.monotonic() + 20
-        while httpx.get(f"http://127.0.0.1:{port}/healthz").json()["first"] \
-                <= PUBLISHED - HISTORY:
+        while httpx.get(f"http://127.0.0.1:{port}/healthz").json()["first"] <= PUBLISHED - HISTORY:
             assert time.monotonic() < deadline, "retention did not run"
             time.sleep(0.1)
-        status, messages = read_sse(f"http://127.0.0.1:{port}/events", str(RESUME_AT),
-                                    HISTORY + 1)
+        status, messages = read_sse(f"http://127.0.0.1:{port}/events", str(RESUME_AT), HISTORY + 1)
         control = read_sse(f"http://127.0.0.1:{port}/events", str(HELD_AT), HISTORY)
     finally:
         stop(p)
@@ -335,16 +408,26 @@ def evicted_relay(base: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--events", default="1000000,100000",
-                    help="replay sizes, comma-separated (default 1000000,100000)")
-    ap.add_argument("--replay-cap", type=float, default=60.0,
-                    help="stop reading a replay after this many seconds (nchan's replay of a "
-                         "large buffer is slow: it walks its message list for each message)")
+    ap.add_argument(
+        "--events",
+        default="1000000,100000",
+        help="replay sizes, comma-separated (default 1000000,100000)",
+    )
+    ap.add_argument(
+        "--replay-cap",
+        type=float,
+        default=60.0,
+        help="stop reading a replay after this many seconds (nchan's replay of a "
+        "large buffer is slow: it walks its message list for each message)",
+    )
     ap.add_argument("--idle", type=int, default=10_000)
     ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--no-nchan", action="store_true", help="measure the relay alone")
-    ap.add_argument("--evicted-demo", action="store_true",
-                    help="only show what each server does with an evicted Last-Event-ID")
+    ap.add_argument(
+        "--evicted-demo",
+        action="store_true",
+        help="only show what each server does with an evicted Last-Event-ID",
+    )
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -378,8 +461,14 @@ def main() -> None:
 
 def summarize(results: list[dict], runs: int) -> None:
     def pick(measure: str, tool: str, run: int, **match: int) -> dict:
-        return next(r for r in results if r["measure"] == measure and r["tool"] == tool
-                    and r["run"] == run and all(r[k] == v for k, v in match.items()))
+        return next(
+            r
+            for r in results
+            if r["measure"] == measure
+            and r["tool"] == tool
+            and r["run"] == run
+            and all(r[k] == v for k, v in match.items())
+        )
 
     print("\nsame-run ratios, storage-events / nchan:")
     sizes = sorted({r["events"] for r in results if r["measure"] == "replay"}, reverse=True)
@@ -389,11 +478,16 @@ def summarize(results: list[dict], runs: int) -> None:
             ours = pick("replay", "storage-events", run, events=n)
             theirs = pick("replay", "nchan", run, events=n)
             ratio = ours["replay_events_per_s"] / theirs["replay_events_per_s"]
-            cells.append(f"replay of {n:,} {ratio:.2f}"
-                         + (" (nchan capped)" if theirs["replay_capped_at_s"] else "") + ",")
+            cells.append(
+                f"replay of {n:,} {ratio:.2f}"
+                + (" (nchan capped)" if theirs["replay_capped_at_s"] else "")
+                + ","
+            )
         ours, theirs = pick("idle", "storage-events", run), pick("idle", "nchan", run)
-        cells.append("RSS per idle subscriber "
-                     f"{ours['kib_per_subscriber'] / theirs['kib_per_subscriber']:.2f}")
+        cells.append(
+            "RSS per idle subscriber "
+            f"{ours['kib_per_subscriber'] / theirs['kib_per_subscriber']:.2f}"
+        )
         print(" ".join(cells))
 
 

@@ -1,6 +1,6 @@
 """Tables from a benchmark's --json results: medians [min-max] and same-run ratios.
 
-    python bench/summarize.py docs/bench/agent_bench.json
+python bench/summarize.py docs/bench/agent_bench.json
 """
 
 from __future__ import annotations

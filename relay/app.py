@@ -15,23 +15,24 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Route, WebSocketRoute
 
-from .auth import Authenticator
-from .channel_store import ChannelStore
-from .channels import Limits, Registry
-from .config import RelayConfig, is_loopback
-from .dcache_api import ChannelService
-from .feed import Feed
-from .guard import Guard, Policy
-from .health import health_endpoint
-from .hub import Hub
-from .ingest import Ingest, IngestLimits
-from .log import EventLog, StoreError
-from .metrics import metrics_endpoint
-from .push import Pusher
-from .sites import sites_endpoint
-from .sqlite_log import SQLiteLog
-from .upstream import Puller
-from .web import page
+from storage_events.relay.auth import Authenticator
+from storage_events.relay.config import RelayConfig, is_loopback
+from storage_events.relay.dcache.api import ChannelService
+from storage_events.relay.dcache.channels import Limits, Registry
+from storage_events.relay.dcache.store import ChannelStore
+from storage_events.relay.edge.guard import Guard, Policy
+from storage_events.relay.federation.pull import Puller
+from storage_events.relay.federation.push import Pusher
+from storage_events.relay.feed.endpoint import Feed
+from storage_events.relay.feed.hub import Hub
+from storage_events.relay.feed.page import page
+from storage_events.relay.ingest.endpoint import Ingest
+from storage_events.relay.ingest.session import IngestLimits
+from storage_events.relay.log.base import EventLog, StoreError
+from storage_events.relay.log.sqlite import SQLiteLog
+from storage_events.relay.ops.health import health_endpoint
+from storage_events.relay.ops.metrics import metrics_endpoint
+from storage_events.relay.ops.sites import sites_endpoint
 
 logger = logging.getLogger("storage_events.relay")
 
@@ -41,37 +42,64 @@ def create_app(cfg: RelayConfig) -> Starlette:
     log: EventLog
     shared = None  # the NATS log, whose subscription feeds this relay's hub
     if servers:
-        from .nats_log import NATSLog
+        from storage_events.relay.log.nats import NATSLog
 
-        log = shared = NATSLog(servers, name=cfg.name, stream=cfg.nats_stream,
-                               replicas=cfg.nats_replicas, max_age=cfg.retention_days * 86400,
-                               max_events=cfg.retention_events,
-                               max_bytes=cfg.retention_bytes)
+        log = shared = NATSLog(
+            servers,
+            name=cfg.name,
+            stream=cfg.nats_stream,
+            replicas=cfg.nats_replicas,
+            max_age=cfg.retention_days * 86400,
+            max_events=cfg.retention_events,
+            max_bytes=cfg.retention_bytes,
+        )
     else:
         log = SQLiteLog(Path(cfg.data), synchronous=cfg.durability.upper(), name=cfg.name)
     hub = Hub()
     auth = Authenticator(cfg.token, cfg.jwt)
-    ingest = Ingest(log, hub, IngestLimits(max_batch=cfg.max_batch,
-                                           hello_timeout=cfg.request_head_timeout),
-                    auth, me=cfg.name)
+    ingest = Ingest(
+        log,
+        hub,
+        IngestLimits(max_batch=cfg.max_batch, hello_timeout=cfg.request_head_timeout),
+        auth,
+        me=cfg.name,
+    )
     pullers = [Puller(up, ingest, cfg.name) for up in cfg.upstream]
     pushers = [Pusher(target, log, cfg.name) for target in cfg.push]
     hub.listeners.extend(p.notify for p in pushers)
-    feed = Feed(log, hub, heartbeat=cfg.heartbeat, buffer_bytes=cfg.subscriber_buffer,
-                auth=auth, per_identity=cfg.max_subscribers_per_identity)
+    feed = Feed(
+        log,
+        hub,
+        heartbeat=cfg.heartbeat,
+        buffer_bytes=cfg.subscriber_buffer,
+        auth=auth,
+        per_identity=cfg.max_subscribers_per_identity,
+    )
     store = ChannelStore(Path(cfg.data))
     channels = ChannelService(
-        Registry(Limits(per_user=cfg.channels_per_user, timeout=cfg.channel_timeout,
-                        backlog=cfg.channel_backlog)),
-        store, log, auth, heartbeat=cfg.heartbeat, buffer_bytes=cfg.subscriber_buffer)
+        Registry(
+            Limits(
+                per_user=cfg.channels_per_user,
+                timeout=cfg.channel_timeout,
+                backlog=cfg.channel_backlog,
+            )
+        ),
+        store,
+        log,
+        auth,
+        heartbeat=cfg.heartbeat,
+        buffer_bytes=cfg.subscriber_buffer,
+    )
     hub.listeners.append(channels.notify)
 
     async def retention() -> None:
         while True:
             try:
-                await ingest.trim(max_age=cfg.retention_days * 86400,
-                                  max_events=cfg.retention_events,
-                                  max_bytes=cfg.retention_bytes)
+                await ingest.trim(
+                    max_age=cfg.retention_days * 86400,
+                    max_events=cfg.retention_events,
+                    max_bytes=cfg.retention_bytes,
+                )
             except (StoreError, sqlite3.Error) as e:  # a full disk, say: try again next time
                 logger.error("retention could not run: %s", e)
             await asyncio.sleep(cfg.retention_check)
@@ -79,11 +107,19 @@ def create_app(cfg: RelayConfig) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         if shared is not None:
-            shared.listener = functools.partial(asyncio.get_running_loop().call_soon_threadsafe,
-                                                hub.publish)
-        tasks = [asyncio.create_task(job) for job in (
-            retention(), channels.run(), channels.expire(),
-            *(p.run() for p in pullers), *(p.run() for p in pushers))]
+            shared.listener = functools.partial(
+                asyncio.get_running_loop().call_soon_threadsafe, hub.publish
+            )
+        tasks = [
+            asyncio.create_task(job)
+            for job in (
+                retention(),
+                channels.run(),
+                channels.expire(),
+                *(p.run() for p in pullers),
+                *(p.run() for p in pushers),
+            )
+        ]
         channels.notify([])  # route what arrived while the relay was down
         try:
             yield
@@ -96,15 +132,23 @@ def create_app(cfg: RelayConfig) -> Starlette:
             store.close()
             log.close()
 
-    policy = Policy.make(cfg.allowed_hosts, cfg.cors_origins, anonymous=not auth.enabled,
-                         listen_loopback=is_loopback(cfg.host_port()[0]))
+    policy = Policy.make(
+        cfg.allowed_hosts,
+        cfg.cors_origins,
+        anonymous=not auth.enabled,
+        listen_loopback=is_loopback(cfg.host_port()[0]),
+    )
     middleware = [Middleware(Guard, policy=policy)]
     if cfg.cors_origins:
-        middleware.append(Middleware(CORSMiddleware, allow_origins=cfg.cors_origins,
-                                     allow_methods=["GET", "POST", "PATCH", "DELETE"],
-                                     allow_headers=["Authorization", "Content-Type",
-                                                    "Last-Event-ID"],
-                                     expose_headers=["Location"]))
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=cfg.cors_origins,
+                allow_methods=["GET", "POST", "PATCH", "DELETE"],
+                allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
+                expose_headers=["Location"],
+            )
+        )
     app = Starlette(
         middleware=middleware,
         routes=[
@@ -113,8 +157,10 @@ def create_app(cfg: RelayConfig) -> Starlette:
             WebSocketRoute("/ingest", ingest.endpoint),
             Route("/healthz", health_endpoint(log, hub, ingest, auth)),
             Route("/sites", sites_endpoint(feed, ingest, pullers, pushers)),
-            Route("/metrics", metrics_endpoint(log, hub, ingest, feed, channels, pullers,
-                                               pushers, auth)),
+            Route(
+                "/metrics",
+                metrics_endpoint(log, hub, ingest, feed, channels, pullers, pushers, auth),
+            ),
             *channels.routes(),
         ],
         lifespan=lifespan,

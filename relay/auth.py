@@ -16,7 +16,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from .filters import FilterError, Scope, normalize_prefix
+from storage_events.relay.feed.filters import FilterError, Scope, normalize_prefix
 
 EVERYTHING = Scope()
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # site and node names
@@ -55,12 +55,15 @@ class TokenConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         if self.role == "agent" and self.site is None:
             raise ValueError(f"agent token {self.name!r} needs the site it publishes as")
         if self.role == "relay" and self.site is None:
-            raise ValueError(f"relay token {self.name!r} needs `site`: the name of the relay "
-                             "that pushes with it")
+            raise ValueError(
+                f"relay token {self.name!r} needs `site`: the name of the relay that pushes with it"
+            )
         for field, (roles, what) in FIELD_ROLES.items():
             if getattr(self, field) is not None and self.role not in roles:
-                raise ValueError(f"{self.role} token {self.name!r} takes no `{field}` ({what}; "
-                                 f"{' and '.join(roles)} tokens only)")
+                raise ValueError(
+                    f"{self.role} token {self.name!r} takes no `{field}` ({what}; "
+                    f"{' and '.join(roles)} tokens only)"
+                )
 
     def scope(self) -> Scope:
         """What it may read (a reader) or push (a relay: only its own site unless `sites`
@@ -73,7 +76,8 @@ class TokenConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 class JWTConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     algorithms: list[Literal["HS256", "RS256", "ES256"]] = msgspec.field(
-        default_factory=lambda: ["HS256"])
+        default_factory=lambda: ["HS256"]
+    )
     secret: str | None = None  # HS256
     public_key_file: str | None = None  # RS256 / ES256, PEM
     audience: str | None = None
@@ -109,11 +113,13 @@ def new_token() -> str:
 
 
 def _scope(name: str, sites: object, paths: object) -> Scope:
-    if sites is not None and not (isinstance(sites, list)
-                                  and all(isinstance(s, str) for s in sites)):
+    if sites is not None and not (
+        isinstance(sites, list) and all(isinstance(s, str) for s in sites)
+    ):
         raise AuthError(f"{name}: 'sites' must be a list of site names")
-    if paths is not None and not (isinstance(paths, list)
-                                  and all(isinstance(p, str) for p in paths)):
+    if paths is not None and not (
+        isinstance(paths, list) and all(isinstance(p, str) for p in paths)
+    ):
         raise AuthError(f"{name}: 'paths' must be a list of path prefixes")
     try:
         prefixes = tuple(normalize_prefix(p) for p in paths) if paths is not None else None
@@ -136,8 +142,9 @@ class Authenticator:
             if not self._jwt_key:
                 raise ValueError("[jwt] needs `secret` (HS256) or `public_key_file`")
         # Scopes are immutable and shared by every connection of an identity.
-        self._identities = {t.hash: Identity(t.name, t.role, t.site, t.scope(), t.node)
-                            for t in tokens}
+        self._identities = {
+            t.hash: Identity(t.name, t.role, t.site, t.scope(), t.node) for t in tokens
+        }
 
     @property
     def enabled(self) -> bool:
@@ -148,8 +155,10 @@ class Authenticator:
         if not self.enabled:
             return None
         if not bearer:
-            raise AuthError("this relay needs a token: send `Authorization: Bearer TOKEN` "
-                            "(or ?access_token= where headers cannot be set)")
+            raise AuthError(
+                "this relay needs a token: send `Authorization: Bearer TOKEN` "
+                "(or ?access_token= where headers cannot be set)"
+            )
         found = self._identities.get(hash_token(bearer))
         if found is not None:
             return found
@@ -161,8 +170,7 @@ class Authenticator:
         """The caller as a reader (None: anonymous, allowed); other roles are refused (403)."""
         who = self.identify(bearer)
         if who is not None and who.role != "reader":
-            raise AuthError(f"token {who.name!r} is {article(who.role)} token: it cannot read",
-                            403)
+            raise AuthError(f"token {who.name!r} is {article(who.role)} token: it cannot read", 403)
         return who
 
     def _from_jwt(self, token: str) -> Identity:
@@ -170,15 +178,22 @@ class Authenticator:
 
         assert self._jwt is not None and self._jwt_key is not None
         try:
-            claims = jwt.decode(token, self._jwt_key, algorithms=list(self._jwt.algorithms),
-                                audience=self._jwt.audience, issuer=self._jwt.issuer,
-                                options={"require": ["exp"]})
+            claims = jwt.decode(
+                token,
+                self._jwt_key,
+                algorithms=list(self._jwt.algorithms),
+                audience=self._jwt.audience,
+                issuer=self._jwt.issuer,
+                options={"require": ["exp"]},
+            )
         except jwt.MissingRequiredClaimError as e:
             if e.claim != "exp":
                 raise AuthError(f"the JWT was refused: {e}") from None
-            raise AuthError("the JWT was refused: it has no `exp` (expiry) claim; this relay "
-                            "accepts only JWTs that expire, within "
-                            f"{self._jwt.max_lifetime} s") from None
+            raise AuthError(
+                "the JWT was refused: it has no `exp` (expiry) claim; this relay "
+                "accepts only JWTs that expire, within "
+                f"{self._jwt.max_lifetime} s"
+            ) from None
         except jwt.PyJWTError as e:
             raise AuthError(f"the JWT was refused: {e}") from None
         _check_lifetime(claims, self._jwt.max_lifetime)
@@ -186,8 +201,9 @@ class Authenticator:
         if not isinstance(sub, str) or not sub:
             raise AuthError("the JWT has no `sub` claim: it must say who the reader is")
         name = f"jwt:{sub}"  # never the same owner as a configured token's name
-        return Identity(name, "reader", None, _scope(name, claims.get("sites"),
-                                                     claims.get("paths")))
+        return Identity(
+            name, "reader", None, _scope(name, claims.get("sites"), claims.get("paths"))
+        )
 
 
 def _check_lifetime(claims: dict, limit: int) -> None:
@@ -199,9 +215,11 @@ def _check_lifetime(claims: dict, limit: int) -> None:
     else:
         lifetime, how = exp - int(time.time()), "exp - now, it has no iat"
     if lifetime > limit:
-        raise AuthError(f"the JWT was refused: its lifetime of {lifetime} s ({how}) is more "
-                        f"than this relay accepts, {limit} s ([jwt] max_lifetime); ask its "
-                        "issuer for a shorter-lived token")
+        raise AuthError(
+            f"the JWT was refused: its lifetime of {lifetime} s ({how}) is more "
+            f"than this relay accepts, {limit} s ([jwt] max_lifetime); ask its "
+            "issuer for a shorter-lived token"
+        )
 
 
 def article(role: str) -> str:

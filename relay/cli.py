@@ -14,8 +14,7 @@ from storage_events.cliutil import (
     setup_logging,
     version_option,
 )
-
-from .config import RelayConfig, UpstreamConfig, check_secure
+from storage_events.relay.config import RelayConfig, UpstreamConfig, check_secure
 
 
 @click.group()
@@ -25,31 +24,67 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
-              help="TOML config file; flags override it.")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="TOML config file; flags override it.",
+)
 @click.option("--listen", help="HOST:PORT to serve on (default 127.0.0.1:8808).")
 @click.option("--data", help="Directory of the embedded event log (SQLite).")
-@click.option("--store", metavar="nats://HOST:PORT[,…]",
-              help="Keep the event log on a NATS JetStream stream instead (scale-out).")
-@click.option("--insecure", is_flag=True, default=None,
-              help="Allow a non-loopback address without authentication.")
+@click.option(
+    "--store",
+    metavar="nats://HOST:PORT[,…]",
+    help="Keep the event log on a NATS JetStream stream instead (scale-out).",
+)
+@click.option(
+    "--insecure",
+    is_flag=True,
+    default=None,
+    help="Allow a non-loopback address without authentication.",
+)
 @click.option("--certfile", help="TLS certificate (PEM): serve https:// and wss://.")
 @click.option("--keyfile", help="TLS private key (PEM).")
 @click.option("--name", help="This relay's name, unique in a federation (default: host name).")
-@click.option("--upstream", "upstreams", multiple=True, metavar="URL",
-              help="Pull (federate) the feed of another relay; repeatable. [[upstream]] in "
-                   "the config also takes a token.")
+@click.option(
+    "--upstream",
+    "upstreams",
+    multiple=True,
+    metavar="URL",
+    help="Pull (federate) the feed of another relay; repeatable. [[upstream]] in "
+    "the config also takes a token.",
+)
 @click.option("-v", "--verbose", count=True, help="More log output.")
 @log_format_option
 @version_option
-def serve(config_file: Path | None, listen: str | None, data: str | None, store: str | None,
-          insecure: bool | None, certfile: str | None, keyfile: str | None,
-          name: str | None, upstreams: tuple[str, ...], verbose: int, log_format: str) -> None:
+def serve(
+    config_file: Path | None,
+    listen: str | None,
+    data: str | None,
+    store: str | None,
+    insecure: bool | None,
+    certfile: str | None,
+    keyfile: str | None,
+    name: str | None,
+    upstreams: tuple[str, ...],
+    verbose: int,
+    log_format: str,
+) -> None:
     """Run the relay: /ingest for agents, /events for subscribers."""
     setup_logging(verbose, log_format)
-    cfg = load_config(config_file, RelayConfig,
-                      {"listen": listen, "data": data, "insecure": insecure,
-                       "certfile": certfile, "keyfile": keyfile, "name": name, "store": store})
+    cfg = load_config(
+        config_file,
+        RelayConfig,
+        {
+            "listen": listen,
+            "data": data,
+            "insecure": insecure,
+            "certfile": certfile,
+            "keyfile": keyfile,
+            "name": name,
+            "store": store,
+        },
+    )
     try:
         cfg.upstream = [*cfg.upstream, *(UpstreamConfig(url=u) for u in upstreams)]
     except ValueError as e:
@@ -62,9 +97,9 @@ def serve(config_file: Path | None, listen: str | None, data: str | None, store:
     try:
         import uvicorn
 
-        from .app import create_app
-        from .log import StoreError
-        from .server import server_config
+        from storage_events.relay.app import create_app
+        from storage_events.relay.edge.server import server_config
+        from storage_events.relay.log.base import StoreError
     except ImportError as e:
         raise click.ClickException(
             f"the relay needs its extra dependencies ({e.name} is missing): "
@@ -92,50 +127,89 @@ def serve(config_file: Path | None, listen: str | None, data: str | None, store:
 
 @main.command()
 @click.option("--name", required=True, help="Who or what the token is for (shown in logs).")
-@click.option("--role", type=click.Choice(["agent", "reader", "relay", "metrics"]),
-              required=True,
-              help="agent: publishes one site; reader: reads; relay: a relay pushing its feed; "
-                   "metrics: scrapes /metrics (Prometheus), nothing else.")
-@click.option("--site", help="agent: the site it publishes as; relay: the name of the relay "
-                             "that pushes with it (required for both).")
-@click.option("--sites", multiple=True,
-              help="reader: a site it may read (repeat; default all); relay: a site it may push "
-                   "events of (repeat; default: only its own --site).")
-@click.option("--paths", multiple=True,
-              help="reader: a path prefix it may read (repeat; default all).")
-@click.option("--node", help="agent: the one node it may publish as (default: any node of its "
-                             "site).")
+@click.option(
+    "--role",
+    type=click.Choice(["agent", "reader", "relay", "metrics"]),
+    required=True,
+    help="agent: publishes one site; reader: reads; relay: a relay pushing its feed; "
+    "metrics: scrapes /metrics (Prometheus), nothing else.",
+)
+@click.option(
+    "--site",
+    help="agent: the site it publishes as; relay: the name of the relay "
+    "that pushes with it (required for both).",
+)
+@click.option(
+    "--sites",
+    multiple=True,
+    help="reader: a site it may read (repeat; default all); relay: a site it may push "
+    "events of (repeat; default: only its own --site).",
+)
+@click.option(
+    "--paths", multiple=True, help="reader: a path prefix it may read (repeat; default all)."
+)
+@click.option(
+    "--node", help="agent: the one node it may publish as (default: any node of its site)."
+)
 @version_option
-def token(name: str, role: str, site: str | None, sites: tuple[str, ...],
-          paths: tuple[str, ...], node: str | None) -> None:
+def token(
+    name: str,
+    role: str,
+    site: str | None,
+    sites: tuple[str, ...],
+    paths: tuple[str, ...],
+    node: str | None,
+) -> None:
     """Make a token: prints it once, and the [[token]] entry (with its hash) for the config."""
     import msgspec
 
-    from .auth import FIELD_ROLES, NAME_PATTERN, TokenConfig, hash_token, new_token
-    from .filters import FilterError, normalize_prefix
+    from storage_events.relay.auth import (
+        FIELD_ROLES,
+        NAME_PATTERN,
+        TokenConfig,
+        hash_token,
+        new_token,
+    )
+    from storage_events.relay.feed.filters import FilterError, normalize_prefix
 
     given = {"site": site, "sites": sites, "paths": paths, "node": node}
     for option, value in given.items():
         roles, what = FIELD_ROLES[option]
         if value and role not in roles:
-            raise click.UsageError(f"{role} tokens take no --{option} ({what}; "
-                                   f"{' and '.join(roles)} tokens only)")
+            raise click.UsageError(
+                f"{role} tokens take no --{option} ({what}; {' and '.join(roles)} tokens only)"
+            )
     if role in ("agent", "relay") and not site:
         raise click.BadParameter(f"{role} tokens need --site", param_hint="--site")
     for kind, value in (("site", site), ("node", node)):
         if value is not None and not re.match(NAME_PATTERN, value):
-            raise click.BadParameter(f"{value!r} is not a valid {kind} name: use letters, "
-                                     "digits, '.', '_' or '-', at most 64, starting with a "
-                                     "letter or digit", param_hint=f"--{kind}")
+            raise click.BadParameter(
+                f"{value!r} is not a valid {kind} name: use letters, "
+                "digits, '.', '_' or '-', at most 64, starting with a "
+                "letter or digit",
+                param_hint=f"--{kind}",
+            )
     try:
         prefixes = [normalize_prefix(p) for p in paths]
     except FilterError as e:
         raise click.BadParameter(str(e), param_hint="--paths") from None
     secret = new_token()
-    entry = TokenConfig(name=name, role=role, hash=hash_token(secret),  # type: ignore[arg-type]
-                        site=site, sites=list(sites) or None, paths=prefixes or None, node=node)
+    entry = TokenConfig(
+        name=name,
+        role=role,
+        hash=hash_token(secret),  # type: ignore[arg-type]
+        site=site,
+        sites=list(sites) or None,
+        paths=prefixes or None,
+        node=node,
+    )
     # JSON strings and string arrays are valid TOML.
-    toml = "\n".join(f"{k} = {msgspec.json.encode(v).decode()}"
-                     for k, v in msgspec.to_builtins(entry).items() if v is not None)
-    click.echo(f"token: {secret}\n\n# Add to the relay config; only the hash is kept there:\n"
-               f"[[token]]\n{toml}")
+    toml = "\n".join(
+        f"{k} = {msgspec.json.encode(v).decode()}"
+        for k, v in msgspec.to_builtins(entry).items()
+        if v is not None
+    )
+    click.echo(
+        f"token: {secret}\n\n# Add to the relay config; only the hash is kept there:\n"
+        f"[[token]]\n{toml}"
+    )

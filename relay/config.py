@@ -9,9 +9,8 @@ from typing import Annotated
 
 import msgspec
 
+from storage_events.relay.auth import JWTConfig, TokenConfig
 from storage_events.wire import MAX_BATCH
-
-from .auth import JWTConfig, TokenConfig
 
 Positive = Annotated[float, msgspec.Meta(gt=0)]
 PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
@@ -69,8 +68,7 @@ class RelayConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # nats://HOST:PORT[,nats://…]: the event log on a NATS JetStream stream instead, shared by
     # every relay given the same servers and stream (scale-out).
     store: str | None = None
-    nats_stream: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")] = \
-        "STORAGE_EVENTS"
+    nats_stream: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")] = "STORAGE_EVENTS"
     nats_replicas: Annotated[int, msgspec.Meta(ge=1, le=5)] = 1
     # Serving anonymous agents and readers on a non-loopback address needs this, explicitly.
     insecure: bool = False
@@ -114,8 +112,10 @@ class RelayConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             if not server.startswith(("nats://", "tls://")):
                 raise ValueError(f"store {server!r}: give NATS servers as nats://HOST:PORT")
         if self.store and (self.upstream or self.push):
-            raise ValueError("federation ([[upstream]], [[push]]) is not available with the "
-                             "NATS store yet: use it with the embedded log")
+            raise ValueError(
+                "federation ([[upstream]], [[push]]) is not available with the "
+                "NATS store yet: use it with the embedded log"
+            )
         return servers
 
     def host_port(self) -> tuple[str, int]:

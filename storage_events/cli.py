@@ -5,37 +5,17 @@ from __future__ import annotations
 import sys
 
 import click
-import msgspec
 
 from . import printable
-from .client import FeedError, Received, subscribe
+from .client import FeedError, subscribe
 from .cliutil import setup_logging, token_option, version_option
+from .printable import text_line
 
 
 @click.group()
 @version_option
 def main() -> None:
     """Subscribe to storage events."""
-
-
-def _text(item: Received) -> str:
-    """One line for a terminal. Every field came from the relay (file names, site and node
-    names, the data of other messages), so the whole line is escaped: a name holding ESC or a
-    line separator can neither drive the terminal nor forge lines."""
-    return printable.escape(_fields(item))
-
-
-def _fields(item: Received) -> str:
-    if item.type not in ("inotify", "overflow"):
-        return f"{item.id or '-'} {item.type} {item.data}"
-    try:
-        ev = item.event
-    except msgspec.DecodeError:
-        return f"{item.id or '-'} {item.type} {item.data}"
-    line = f"{ev.id} {ev.site}/{ev.node} {'|'.join(ev.flags)} {ev.path}"
-    if ev.old_path is not None:
-        line += f" (from {ev.old_path})"
-    return line + (" [scan]" if ev.synthetic else "")
 
 
 @main.command()
@@ -46,26 +26,43 @@ def _fields(item: Received) -> str:
 @click.option("--type", "types", multiple=True, help="Only these inotify flags, e.g. IN_CREATE.")
 @click.option("--since", help="Start after this event id, or 'earliest', or 'now' (default).")
 @click.option("--count", type=click.IntRange(min=1), help="Exit after N events.")
-@click.option("--format", "fmt", type=click.Choice(["json", "text"]), default="text",
-              show_default=True, help="json: one event object per line.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["json", "text"]),
+    default="text",
+    show_default=True,
+    help="json: one event object per line.",
+)
 @token_option
 @click.option("-v", "--verbose", count=True, help="Log reconnections.")
 @version_option
-def tail(url: str, paths: tuple[str, ...], sites: tuple[str, ...], nodes: tuple[str, ...],
-         types: tuple[str, ...], since: str | None, count: int | None, fmt: str,
-         token: str | None, verbose: int) -> None:
+def tail(
+    url: str,
+    paths: tuple[str, ...],
+    sites: tuple[str, ...],
+    nodes: tuple[str, ...],
+    types: tuple[str, ...],
+    since: str | None,
+    count: int | None,
+    fmt: str,
+    token: str | None,
+    verbose: int,
+) -> None:
     """Print the events of the relay at URL (http://host:port) as they happen."""
     if verbose:
         setup_logging(verbose - 1)
     seen = 0
     out = sys.stdout
     try:
-        for item in subscribe(url, paths=paths, sites=sites, nodes=nodes, types=types,
-                              since=since, token=token):
+        for item in subscribe(
+            url, paths=paths, sites=sites, nodes=nodes, types=types, since=since, token=token
+        ):
             # JSON escapes keep a JSON line the same value, and a hostile relay's raw control
             # characters off the terminal.
-            out.write((printable.escape_json(item.data) if fmt == "json" else _text(item))
-                      + "\n")
+            out.write(
+                (printable.escape_json(item.data) if fmt == "json" else text_line(item)) + "\n"
+            )
             out.flush()
             seen += 1
             if count is not None and seen >= count:
@@ -79,8 +76,7 @@ def tail(url: str, paths: tuple[str, ...], sites: tuple[str, ...], nodes: tuple[
 
 
 @main.command()
-@click.argument("folder", default="storage-events-demo",
-                type=click.Path(file_okay=False))
+@click.argument("folder", default="storage-events-demo", type=click.Path(file_okay=False))
 @click.option("--port", type=int, default=0, help="Relay port (default: a free one).")
 def demo(folder: str, port: int) -> None:
     """Run a relay, an agent watching FOLDER and a live tail, all on this machine."""

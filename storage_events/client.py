@@ -1,10 +1,10 @@
 """Subscribe to a relay's feed from Python, resuming after every drop without a gap.
 
-    from storage_events.client import subscribe
+from storage_events.client import subscribe
 
-    for item in subscribe("http://relay:8808", paths=["/data/run1"], since="earliest"):
-        if item.type == "inotify":
-            print(item.event.path, item.event.flags)
+for item in subscribe("http://relay:8808", paths=["/data/run1"], since="earliest"):
+    if item.type == "inotify":
+        print(item.event.path, item.event.flags)
 """
 
 from __future__ import annotations
@@ -56,8 +56,9 @@ def _event_id(url: str, value: str | None) -> int | None:
     if not value:
         return None
     if not (value.isascii() and value.isdigit() and len(value) <= 19):
-        raise FeedError(None, f"relay {events_url(url)} sent an event id that is not one: "
-                              f"{value[:80]!r}")
+        raise FeedError(
+            None, f"relay {events_url(url)} sent an event id that is not one: {value[:80]!r}"
+        )
     return int(value)
 
 
@@ -95,8 +96,9 @@ def subscribe(
             try:
                 with http.stream("GET", events_url(url), params=query, headers=headers) as resp:
                     if 400 <= resp.status_code < 500:
-                        raise FeedError(resp.status_code, resp.read().decode(errors="replace")
-                                        .strip())
+                        raise FeedError(
+                            resp.status_code, resp.read().decode(errors="replace").strip()
+                        )
                     resp.raise_for_status()
                     backoff = 0.1
                     for chunk in resp.iter_bytes():
@@ -104,8 +106,10 @@ def subscribe(
                             messages = parser.feed(chunk)
                         except MessageTooLarge as e:
                             # Resuming would get the same message again.
-                            raise FeedError(None, f"relay {events_url(url)} sent a feed "
-                                            f"this client cannot read: {e}") from None
+                            raise FeedError(
+                                None,
+                                f"relay {events_url(url)} sent a feed this client cannot read: {e}",
+                            ) from None
                         for msg in messages:
                             if msg.event == "shutdown":
                                 raise httpx.RemoteProtocolError("the relay is shutting down")
@@ -117,8 +121,9 @@ def subscribe(
                 last_id = parser.last_event_id or last_id
                 if not reconnect:
                     raise
-                log.warning("feed %s dropped (%s); resuming after id %s in %.1f s",
-                            url, e, last_id, backoff)
+                log.warning(
+                    "feed %s dropped (%s); resuming after id %s in %.1f s", url, e, last_id, backoff
+                )
             else:
                 last_id = parser.last_event_id or last_id
                 if not reconnect:

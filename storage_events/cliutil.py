@@ -49,7 +49,10 @@ def load_config(path: Path | None, kind: type[T], overrides: dict[str, Any]) -> 
 
 
 log_format_option = click.option(
-    "--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
     help="json: one JSON object per line (time, level, logger, message), for log collectors.",
 )
 
@@ -96,8 +99,7 @@ def redact_query(target: str) -> str:
     pairs = []
     for pair in query.split("&"):
         name, eq, _ = pair.partition("=")
-        pairs.append(f"{name}=REDACTED" if eq and unquote_plus(name) in SECRET_PARAMETERS
-                     else pair)
+        pairs.append(f"{name}=REDACTED" if eq and unquote_plus(name) in SECRET_PARAMETERS else pair)
     return f"{path}?{'&'.join(pairs)}"
 
 
@@ -109,8 +111,7 @@ class RedactTokens(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name.startswith("uvicorn") and isinstance(record.args, tuple):
-            record.args = tuple(redact_query(a) if isinstance(a, str) else a
-                                for a in record.args)
+            record.args = tuple(redact_query(a) if isinstance(a, str) else a for a in record.args)
         return True
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import click
 import httpx
 
-from .cli import _text
 from .client import subscribe
+from .printable import text_line
 
 
 def _free_port() -> int:
@@ -63,17 +63,42 @@ def run_demo(folder: str, port: int) -> None:
     url = f"http://127.0.0.1:{port}"
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        procs.append(subprocess.Popen([_bin("storage-events-relay"), "serve", "--listen",
-                                       f"127.0.0.1:{port}", "--data", str(state)]))
+        procs.append(
+            subprocess.Popen(
+                [
+                    _bin("storage-events-relay"),
+                    "serve",
+                    "--listen",
+                    f"127.0.0.1:{port}",
+                    "--data",
+                    str(state),
+                ]
+            )
+        )
         _wait_healthy(url, procs[0])
-        procs.append(subprocess.Popen([_bin("storage-events-agent"), "run", "--relay", url,
-                                       "--site", "demo", str(watched)]))
-        click.secho(f"\nrelay  {url}   (feed: curl -N {url}/events)\nagent  watching "
-                    f"{watched}\n\nTouch, write, move or delete files in {watched} and watch "
-                    "them arrive below. Ctrl-C stops everything.\n", fg="green", err=True)
+        procs.append(
+            subprocess.Popen(
+                [
+                    _bin("storage-events-agent"),
+                    "run",
+                    "--relay",
+                    url,
+                    "--site",
+                    "demo",
+                    str(watched),
+                ]
+            )
+        )
+        click.secho(
+            f"\nrelay  {url}   (feed: curl -N {url}/events)\nagent  watching "
+            f"{watched}\n\nTouch, write, move or delete files in {watched} and watch "
+            "them arrive below. Ctrl-C stops everything.\n",
+            fg="green",
+            err=True,
+        )
         threading.Thread(target=_show_some_activity, args=(watched, url), daemon=True).start()
         for item in subscribe(url, since="now"):
-            click.echo(_text(item))
+            click.echo(text_line(item))
     except KeyboardInterrupt:
         pass
     finally:

@@ -10,6 +10,10 @@ space, surrogates, private-use and unassigned code points), is therefore shown a
 
 from __future__ import annotations
 
+import msgspec
+
+from .client import Received
+
 # Python's own spellings (those of ``repr``), which most readers of these outputs know.
 _SHORT = {"\t": "\\t", "\n": "\\n", "\r": "\\r", "\\": "\\\\"}
 
@@ -48,3 +52,23 @@ def escape_json(text: str) -> str:
     if text.isprintable():
         return text
     return "".join(c if c.isprintable() else _json_escape(c) for c in text)
+
+
+def text_line(item: Received) -> str:
+    """One line for a terminal. Every field came from the relay (file names, site and node
+    names, the data of other messages), so the whole line is escaped: a name holding ESC or a
+    line separator can neither drive the terminal nor forge lines."""
+    return escape(_fields(item))
+
+
+def _fields(item: Received) -> str:
+    if item.type not in ("inotify", "overflow"):
+        return f"{item.id or '-'} {item.type} {item.data}"
+    try:
+        ev = item.event
+    except msgspec.DecodeError:
+        return f"{item.id or '-'} {item.type} {item.data}"
+    line = f"{ev.id} {ev.site}/{ev.node} {'|'.join(ev.flags)} {ev.path}"
+    if ev.old_path is not None:
+        line += f" (from {ev.old_path})"
+    return line + (" [scan]" if ev.synthetic else "")

@@ -49,7 +49,8 @@ class MessageTooLarge(ValueError):
         super().__init__(
             f"an SSE message (or one of its lines) exceeds the limit of {limit:,} bytes; no "
             "storage-events event comes near that size, so the sender is broken or is not a "
-            "storage-events relay")
+            "storage-events relay"
+        )
         self.limit = limit
 
 
@@ -92,8 +93,9 @@ class SSEParser:
             if not raw:
                 self.last_event_id = self._id
                 if self._data:
-                    out.append(Message(self._event or "message", "\n".join(self._data),
-                                       self.last_event_id))
+                    out.append(
+                        Message(self._event or "message", "\n".join(self._data), self.last_event_id)
+                    )
                 self._event, self._data, self._held = "", [], 0
                 continue
             if raw[0] == 0x3A:  # ":", a comment

@@ -102,8 +102,9 @@ class Event(msgspec.Struct, kw_only=True):
     # Federation: the id the first relay gave the event, and every relay that stored it, that
     # one first. Set by relays, never by agents.
     origin_id: Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)] | None = None
-    via: Annotated[list[Annotated[str, msgspec.Meta(pattern=RELAY_NAME)]],
-                   msgspec.Meta(max_length=MAX_HOPS)] = msgspec.field(default_factory=list)
+    via: Annotated[
+        list[Annotated[str, msgspec.Meta(pattern=RELAY_NAME)]], msgspec.Meta(max_length=MAX_HOPS)
+    ] = msgspec.field(default_factory=list)
 
 
 # -- what an event may carry: checked by the agent before it numbers an event and by the relay
@@ -120,29 +121,44 @@ def _path_problem(field: str, path: str, raw: bytes | None) -> str | None:
         return f"{field} is {len(path):,} characters long, more than the limit of {MAX_PATH:,}"
     if "\0" in path:
         return f"{field} contains NUL"
-    if path != "/" and (not path.startswith("/") or any(
-            part in ("", ".", "..") for part in path[1:].split("/"))):
+    if path != "/" and (
+        not path.startswith("/") or any(part in ("", ".", "..") for part in path[1:].split("/"))
+    ):
         # Readers' scopes are prefixes: /data/public/../secret must never pass for /data/public.
-        return (f"{field} {short_path(path, 80)!r} is not a canonical absolute path (it must "
-                "start with / and have no empty, '.' or '..' components)")
+        return (
+            f"{field} {short_path(path, 80)!r} is not a canonical absolute path (it must "
+            "start with / and have no empty, '.' or '..' components)"
+        )
     if raw is not None:
         if len(raw) > MAX_RAW_PATH:
-            return (f"raw_{field} is {len(raw):,} bytes long, more than the limit of "
-                    f"{MAX_RAW_PATH:,}")
+            return (
+                f"raw_{field} is {len(raw):,} bytes long, more than the limit of {MAX_RAW_PATH:,}"
+            )
         # The exact bytes and the display form must name the same file: scopes and filters
         # look at the one, programs that open the file use the other.
         if display_path(os.fsdecode(raw)) != (path, raw):
-            return (f"raw_{field} is not the bytes of {field} {short_path(path, 80)!r} (it "
-                    "must be sent only for a name that is not UTF-8, and decode to it)")
+            return (
+                f"raw_{field} is not the bytes of {field} {short_path(path, 80)!r} (it "
+                "must be sent only for a name that is not UTF-8, and decode to it)"
+            )
     return None
 
 
 def event_problem(ev: Event) -> str | None:
     """Why ``ev`` can never be accepted by a relay, whichever the connection; None when it can."""
     path = ev.path
-    if (len(path) <= MAX_PATH and path[:1] == "/" and path[-1] != "/" and "//" not in path
-            and "/." not in path and "\0" not in path and ev.old_path is None
-            and ev.raw_path is None and len(ev.flags) == 1 and ev.flags[0] in _KNOWN_FLAGS):
+    if (
+        len(path) <= MAX_PATH
+        and path[:1] == "/"
+        and path[-1] != "/"
+        and "//" not in path
+        and "/." not in path
+        and "\0" not in path
+        and ev.old_path is None
+        and ev.raw_path is None
+        and len(ev.flags) == 1
+        and ev.flags[0] in _KNOWN_FLAGS
+    ):
         return None  # the common case in one test: most events of the agent pass here
     if not path:
         return "path is empty"
@@ -174,8 +190,17 @@ def loss_notice(ev: Event) -> Event:
             path = path[: MAX_PATH + 1]
         path = path.rpartition("/")[0]
         shown, raw = display_path(path or "/")
-        notice = Event(site=ev.site, node=ev.node, path=shown, flags=["IN_Q_OVERFLOW"],
-                       is_dir=True, ts=ev.ts, stream=ev.stream, seq=ev.seq, raw_path=raw)
+        notice = Event(
+            site=ev.site,
+            node=ev.node,
+            path=shown,
+            flags=["IN_Q_OVERFLOW"],
+            is_dir=True,
+            ts=ev.ts,
+            stream=ev.stream,
+            seq=ev.seq,
+            raw_path=raw,
+        )
         if not path or event_problem(notice) is None:
             return notice
 

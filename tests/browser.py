@@ -14,9 +14,18 @@ from websockets.sync.client import connect
 
 # Without the background-networking flags Chromium keeps dialing Google's hosts, which this
 # machine's closed network refuses.
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--remote-debugging-port=0", "about:blank"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--remote-debugging-port=0",
+    "about:blank",
+]
 
 
 def chromium() -> str | None:
@@ -36,8 +45,7 @@ class Browser:
         pages = httpx.get(f"http://127.0.0.1:{port}/json/list", timeout=5).json()
         target = next(p for p in pages if p["type"] == "page")
         self._stack = contextlib.ExitStack()
-        self._ws = self._stack.enter_context(connect(target["webSocketDebuggerUrl"],
-                                                     max_size=None))
+        self._ws = self._stack.enter_context(connect(target["webSocketDebuggerUrl"], max_size=None))
         self._ids = itertools.count(1)
 
     def call(self, method: str, **params: object) -> dict:
@@ -60,4 +68,3 @@ class Browser:
     def close(self) -> None:
         self._stack.close()
         self.proc.stop()
-

@@ -45,8 +45,14 @@ def wait_for(predicate: Callable[[], object], timeout: float, what: str) -> obje
 class Proc:
     """A child process whose output goes to a file the test can show when it fails."""
 
-    def __init__(self, args: list[str], log_path: Path, *, stdout_path: Path | None = None,
-                 env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        args: list[str],
+        log_path: Path,
+        *,
+        stdout_path: Path | None = None,
+        env: dict[str, str] | None = None,
+    ):
         self.args = args
         self.log_path = log_path
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
@@ -84,14 +90,23 @@ class Proc:
 
 
 class Relay:
-    def __init__(self, tmp: Path, procs: list[Proc], name: str = "relay",
-                 extra: tuple[str, ...] = (), scheme: str = "http",
-                 host: str = "127.0.0.1", netns: list[str] | None = None,
-                 port: int | None = None, token: str | None = None) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        procs: list[Proc],
+        name: str = "relay",
+        extra: tuple[str, ...] = (),
+        scheme: str = "http",
+        host: str = "127.0.0.1",
+        netns: list[str] | None = None,
+        port: int | None = None,
+        token: str | None = None,
+    ) -> None:
         self.host = host  # where it listens; outside a namespace tests reach it on loopback
         self.port = port or free_port()
-        self.url = f"{scheme}://{host if netns or host.startswith('127.') else '127.0.0.1'}:" \
-                   f"{self.port}"
+        self.url = (
+            f"{scheme}://{host if netns or host.startswith('127.') else '127.0.0.1'}:{self.port}"
+        )
         self.netns = netns or []  # the `ip netns exec NS` prefix of a relay on another "host"
         self.data = tmp / f"{name}-data"
         self.name = name
@@ -105,9 +120,19 @@ class Relay:
         self.start()
 
     def start(self) -> None:
-        self.proc = Proc([*self.netns, command("storage-events-relay"), "serve", "--listen",
-                          f"{self.host}:{self.port}", "--data", str(self.data), *self.extra],
-                         self.tmp / f"{self.name}.log")
+        self.proc = Proc(
+            [
+                *self.netns,
+                command("storage-events-relay"),
+                "serve",
+                "--listen",
+                f"{self.host}:{self.port}",
+                "--data",
+                str(self.data),
+                *self.extra,
+            ],
+            self.tmp / f"{self.name}.log",
+        )
         self._procs.append(self.proc)
         wait_for(self.healthy, 20, f"relay on {self.url}")
 
@@ -116,8 +141,7 @@ class Relay:
         if self.proc.popen.poll() is not None:
             raise AssertionError(f"relay exited:\n{self.proc.output()}")
         try:
-            r = httpx.get(self.url + "/healthz", headers=self.headers, timeout=1,
-                          verify=False)
+            r = httpx.get(self.url + "/healthz", headers=self.headers, timeout=1, verify=False)
         except httpx.TransportError:
             return None
         return r.json() if r.status_code == 200 else None
@@ -132,8 +156,11 @@ class Tail:
 
     def __init__(self, tmp: Path, procs: list[Proc], url: str, *args: str, name: str = "tail"):
         self.out = tmp / f"{name}.jsonl"
-        self.proc = Proc([command("storage-events"), "tail", url, "--format", "json", "-v",
-                          *args], tmp / f"{name}.err", stdout_path=self.out)
+        self.proc = Proc(
+            [command("storage-events"), "tail", url, "--format", "json", "-v", *args],
+            tmp / f"{name}.err",
+            stdout_path=self.out,
+        )
         procs.append(self.proc)
 
     def events(self) -> list[dict]:
@@ -141,9 +168,12 @@ class Tail:
         return [json.loads(line) for line in lines[:-1]]
 
     def wait_count(self, n: int, timeout: float = 60) -> list[dict]:
-        wait_for(lambda: len(self.events()) >= n, timeout,
-                 f"{n} events from tail (have {len(self.events())}); "
-                 f"stderr: {self.proc.output()[-2000:]}")
+        wait_for(
+            lambda: len(self.events()) >= n,
+            timeout,
+            f"{n} events from tail (have {len(self.events())}); "
+            f"stderr: {self.proc.output()[-2000:]}",
+        )
         return self.events()
 
 
@@ -161,14 +191,39 @@ def relay(tmp_path: Path, procs: list[Proc]) -> Relay:
     return Relay(tmp_path, procs)
 
 
-def start_agent(tmp: Path, procs: list[Proc], relay_url: str, *paths: Path, site: str = "test",
-                node: str = "node1", name: str = "agent", extra: tuple[str, ...] = (),
-                netns: list[str] | None = None) -> Proc:
-    proc = Proc([*(netns or []), command("storage-events-agent"), "run", "--relay", relay_url,
-                 "--site", site, "--node", node, *extra, *map(str, paths)], tmp / f"{name}.log")
+def start_agent(
+    tmp: Path,
+    procs: list[Proc],
+    relay_url: str,
+    *paths: Path,
+    site: str = "test",
+    node: str = "node1",
+    name: str = "agent",
+    extra: tuple[str, ...] = (),
+    netns: list[str] | None = None,
+) -> Proc:
+    proc = Proc(
+        [
+            *(netns or []),
+            command("storage-events-agent"),
+            "run",
+            "--relay",
+            relay_url,
+            "--site",
+            site,
+            "--node",
+            node,
+            *extra,
+            *map(str, paths),
+        ],
+        tmp / f"{name}.log",
+    )
     procs.append(proc)
-    wait_for(lambda: "publishing stream" in proc.output() or proc.popen.poll() is not None,
-             20, "agent start-up")
+    wait_for(
+        lambda: "publishing stream" in proc.output() or proc.popen.poll() is not None,
+        20,
+        "agent start-up",
+    )
     assert proc.popen.poll() is None, proc.output()
     return proc
 
@@ -182,8 +237,9 @@ class ChannelReader:
     """A dCache SSE client: GET the channel with ``Accept: text/event-stream`` (and, when
     reconnecting, ``Last-Event-ID``), and split the stream into messages on its own."""
 
-    def __init__(self, url: str, last_event_id: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, url: str, last_event_id: str | None = None, headers: dict[str, str] | None = None
+    ) -> None:
         self.headers = {"Accept": "text/event-stream", **(headers or {})}
         if last_event_id is not None:
             self.headers["Last-Event-ID"] = last_event_id
@@ -215,15 +271,21 @@ class ChannelReader:
         id line only: SYSTEM events must carry none."""
         out = []
         for block in self.raw.split("\n\n")[:-1]:
-            fields = dict(line.split(": ", 1) for line in block.split("\n")
-                          if line and not line.startswith(":"))
+            fields = dict(
+                line.split(": ", 1)
+                for line in block.split("\n")
+                if line and not line.startswith(":")
+            )
             if "data" in fields:
                 out.append((fields["event"], fields.get("id"), json.loads(fields["data"])))
         return out
 
     def wait(self, n: int, timeout: float = 20) -> list[tuple[str, str | None, dict]]:
-        wait_for(lambda: len(self.messages()) >= n, timeout,
-                 f"{n} messages on {self.url}; have:\n{self.raw}")
+        wait_for(
+            lambda: len(self.messages()) >= n,
+            timeout,
+            f"{n} messages on {self.url}; have:\n{self.raw}",
+        )
         return self.messages()
 
     def stop(self) -> None:

@@ -15,8 +15,9 @@ class Hosts:
     """``prefix`` keeps names of concurrent users apart (interface names ≤ 15 characters);
     ``subnets`` is the range of the second octet of their 10.x.0.0/24."""
 
-    def __init__(self, names: list[str], prefix: str = "se",
-                 subnets: range = range(100, 200)) -> None:
+    def __init__(
+        self, names: list[str], prefix: str = "se", subnets: range = range(100, 200)
+    ) -> None:
         tag = f"{prefix}{os.getpid() % 100000}"  # unique per process
         subnet = subnets[os.getpid() % len(subnets)]
         self.bridge = f"{tag}br"

@@ -17,8 +17,9 @@ def feed(tmp_path, procs, relay: Relay, name: str = "feed") -> list[dict]:
     # before waiting for the feed to settle.
     wait_for(lambda: agents_connected(relay), 30, "the agent to reconnect")
     head = settled_head(relay, quiet=2.0)
-    return Tail(tmp_path, procs, relay.url, "--since", "earliest", "--count", str(head),
-                name=name).wait_count(head)
+    return Tail(
+        tmp_path, procs, relay.url, "--since", "earliest", "--count", str(head), name=name
+    ).wait_count(head)
 
 
 def test_mkdir_p_then_touch_a_thousand_times(tmp_path, procs, relay):
@@ -26,8 +27,17 @@ def test_mkdir_p_then_touch_a_thousand_times(tmp_path, procs, relay):
     root.mkdir()
     start_agent(tmp_path, procs, relay.url, root)
     wait_for(lambda: agents_connected(relay), 10, "agent connection")
-    subprocess.run(["bash", "-c", 'for i in $(seq 1000); do mkdir -p "$1/d$i/a/b/c" && '
-                    'touch "$1/d$i/a/b/c/f"; done', "-", str(root)], check=True, timeout=120)
+    subprocess.run(
+        [
+            "bash",
+            "-c",
+            'for i in $(seq 1000); do mkdir -p "$1/d$i/a/b/c" && touch "$1/d$i/a/b/c/f"; done',
+            "-",
+            str(root),
+        ],
+        check=True,
+        timeout=120,
+    )
     events = feed(tmp_path, procs, relay)
     created = Counter(e["path"] for e in events if e["flags"] == ["IN_CREATE"])
     for i in range(1, 1001):
@@ -41,8 +51,13 @@ def test_relay_down_for_a_minute_while_50000_files_are_written(tmp_path, procs, 
     config = tmp_path / "agent.toml"
     # A small memory share, so most of the backlog lives in the spool and is read back.
     config.write_text("memory_events = 5000\n")
-    start_agent(tmp_path, procs, relay.url, root,
-                extra=("--config", str(config), "--spool", str(tmp_path / "spool")))
+    start_agent(
+        tmp_path,
+        procs,
+        relay.url,
+        root,
+        extra=("--config", str(config), "--spool", str(tmp_path / "spool")),
+    )
     wait_for(lambda: agents_connected(relay), 10, "agent connection")
     relay.kill()
     down_at = time.monotonic()
@@ -86,17 +101,19 @@ def test_agent_restart_publishes_what_changed_while_it_was_down(tmp_path, procs,
     start_agent(tmp_path, procs, relay.url, root, extra=spool, name="agent2")
     events = feed(tmp_path, procs, relay)
     after = [e for e in events if e["synthetic"]]
-    got = sorted((e["path"][len(str(root)):], e["flags"][0]) for e in after)
-    assert got == sorted([
-        ("/keep/edited", "IN_CLOSE_WRITE"),
-        ("/gone", "IN_DELETE"),
-        ("/olddir/sub/x", "IN_DELETE"),
-        ("/olddir/sub", "IN_DELETE"),
-        ("/olddir", "IN_DELETE"),
-        ("/newdir", "IN_CREATE"),
-        ("/newdir/deep", "IN_CREATE"),
-        ("/newdir/deep/y", "IN_CREATE"),
-    ])
+    got = sorted((e["path"][len(str(root)) :], e["flags"][0]) for e in after)
+    assert got == sorted(
+        [
+            ("/keep/edited", "IN_CLOSE_WRITE"),
+            ("/gone", "IN_DELETE"),
+            ("/olddir/sub/x", "IN_DELETE"),
+            ("/olddir/sub", "IN_DELETE"),
+            ("/olddir", "IN_DELETE"),
+            ("/newdir", "IN_CREATE"),
+            ("/newdir/deep", "IN_CREATE"),
+            ("/newdir/deep/y", "IN_CREATE"),
+        ]
+    )
     assert not any(e["flags"] == ["IN_Q_OVERFLOW"] for e in events)  # it stopped cleanly
     assert replay(initial, events) == on_disk(root)
 
@@ -131,8 +148,13 @@ def test_full_spool_is_announced_and_recovered_by_a_rescan(tmp_path, procs, rela
     config.write_text("spool_quota = 200000\n")
     initial = on_disk(root)
     with kernel_queue(512):  # so the paused kernel queue overflows quickly
-        agent = start_agent(tmp_path, procs, relay.url, root,
-                            extra=("--config", str(config), "--spool", str(tmp_path / "spool")))
+        agent = start_agent(
+            tmp_path,
+            procs,
+            relay.url,
+            root,
+            extra=("--config", str(config), "--spool", str(tmp_path / "spool")),
+        )
     wait_for(lambda: agents_connected(relay), 10, "agent connection")
     relay.kill()
     for i in range(3000):

@@ -41,22 +41,29 @@ include = ["*.h5"]
     write(scratch / "keep.h5")
     write(scratch / "skip.log")
     head = settled_head(relay)
-    events = Tail(tmp_path, procs, relay.url, "--since", "earliest", "--count",
-                  str(head)).wait_count(head)
+    events = Tail(
+        tmp_path, procs, relay.url, "--since", "earliest", "--count", str(head)
+    ).wait_count(head)
     got = sorted((e["path"], e["flags"][0], e["old_path"]) for e in events)
-    assert got == sorted([
-        ("/pub/data/a.h5", "IN_CLOSE_WRITE", None),
-        ("/pub/data/c.h5", "IN_MOVED_TO", None),  # its source was excluded
-        (f"{scratch}/keep.h5", "IN_CREATE", None),
-        (f"{scratch}/keep.h5", "IN_CLOSE_WRITE", None),
-    ])
+    assert got == sorted(
+        [
+            ("/pub/data/a.h5", "IN_CLOSE_WRITE", None),
+            ("/pub/data/c.h5", "IN_MOVED_TO", None),  # its source was excluded
+            (f"{scratch}/keep.h5", "IN_CREATE", None),
+            (f"{scratch}/keep.h5", "IN_CLOSE_WRITE", None),
+        ]
+    )
 
 
 def test_bad_type_in_a_root_is_a_config_error(tmp_path):
     config = tmp_path / "agent.toml"
     config.write_text(f'[[root]]\npath = "{tmp_path}"\ntypes = ["IN_CLOSED"]\n')
-    r = subprocess.run([command("storage-events-agent"), "run", "--config", str(config)],
-                       capture_output=True, text=True, timeout=30)
+    r = subprocess.run(
+        [command("storage-events-agent"), "run", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert r.returncode != 0 and "unknown inotify flag 'IN_CLOSED'" in r.stderr
 
 
@@ -76,14 +83,17 @@ def watch_limit(extra: int) -> Iterator[int]:
         WATCHES.write_text(saved)
 
 
-def test_watch_limit_names_the_directory_and_the_remedy_and_the_rest_works(
-        tmp_path, procs, relay):
+def test_watch_limit_names_the_directory_and_the_remedy_and_the_rest_works(tmp_path, procs, relay):
     root = tmp_path / "w"
     for i in range(40):
         (root / f"d{i:02d}").mkdir(parents=True)
     with watch_limit(25):
-        check = subprocess.run([command("storage-events-agent"), "check", "--relay", relay.url,
-                                str(root)], capture_output=True, text=True, timeout=60)
+        check = subprocess.run(
+            [command("storage-events-agent"), "check", "--relay", relay.url, str(root)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert check.returncode == 1
         assert "41 directories to watch" in check.stdout
         assert "sysctl -w fs.inotify.max_user_watches=" in check.stdout
@@ -99,10 +109,16 @@ def test_watch_limit_names_the_directory_and_the_remedy_and_the_rest_works(
 def test_check_passes_on_a_healthy_node(tmp_path, relay):
     (tmp_path / "w" / "a").mkdir(parents=True)
     config = tmp_path / "agent.toml"
-    config.write_text(f'relay = "{relay.url}"\nspool = "{tmp_path / "spool"}"\n'
-                      f'[[root]]\npath = "{tmp_path / "w"}"\n')
-    r = subprocess.run([command("storage-events-agent"), "check", "--config", str(config)],
-                       capture_output=True, text=True, timeout=60)
+    config.write_text(
+        f'relay = "{relay.url}"\nspool = "{tmp_path / "spool"}"\n'
+        f'[[root]]\npath = "{tmp_path / "w"}"\n'
+    )
+    r = subprocess.run(
+        [command("storage-events-agent"), "check", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "reachable" in r.stdout and "2 directories to watch" in r.stdout
     assert r.stdout.strip().endswith("ok")
@@ -134,7 +150,18 @@ def test_metrics_and_one_agent_per_spool(tmp_path, procs, relay):
     assert metric("watches") == 1 and metric("relay_connected") == 1
     assert metric("paused") == 0 and metric("spool_quota_bytes") == 1 << 30
 
-    second = subprocess.run([command("storage-events-agent"), "run", "--relay", relay.url,
-                             "--spool", str(tmp_path / "spool"), str(root)],
-                            capture_output=True, text=True, timeout=30)
+    second = subprocess.run(
+        [
+            command("storage-events-agent"),
+            "run",
+            "--relay",
+            relay.url,
+            "--spool",
+            str(tmp_path / "spool"),
+            str(root),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert second.returncode != 0 and "in use by another agent" in second.stderr

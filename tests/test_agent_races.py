@@ -59,8 +59,11 @@ def fs(procs: list[Proc]) -> Iterator[Path]:
     top = Path(tempfile.mkdtemp(prefix="se-races-", dir="/tmp"))
     os.chmod(top, 0o755)
     try:
-        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m,mode=755", "se-races",
-                        str(top)], check=True, capture_output=True)
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=256m,mode=755", "se-races", str(top)],
+            check=True,
+            capture_output=True,
+        )
         subprocess.run(["mount", "--make-private", str(top)], check=True, capture_output=True)
         yield top
     finally:
@@ -80,8 +83,9 @@ class Feed:
 
     def __init__(self, tmp: Path, procs: list[Proc], relay: Relay) -> None:
         self.relay = relay
-        self.tail = Tail(tmp, procs, relay.url, "--since", "earliest",
-                         name=f"feed{next(self._names)}")
+        self.tail = Tail(
+            tmp, procs, relay.url, "--since", "earliest", name=f"feed{next(self._names)}"
+        )
         self._events: list[dict] = []
         self._pos = 0
 
@@ -96,13 +100,16 @@ class Feed:
 
     def settled(self, quiet: float = 1.5) -> list[dict]:
         head = settled_head(self.relay, quiet=quiet)
-        wait_for(lambda: len(self.events()) >= head, 60,
-                 f"{head} events from tail; stderr: {self.tail.proc.output()[-2000:]}")
+        wait_for(
+            lambda: len(self.events()) >= head,
+            60,
+            f"{head} events from tail; stderr: {self.tail.proc.output()[-2000:]}",
+        )
         return list(self.events())
 
-    def index(self, pred: Callable[[dict], bool], timeout: float, what: str,
-              after: int = 0) -> int:
+    def index(self, pred: Callable[[dict], bool], timeout: float, what: str, after: int = 0) -> int:
         """The position of the first event from ``after`` on that matches, waiting for it."""
+
         def find() -> int | None:
             for i, e in enumerate(self.events()[after:], after):
                 if pred(e):
@@ -134,12 +141,18 @@ COMPLETE = "complete"  # IN_CLOSE_WRITE, or a file's synthetic IN_CREATE (README
 def _matches(e: dict, flag: str | None) -> bool:
     if flag == COMPLETE:
         return e["flags"][0] == "IN_CLOSE_WRITE" or (
-            e["flags"][0] == "IN_CREATE" and e["synthetic"] and not e["is_dir"])
+            e["flags"][0] == "IN_CREATE" and e["synthetic"] and not e["is_dir"]
+        )
     return flag in (None, e["flags"][0])
 
 
-def wait_published(feed: Feed, paths: Iterable[Path | str], flag: str | None = COMPLETE,
-                   timeout: float = 15, after: int = 0) -> None:
+def wait_published(
+    feed: Feed,
+    paths: Iterable[Path | str],
+    flag: str | None = COMPLETE,
+    timeout: float = 15,
+    after: int = 0,
+) -> None:
     """Each of ``paths`` published (as ``flag``; None: any event) at exactly that path."""
     want = {str(p) for p in paths}
 
@@ -149,10 +162,15 @@ def wait_published(feed: Feed, paths: Iterable[Path | str], flag: str | None = C
         if not missing:
             return None
         names = {m.rsplit("/", 1)[1] for m in missing[:5]}
-        instead = [(e["flags"][0], event_path(e)) for e in feed.events()
-                   if (event_path(e) or "").rsplit("/", 1)[-1] in names]
-        return f"{len(missing)} of {len(want)} never published ({flag or 'any event'}): " \
-               f"{missing[:5]}; published with those names: {instead[:5]}"
+        instead = [
+            (e["flags"][0], event_path(e))
+            for e in feed.events()
+            if (event_path(e) or "").rsplit("/", 1)[-1] in names
+        ]
+        return (
+            f"{len(missing)} of {len(want)} never published ({flag or 'any event'}): "
+            f"{missing[:5]}; published with those names: {instead[:5]}"
+        )
 
     wait_until(check, timeout)
 
@@ -161,21 +179,31 @@ def _diff(rebuilt: dict[str, bool], expected: dict[str, bool]) -> list:
     return sorted(set(rebuilt.items()) ^ set(expected.items()))[:20]
 
 
-def wait_converged(feed: Feed, initial: dict[str, bool], root: Path, timeout: float = 15,
-                   extra: dict[str, bool] | None = None) -> None:
+def wait_converged(
+    feed: Feed,
+    initial: dict[str, bool],
+    root: Path,
+    timeout: float = 15,
+    extra: dict[str, bool] | None = None,
+) -> None:
     """Until the replay of the feed so far equals the disk (a defect in the feed fails at
     once)."""
+
     def check() -> str | None:
         rebuilt = replay(initial, feed.events(), [root])
         expected = {**(extra or {}), **on_disk(root)}
-        return None if rebuilt == expected else \
-            f"the replay differs from the disk (model ^ disk): {_diff(rebuilt, expected)}"
+        return (
+            None
+            if rebuilt == expected
+            else f"the replay differs from the disk (model ^ disk): {_diff(rebuilt, expected)}"
+        )
 
     wait_until(check, timeout)
 
 
-def assert_replay(feed: Feed, initial: dict[str, bool], root: Path,
-                  extra: dict[str, bool] | None = None) -> list[dict]:
+def assert_replay(
+    feed: Feed, initial: dict[str, bool], root: Path, extra: dict[str, bool] | None = None
+) -> list[dict]:
     events = feed.settled()
     rebuilt = replay(initial, events, [root])
     expected = {**(extra or {}), **on_disk(root)}
@@ -183,9 +211,15 @@ def assert_replay(feed: Feed, initial: dict[str, bool], root: Path,
     return events
 
 
-def run_agent(tmp: Path, procs: list[Proc], relay: Relay, *roots: Path,
-              extra: tuple[str, ...] = (), prefix: list[str] | None = None,
-              name: str = "agent") -> Proc:
+def run_agent(
+    tmp: Path,
+    procs: list[Proc],
+    relay: Relay,
+    *roots: Path,
+    extra: tuple[str, ...] = (),
+    prefix: list[str] | None = None,
+    name: str = "agent",
+) -> Proc:
     agent = start_agent(tmp, procs, relay.url, *roots, extra=extra, netns=prefix, name=name)
     wait_for(lambda: agents_connected(relay), 10, "agent connection")
     return agent
@@ -227,12 +261,12 @@ def bursts(agent: Proc, stop_s: float = 0.005, run_s: float = 0.02) -> Iterator[
 def starved_cpu(agent: Proc, procs: list[Proc], tmp: Path) -> Iterator[None]:
     """The agent (all its threads) pinned to core 0, beside a CPU hog pinned there too: it runs
     about half the time, late by a scheduler slice, while the test's writers have core 1."""
-    hog = Proc(["taskset", "-c", "0", sys.executable, "-c", "while True: pass"],
-               tmp / "hog.log")
+    hog = Proc(["taskset", "-c", "0", sys.executable, "-c", "while True: pass"], tmp / "hog.log")
     procs.append(hog)
     cpus = ",".join(map(str, sorted(os.sched_getaffinity(0))))
-    subprocess.run(["taskset", "-a", "-p", "-c", "0", str(agent.pid)], check=True,
-                   capture_output=True)
+    subprocess.run(
+        ["taskset", "-a", "-p", "-c", "0", str(agent.pid)], check=True, capture_output=True
+    )
     try:
         yield
     finally:
@@ -296,8 +330,10 @@ def test_swap_while_stopped(fs, tmp_path, procs, relay):
             os.rename(root / "B", root / "A")
             os.rename(root / "T", root / "B")
         # fa is now under B, fb under A: what is written next to them is published there
-        late = [root / ("B" if r % 2 == 0 else "A") / "s" / n / f"late_a{r}",
-                root / ("A" if r % 2 == 0 else "B") / "s" / n / f"late_b{r}"]
+        late = [
+            root / ("B" if r % 2 == 0 else "A") / "s" / n / f"late_a{r}",
+            root / ("A" if r % 2 == 0 else "B") / "s" / n / f"late_b{r}",
+        ]
         for f in late:
             write(f)
         wait_published(feed, late)
@@ -351,7 +387,7 @@ def test_swap_under_concurrent_creation(fs, tmp_path, procs, relay):
 
     def creator(done: threading.Event) -> None:
         for i in itertools.count():  # the same names in both: a late watch by path of X/dI
-            if done.is_set():        # is a watch of the other one
+            if done.is_set():  # is a watch of the other one
                 return
             for side in ("X", "Y"):
                 d = root / side / f"d{i}"
@@ -390,8 +426,7 @@ def test_rotation_with_stopped_bursts(fs, tmp_path, procs, relay):
             (logs / "current" / "2026").mkdir(parents=True)
             write(logs / "current" / "2026" / f"x{i}")
         write(logs / "old.1" / "2026" / f"after{i}")  # a writer still busy in the old one
-    write_late(feed, [logs / "old.2" / "2026", logs / "old.1" / "2026",
-                      logs / "current" / "2026"])
+    write_late(feed, [logs / "old.2" / "2026", logs / "old.1" / "2026", logs / "current" / "2026"])
     assert_replay(feed, initial, root)
 
 
@@ -424,11 +459,13 @@ def test_symlink_planted_at_renamed_directory_never_leaks_outside(fs, tmp_path, 
         (elsewhere / sub / "SECRET-dir" / "SECRET-deeper").mkdir()
     write(elsewhere / "SECRET-late-top")
     events = feed.settled()
-    leaked = [e for e in events
-              if any("SECRET" in (event_path(e, k) or "") for k in ("path", "old_path"))]
+    leaked = [
+        e for e in events if any("SECRET" in (event_path(e, k) or "") for k in ("path", "old_path"))
+    ]
     assert not leaked, f"{len(leaked)} events name what lies outside the root: {leaked[:3]}"
-    write_late(feed, [root / f"A{i}.moved" / sub for i in range(0, loops, 10)
-                      for sub in ("sub", "sub2")])
+    write_late(
+        feed, [root / f"A{i}.moved" / sub for i in range(0, loops, 10) for sub in ("sub", "sub2")]
+    )
     assert_replay(feed, initial, root)
 
 
@@ -457,8 +494,9 @@ def test_events_between_rename_halves(fs, tmp_path, procs, relay):
     initial = on_disk(root)
     agent = run_agent(tmp_path, procs, relay, root)
     feed = Feed(tmp_path, procs, relay)
-    creator = Proc([sys.executable, "-c", CREATOR, str(root / "P" / "L"), "1500"],
-                   tmp_path / "creator.log")
+    creator = Proc(
+        [sys.executable, "-c", CREATOR, str(root / "P" / "L"), "1500"], tmp_path / "creator.log"
+    )
     procs.append(creator)
     wait_for(lambda: "ready" in creator.output(), 20, "the creator")
 
@@ -524,8 +562,9 @@ def test_out_and_back_within_the_pairing_window(fs, tmp_path, procs, relay):
 def _root_comes_back(feed: Feed, initial: dict[str, bool], root: Path, gone_at: int) -> None:
     """After the root went (event at ``gone_at``): its new incarnation is announced, its contents
     published, and it is watched (later writes published)."""
-    feed.index(at("IN_CREATE", root), 15, f"{root} watched again (its IN_CREATE)",
-               after=gone_at + 1)
+    feed.index(
+        at("IN_CREATE", root), 15, f"{root} watched again (its IN_CREATE)", after=gone_at + 1
+    )
     wait_converged(feed, initial, root, extra={str(root): True})
     write_late(feed, [root, root / "sub"])
     assert_replay(feed, initial, root, extra={str(root): True})
@@ -580,12 +619,17 @@ def test_root_deleted_while_stopped_with_an_overflow_pending(fs, tmp_path, procs
     with stopped(agent):
         shutil.rmtree(root)  # more events than the queue holds: an overflow is pending
         _new_root(root)
-    gone = feed.index(lambda e: e["flags"][0] in ("IN_DELETE_SELF", "IN_MOVE_SELF")
-                      and event_path(e) == str(root), 15,
-                      "IN_DELETE_SELF / IN_MOVE_SELF of the replaced root")
+    gone = feed.index(
+        lambda e: (
+            e["flags"][0] in ("IN_DELETE_SELF", "IN_MOVE_SELF") and event_path(e) == str(root)
+        ),
+        15,
+        "IN_DELETE_SELF / IN_MOVE_SELF of the replaced root",
+    )
     _root_comes_back(feed, initial, root, gone)
-    assert any(e["flags"] == ["IN_Q_OVERFLOW"] for e in feed.events()), \
+    assert any(e["flags"] == ["IN_Q_OVERFLOW"] for e in feed.events()), (
         "the loss was never announced (no IN_Q_OVERFLOW)"
+    )
 
 
 # -- 8, 9. directories that cannot be watched at first -------------------------------------------
@@ -627,9 +671,12 @@ def _limited_tree(root: Path) -> list[Path]:
 
 def _unwatchable_announced(feed: Feed, candidates: Iterable[Path]) -> None:
     names = {str(d) for d in candidates}
-    feed.index(lambda e: e["flags"] == ["IN_Q_OVERFLOW"] and event_path(e) in names, 10,
-               f"an IN_Q_OVERFLOW naming a directory that could not be watched (one of "
-               f"{sorted(names)[:3]}…)")
+    feed.index(
+        lambda e: e["flags"] == ["IN_Q_OVERFLOW"] and event_path(e) in names,
+        10,
+        f"an IN_Q_OVERFLOW naming a directory that could not be watched (one of "
+        f"{sorted(names)[:3]}…)",
+    )
 
 
 def _probe(dirs: list[Path]) -> list[Path]:
@@ -641,8 +688,9 @@ def _probe(dirs: list[Path]) -> list[Path]:
     return probes
 
 
-def _check_retried(feed: Feed, initial: dict[str, bool], root: Path, probes: list[Path],
-                   timeout: float = 15) -> None:
+def _check_retried(
+    feed: Feed, initial: dict[str, bool], root: Path, probes: list[Path], timeout: float = 15
+) -> None:
     """The probes published, then what is written there afterwards, and the replay right."""
     wait_published(feed, probes, flag=None, timeout=timeout)
     write_late(feed, [p.parent for p in probes])
@@ -684,8 +732,9 @@ def _unprivileged() -> list[str]:
     nobody when nobody can run this virtualenv's interpreter, else as uid 0 without the
     capabilities that bypass permissions (the interpreter may live in a 0700 /root)."""
     nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]
-    probe = subprocess.run([*nobody, command("storage-events-agent"), "--help"],
-                           capture_output=True, timeout=60)
+    probe = subprocess.run(
+        [*nobody, command("storage-events-agent"), "--help"], capture_output=True, timeout=60
+    )
     if probe.returncode == 0:
         return nobody
     caps = "-dac_override,-dac_read_search"
@@ -782,8 +831,12 @@ def test_bind_mount_does_not_steal_the_source_watch(fs, tmp_path, procs, relay):
     try:
         # The agent notices the mount and says something about Y: its contents replaced, or
         # a loss notice (the same directory seen at two places can be watched at one only).
-        feed.index(lambda e: (event_path(e) or "").startswith(str(y)), 15,
-                   "an event about the bind-mounted Y", after=mounted_at)
+        feed.index(
+            lambda e: (event_path(e) or "").startswith(str(y)),
+            15,
+            "an event about the bind-mounted Y",
+            after=mounted_at,
+        )
         write(x / "after")
         wait_published(feed, [x / "after"])  # under X's path: Y's mount took no watch of X's
     finally:
@@ -815,8 +868,9 @@ def test_overflow_rescan_publishes_only_real_changes(fs, tmp_path, procs, relay)
         files += batch
         wait_published(feed, batch, timeout=30)
     before = len(feed.events())
-    assert not any(e["flags"] == ["IN_Q_OVERFLOW"] for e in feed.events()), \
+    assert not any(e["flags"] == ["IN_Q_OVERFLOW"] for e in feed.events()), (
         "the set-up overflowed already"
+    )
     changed = random.Random(11).sample(files, 20)
     with stopped(agent):
         for i in range(1500):  # 4,500 events: the queue of 2,048 overflows
@@ -825,14 +879,16 @@ def test_overflow_rescan_publishes_only_real_changes(fs, tmp_path, procs, relay)
         for f in changed:  # lost in the overflow: only the rescan can report them
             with open(f, "ab") as fh:
                 fh.write(b"changed")
-    overflow = feed.index(lambda e: e["flags"] == ["IN_Q_OVERFLOW"], 20, "the overflow",
-                          after=before)
+    overflow = feed.index(
+        lambda e: e["flags"] == ["IN_Q_OVERFLOW"], 20, "the overflow", after=before
+    )
     events = assert_replay(feed, initial, root)
     after = events[overflow:]
     repeated = [e for e in after if e["flags"] == ["IN_CLOSE_WRITE"] and e["synthetic"]]
-    assert len(repeated) <= 2 * len(changed), \
-        f"the rescan published {len(repeated)} synthetic IN_CLOSE_WRITE for " \
+    assert len(repeated) <= 2 * len(changed), (
+        f"the rescan published {len(repeated)} synthetic IN_CLOSE_WRITE for "
         f"{len(changed)} files really changed: e.g. {[event_path(e) for e in repeated[:5]]}"
+    )
     closed = {event_path(e) for e in after if e["flags"] == ["IN_CLOSE_WRITE"]}
     assert {str(f) for f in changed} <= closed, "a changed file was not reported"
 
@@ -919,12 +975,19 @@ def test_demo_rename_pairs(fs, tmp_path, procs, relay):
         src = [j for j, e in enumerate(events) if at("IN_MOVED_FROM", base / "hello.txt")(e)]
         assert len(src) == 1, f"{base}: IN_MOVED_FROM of hello.txt published {len(src)} times"
         cookie = events[src[0]]["cookie"]
-        dst = [e for e in events[src[0] + 1:] if e["flags"] == ["IN_MOVED_TO"]
-               and e["cookie"] == cookie]
-        assert dst and event_path(dst[0]) == str(base / "run1" / "hello.txt") \
-            and event_path(dst[0], "old_path") == str(base / "hello.txt"), \
-            f"{base}: no IN_MOVED_TO run1/hello.txt paired with cookie {cookie}: " \
+        dst = [
+            e
+            for e in events[src[0] + 1 :]
+            if e["flags"] == ["IN_MOVED_TO"] and e["cookie"] == cookie
+        ]
+        assert (
+            dst
+            and event_path(dst[0]) == str(base / "run1" / "hello.txt")
+            and event_path(dst[0], "old_path") == str(base / "hello.txt")
+        ), (
+            f"{base}: no IN_MOVED_TO run1/hello.txt paired with cookie {cookie}: "
             f"{[e for e in events if 'hello' in e['path']]}"
+        )
 
 
 # -- 15. overlapping roots -----------------------------------------------------------------------
@@ -939,11 +1002,14 @@ def test_overlapping_roots_refused(tmp_path, procs, relay, how):
         args = [str(root), str(inner)]
     else:
         config = tmp_path / "agent.toml"
-        config.write_text(f'[[root]]\npath = "{root}"\n\n'
-                          f'[[root]]\npath = "{inner}"\nprefix = "/elsewhere"\n')
+        config.write_text(
+            f'[[root]]\npath = "{root}"\n\n[[root]]\npath = "{inner}"\nprefix = "/elsewhere"\n'
+        )
         args = ["--config", str(config)]
-    agent = Proc([command("storage-events-agent"), "run", "--relay", relay.url, *args],
-                 tmp_path / "agent.log")
+    agent = Proc(
+        [command("storage-events-agent"), "run", "--relay", relay.url, *args],
+        tmp_path / "agent.log",
+    )
     procs.append(agent)
     try:
         rc = agent.popen.wait(10)

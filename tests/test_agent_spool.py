@@ -25,13 +25,16 @@ from storage_events.agent.spool import Spool
 from storage_events.wire import MAX_PATH, Event
 
 
-def ev(seq: int, path: str = "/d/f", flags: tuple[str, ...] = ("IN_CREATE",), stream: str = "a",
-       **kw) -> Event:
-    return Event(site="s", node="n", path=path, flags=list(flags), ts=seq, stream=stream,
-                 seq=seq, **kw)
+def ev(
+    seq: int, path: str = "/d/f", flags: tuple[str, ...] = ("IN_CREATE",), stream: str = "a", **kw
+) -> Event:
+    return Event(
+        site="s", node="n", path=path, flags=list(flags), ts=seq, stream=stream, seq=seq, **kw
+    )
 
 
 # -- the spool, on its own ----------------------------------------------------------------------
+
 
 def test_spool_never_refuses_past_its_quota_and_finds_unwritten_rows(tmp_path):
     spool = Spool(tmp_path / "spool", quota=2000)
@@ -68,13 +71,16 @@ def test_acknowledged_events_stay_as_the_journal_until_a_snapshot(tmp_path):
 
 # -- the journal --------------------------------------------------------------------------------
 
+
 def test_journal_replays_what_was_published_onto_the_snapshot():
     snapshot = {
         "/r": [1, {"a": [2, 10, 5], "keep": [3, 10, 5], "d": [4, {"x": [5, 1, 1]}]}],
         "/s": [9, {"f": [10, 1, 1]}],
     }
     events = [
-        ev(1, "/pub/new"), ev(2, "/pub/nd", is_dir=True), ev(3, "/pub/nd/f"),
+        ev(1, "/pub/new"),
+        ev(2, "/pub/nd", is_dir=True),
+        ev(3, "/pub/nd/f"),
         ev(4, "/pub/a", ("IN_DELETE",)),
         ev(5, "/pub/d", ("IN_MOVED_FROM",), is_dir=True, cookie=7),
         ev(6, "/pub/nd/d2", ("IN_MOVED_TO",), is_dir=True, cookie=7, old_path="/pub/d"),
@@ -84,14 +90,23 @@ def test_journal_replays_what_was_published_onto_the_snapshot():
         ev(10, "/pub", ("IN_Q_OVERFLOW",), is_dir=True),
         ev(11, "/pub/caf\ufffd", raw_path=b"/pub/caf\xe9"),
         ev(12, "/s", ("IN_DELETE_SELF",), is_dir=True),
-        ev(13, "/elsewhere/x"), ev(14, "/pub/missing/x"),
+        ev(13, "/elsewhere/x"),
+        ev(14, "/pub/missing/x"),
     ]
     marks: journal.Marks = {}
     got = journal.apply(snapshot, events, [("/r", "/pub"), ("/s", "/s")], marks)
-    assert got == {"/r": [1, {
-        "keep": [3, 10, 5], "new": [0, 0, -1], "in": [0, {}], b"caf\xe9": [0, 0, -1],
-        "nd": [0, {"d2": [4, {"x": [5, 0, -1]}]}],
-    }]}
+    assert got == {
+        "/r": [
+            1,
+            {
+                "keep": [3, 10, 5],
+                "new": [0, 0, -1],
+                "in": [0, {}],
+                b"caf\xe9": [0, 0, -1],
+                "nd": [0, {"d2": [4, {"x": [5, 0, -1]}]}],
+            },
+        ]
+    }
     assert len(marks) == 4  # new, f, x, caf\xe9
 
 
@@ -105,15 +120,23 @@ def test_journal_settles_files_not_changed_since_their_last_event(tmp_path):
     os.utime(root / "later", ns=(now + 10**9, now + 10**9))
     snapshot = {str(root): [1, {}]}
     marks: journal.Marks = {}
-    journal.apply(snapshot, [ev(1, f"{root}/same"), ev(2, f"{root}/later"),
-                             ev(3, f"{root}/gone")], [(str(root), str(root))], marks)
+    journal.apply(
+        snapshot,
+        [ev(1, f"{root}/same"), ev(2, f"{root}/later"), ev(3, f"{root}/gone")],
+        [(str(root), str(root))],
+        marks,
+    )
     journal.settle(snapshot, {k: (e, now) for k, (e, _) in marks.items()})
     st = os.lstat(root / "same")
-    assert snapshot[str(root)][1] == {"same": [st.st_ino, st.st_mtime_ns, st.st_size],
-                                      "later": [0, 0, -1], "gone": [0, 0, -1]}
+    assert snapshot[str(root)][1] == {
+        "same": [st.st_ino, st.st_mtime_ns, st.st_size],
+        "later": [0, 0, -1],
+        "gone": [0, 0, -1],
+    }
 
 
 # -- real agents --------------------------------------------------------------------------------
+
 
 def agent_config(tmp_path: Path, text: str) -> tuple[str, ...]:
     config = tmp_path / "agent.toml"
@@ -125,8 +148,13 @@ def test_full_spool_pauses_processing_and_nothing_numbered_is_lost(tmp_path, pro
     root = tmp_path / "w"
     root.mkdir()
     initial = on_disk(root)
-    agent = start_agent(tmp_path, procs, relay.url, root, extra=agent_config(
-        tmp_path, "spool_quota = 100000\nmemory_events = 300\n"))
+    agent = start_agent(
+        tmp_path,
+        procs,
+        relay.url,
+        root,
+        extra=agent_config(tmp_path, "spool_quota = 100000\nmemory_events = 300\n"),
+    )
     wait_for(lambda: agents_connected(relay), 10, "agent connection")
     relay.kill()
     for i in range(4000):
@@ -148,8 +176,7 @@ def tiny_disk(path: Path, size: str) -> Iterator[None]:
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
     path.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                   check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
     try:
         yield
     finally:
@@ -161,8 +188,9 @@ def test_full_disk_pauses_processing_and_recovers(tmp_path, procs, relay):
     root.mkdir()
     initial = on_disk(root)
     with tiny_disk(tmp_path / "spool", "2m"):
-        agent = start_agent(tmp_path, procs, relay.url, root,
-                            extra=agent_config(tmp_path, "memory_events = 300\n"))
+        agent = start_agent(
+            tmp_path, procs, relay.url, root, extra=agent_config(tmp_path, "memory_events = 300\n")
+        )
         wait_for(lambda: agents_connected(relay), 10, "agent connection")
         relay.kill()
         for i in range(6000):
@@ -230,16 +258,20 @@ def test_an_event_over_the_relays_limit_becomes_a_loss_notice(tmp_path, procs, r
     time.sleep(0.5)
     write(root / "normal")
     tail = Tail(tmp_path, procs, relay.url, "--since", "earliest")
-    wait_for(lambda: any(e["path"] == str(root / "normal") for e in tail.events()), 30,
-             "the normal file after the refused event")
+    wait_for(
+        lambda: any(e["path"] == str(root / "normal") for e in tail.events()),
+        30,
+        "the normal file after the refused event",
+    )
     notices = [e for e in tail.events() if e["flags"] == ["IN_Q_OVERFLOW"]]
     assert notices and all(len(e["path"]) <= MAX_PATH and e["is_dir"] for e in notices)
-    assert all(str(root / "p00").startswith(e["path"]) or
-               e["path"].startswith(str(root / "p00")) for e in notices)
+    assert all(
+        str(root / "p00").startswith(e["path"]) or e["path"].startswith(str(root / "p00"))
+        for e in notices
+    )
 
 
-def test_batches_too_big_for_the_relay_are_split_and_a_refused_event_replaced(
-        tmp_path, procs):
+def test_batches_too_big_for_the_relay_are_split_and_a_refused_event_replaced(tmp_path, procs):
     config = tmp_path / "relay.toml"
     config.write_text("max_frame = 65536\n")
     relay = Relay(tmp_path, procs, extra=("--config", str(config)))
@@ -249,8 +281,13 @@ def test_batches_too_big_for_the_relay_are_split_and_a_refused_event_replaced(
     agent_toml = tmp_path / "agent.toml"
     # Every event of this root is over 65536 bytes: valid, but larger than the relay's frames.
     agent_toml.write_text(f'[[root]]\npath = "{big}"\nprefix = "/{"é" * 33_000}"\n')
-    agent = start_agent(tmp_path, procs, relay.url, small,
-                        extra=("--config", str(agent_toml), "--spool", str(tmp_path / "spool")))
+    agent = start_agent(
+        tmp_path,
+        procs,
+        relay.url,
+        small,
+        extra=("--config", str(agent_toml), "--spool", str(tmp_path / "spool")),
+    )
     wait_for(lambda: agents_connected(relay), 10, "agent connection")
     relay.kill()
     for i in range(2000):  # a first batch after the outage far over 64 KiB
@@ -295,6 +332,10 @@ def test_after_sigkill_the_restart_compares_with_what_was_published(tmp_path, pr
 def test_overlapping_roots_are_refused(tmp_path):
     (tmp_path / "a" / "b").mkdir(parents=True)
     for paths in ([tmp_path / "a", tmp_path / "a" / "b"], [tmp_path / "a", tmp_path / "a"]):
-        r = subprocess.run([command("storage-events-agent"), "run", *map(str, paths)],
-                           capture_output=True, text=True, timeout=30)
+        r = subprocess.run(
+            [command("storage-events-agent"), "run", *map(str, paths)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert r.returncode != 0 and "roots overlap" in r.stderr, r.stderr

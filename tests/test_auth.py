@@ -26,48 +26,49 @@ from storage_events.relay.auth import (
 )
 from storage_events.relay.auth import hash_token as h
 from storage_events.relay.cli import main
-from storage_events.relay.ingest import IngestLimits, IngestSession, ProtocolError
+from storage_events.relay.ingest.session import IngestLimits, IngestSession, ProtocolError
 from storage_events.wire import Batch, Error, Event, Hello, decode_to_agent, encode_frame
 
-TOKENS = {name: f"secret-{name}-0123456789" for name in
-          ("agent-a", "agent-b", "r-all", "r-a", "r-pub")}
+TOKENS = {
+    name: f"secret-{name}-0123456789" for name in ("agent-a", "agent-b", "r-all", "r-a", "r-pub")
+}
 
 CONFIG = f"""
 [[token]]
 name = "agent-a"
 role = "agent"
 site = "a"
-hash = "{h(TOKENS['agent-a'])}"
+hash = "{h(TOKENS["agent-a"])}"
 
 [[token]]
 name = "agent-b"
 role = "agent"
 site = "b"
-hash = "{h(TOKENS['agent-b'])}"
+hash = "{h(TOKENS["agent-b"])}"
 
 [[token]]
 name = "r-all"
 role = "reader"
-hash = "{h(TOKENS['r-all'])}"
+hash = "{h(TOKENS["r-all"])}"
 
 [[token]]
 name = "r-a"
 role = "reader"
 sites = ["a"]
-hash = "{h(TOKENS['r-a'])}"
+hash = "{h(TOKENS["r-a"])}"
 
 [[token]]
 name = "r-pub"
 role = "reader"
 paths = ["/data/b/public"]
-hash = "{h(TOKENS['r-pub'])}"
+hash = "{h(TOKENS["r-pub"])}"
 """
 
 
-def ev(site: str, stream: str, seq: int, path: str, flag: str = "IN_CLOSE_WRITE",
-       **kw: object) -> Event:
-    return Event(site=site, node="n1", path=path, flags=[flag], ts=1, stream=stream, seq=seq,
-                 **kw)
+def ev(
+    site: str, stream: str, seq: int, path: str, flag: str = "IN_CLOSE_WRITE", **kw: object
+) -> Event:
+    return Event(site=site, node="n1", path=path, flags=[flag], ts=1, stream=stream, seq=seq, **kw)
 
 
 A_EVENTS = [ev("a", "n1:a", 1, "/data/a/x1"), ev("a", "n1:a", 2, "/data/a/x2")]
@@ -79,8 +80,9 @@ B_EVENTS = [
 ]
 
 
-async def publish(relay: Relay, token: str | None, site: str, stream: str,
-                  events: list[Event]) -> str | None:
+async def publish(
+    relay: Relay, token: str | None, site: str, stream: str, events: list[Event]
+) -> str | None:
     """Publish; returns the relay's error message if it refused."""
     async with websockets.connect(relay.url.replace("http", "ws") + "/ingest") as ws:
         await ws.send(encode_frame(Hello(site=site, node="n1", stream=stream, token=token)))
@@ -101,9 +103,14 @@ WATCHES = {
     "jwt": {"/data/b/private": 201, "/data/b/public": 400, "/data/a?site=a": 400},
 }
 DCACHE_EXPECTED = {  # (name, first mask flag, carries a cookie)
-    "r-all": [("x1", "IN_CLOSE_WRITE", False), ("x2", "IN_CLOSE_WRITE", False),
-              ("p1", "IN_CLOSE_WRITE", False), ("q1", "IN_CLOSE_WRITE", False),
-              ("m", "IN_MOVED_FROM", True), ("m", "IN_MOVED_TO", True)],
+    "r-all": [
+        ("x1", "IN_CLOSE_WRITE", False),
+        ("x2", "IN_CLOSE_WRITE", False),
+        ("p1", "IN_CLOSE_WRITE", False),
+        ("q1", "IN_CLOSE_WRITE", False),
+        ("m", "IN_MOVED_FROM", True),
+        ("m", "IN_MOVED_TO", True),
+    ],
     "r-a": [("x1", "IN_CLOSE_WRITE", False), ("x2", "IN_CLOSE_WRITE", False)],
     "r-pub": [("p1", "IN_CLOSE_WRITE", False), ("m", "IN_MOVED_TO", False)],
     "jwt": [("q1", "IN_CLOSE_WRITE", False), ("m", "IN_MOVED_FROM", True)],
@@ -121,8 +128,11 @@ def dcache_channel(relay: Relay, token: str, name: str) -> str:
     channel = r.headers["location"]
     for watch, code in WATCHES[name].items():
         path, _, site = watch.partition("?site=")
-        r = httpx.post(channel + "/subscriptions/inotify", headers=auth(token),
-                       json={"path": path} | ({"site": site} if site else {}))
+        r = httpx.post(
+            channel + "/subscriptions/inotify",
+            headers=auth(token),
+            json={"path": path} | ({"site": site} if site else {}),
+        )
         assert r.status_code == code, (name, watch, r.text)
         if code == 400:
             assert r.json()["detail"].startswith("Permission denied"), r.text
@@ -132,10 +142,12 @@ def dcache_channel(relay: Relay, token: str, name: str) -> str:
 @pytest.fixture(scope="module")
 def rsa_key() -> tuple[bytes, bytes]:
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
-    public = key.public_key().public_bytes(serialization.Encoding.PEM,
-                                           serialization.PublicFormat.SubjectPublicKeyInfo)
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    public = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
     return private, public
 
 
@@ -143,24 +155,39 @@ def test_authorization_matrix(tmp_path, procs, rsa_key):
     private, public = rsa_key
     (tmp_path / "jwt.pub").write_bytes(public)
     config = tmp_path / "relay.toml"
-    config.write_text(CONFIG + f'\n[jwt]\nalgorithms = ["RS256"]\n'
-                               f'public_key_file = "{tmp_path / "jwt.pub"}"\n')
+    config.write_text(
+        CONFIG + f'\n[jwt]\nalgorithms = ["RS256"]\npublic_key_file = "{tmp_path / "jwt.pub"}"\n'
+    )
     relay = Relay(tmp_path, procs, extra=("--config", str(config)), token=TOKENS["r-all"])
-    jwt_reader = jwt.encode({"sub": "carol", "sites": ["b"], "paths": ["/data/b/private"],
-                             "exp": int(time.time()) + 600}, private, algorithm="RS256")
+    jwt_reader = jwt.encode(
+        {
+            "sub": "carol",
+            "sites": ["b"],
+            "paths": ["/data/b/private"],
+            "exp": int(time.time()) + 600,
+        },
+        private,
+        algorithm="RS256",
+    )
     readers = {**{n: TOKENS[n] for n in ("r-all", "r-a", "r-pub")}, "jwt": jwt_reader}
-    live = {name: Tail(tmp_path, procs, relay.url, "--token", token, name=f"live-{name}")
-            for name, token in readers.items()}
+    live = {
+        name: Tail(tmp_path, procs, relay.url, "--token", token, name=f"live-{name}")
+        for name, token in readers.items()
+    }
     channels = {name: dcache_channel(relay, token, name) for name, token in readers.items()}
-    dcache_live = {name: ChannelReader(url, headers=auth(readers[name]))
-                   for name, url in channels.items()}
+    dcache_live = {
+        name: ChannelReader(url, headers=auth(readers[name])) for name, url in channels.items()
+    }
     time.sleep(1.5)  # the live subscribers are connected before anything is published
 
     # Publishing: only as the token's own site, only with an agent token.
     assert asyncio.run(publish(relay, TOKENS["agent-a"], "a", "n1:a", A_EVENTS)) is None
     assert asyncio.run(publish(relay, TOKENS["agent-b"], "b", "n1:b", B_EVENTS)) is None
-    forged = asyncio.run(publish(relay, TOKENS["agent-a"], "b", "n1:forged",
-                                 [ev("b", "n1:forged", 1, "/data/b/evil")]))
+    forged = asyncio.run(
+        publish(
+            relay, TOKENS["agent-a"], "b", "n1:forged", [ev("b", "n1:forged", 1, "/data/b/evil")]
+        )
+    )
     assert forged == "token 'agent-a' may publish as site 'a', not 'b'"
     assert "needs a token" in asyncio.run(publish(relay, None, "a", "n1:anon", A_EVENTS))
     assert "cannot publish" in asyncio.run(publish(relay, TOKENS["r-all"], "a", "n1:r", A_EVENTS))
@@ -168,15 +195,29 @@ def test_authorization_matrix(tmp_path, procs, rsa_key):
     assert relay.healthy()["head"] == 6
 
     expected = {
-        "r-all": ["/data/a/x1", "/data/a/x2", "/data/b/public/p1", "/data/b/private/q1",
-                  "/data/b/private/m", "/data/b/public/m"],
+        "r-all": [
+            "/data/a/x1",
+            "/data/a/x2",
+            "/data/b/public/p1",
+            "/data/b/private/q1",
+            "/data/b/private/m",
+            "/data/b/public/m",
+        ],
         "r-a": ["/data/a/x1", "/data/a/x2"],
         "r-pub": ["/data/b/public/p1", "/data/b/public/m"],
         "jwt": ["/data/b/private/q1", "/data/b/private/m"],
     }
     for name, token in readers.items():
-        catch_up = Tail(tmp_path, procs, relay.url, "--token", token, "--since", "earliest",
-                        name=f"catchup-{name}")
+        catch_up = Tail(
+            tmp_path,
+            procs,
+            relay.url,
+            "--token",
+            token,
+            "--since",
+            "earliest",
+            name=f"catchup-{name}",
+        )
         for how, tail in (("live", live[name]), ("catch-up", catch_up)):
             got = tail.wait_count(len(expected[name]))
             time.sleep(0.3)
@@ -194,8 +235,11 @@ def test_authorization_matrix(tmp_path, procs, rsa_key):
         for how, reader in (("live", dcache_live[name]), ("replay", replay)):
             reader.wait(len(DCACHE_EXPECTED[name]))
             time.sleep(0.3)
-            got = [(m["event"]["name"], m["event"]["mask"][0], "cookie" in m["event"])
-                   for kind, _, m in reader.messages() if kind == "inotify"]
+            got = [
+                (m["event"]["name"], m["event"]["mask"][0], "cookie" in m["event"])
+                for kind, _, m in reader.messages()
+                if kind == "inotify"
+            ]
             assert got == DCACHE_EXPECTED[name], (name, how)
     api = relay.url + "/api/v1/events"
     assert httpx.get(api).status_code == 200  # the one anonymous call, as in dCache
@@ -217,8 +261,9 @@ def test_authorization_matrix(tmp_path, procs, rsa_key):
     assert code == 403 and "cannot read" in text
     code, text = status(params={"site": "b", "access_token": TOKENS["r-a"]})
     assert code == 403 and "may not read site(s) b" in text
-    forged_jwt = jwt.encode({"sub": "eve", "exp": int(time.time()) + 60}, "a guessed secret" * 3,
-                            algorithm="HS256")
+    forged_jwt = jwt.encode(
+        {"sub": "eve", "exp": int(time.time()) + 60}, "a guessed secret" * 3, algorithm="HS256"
+    )
     code, text = status(headers={"Authorization": f"Bearer {forged_jwt}"})
     assert code == 401 and "JWT was refused" in text
 
@@ -233,15 +278,23 @@ def test_with_tokens_a_public_address_is_allowed(tmp_path, procs):
 @pytest.mark.parametrize("algorithm", ["HS256", "ES256"])
 def test_jwt_claims_become_the_readers_scope(tmp_path, algorithm):
     if algorithm == "HS256":
-        sign, cfg = "shared-secret-of-enough-length-32b", JWTConfig(secret="shared-secret-of-"
-                                                                   "enough-length-32b")
+        sign, cfg = (
+            "shared-secret-of-enough-length-32b",
+            JWTConfig(secret="shared-secret-of-enough-length-32b"),
+        )
     else:
         key = ec.generate_private_key(ec.SECP256R1())
-        sign = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                 serialization.NoEncryption())
+        sign = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
         pub = tmp_path / "ec.pub"
-        pub.write_bytes(key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+        pub.write_bytes(
+            key.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        )
         cfg = JWTConfig(algorithms=["ES256"], public_key_file=str(pub), audience="relay")
     auth = Authenticator([], cfg)
     claims = {"sub": "dave", "sites": ["x"], "paths": ["/p/"], "exp": int(time.time()) + 600}
@@ -256,8 +309,9 @@ def test_jwt_claims_become_the_readers_scope(tmp_path, algorithm):
     with pytest.raises(AuthError, match="JWT was refused"):
         auth.identify(jwt.encode({**claims, "exp": 1}, sign, algorithm=algorithm))
     with pytest.raises(AuthError, match="no `sub` claim"):
-        auth.identify(jwt.encode({k: v for k, v in claims.items() if k != "sub"}, sign,
-                                 algorithm=algorithm))
+        auth.identify(
+            jwt.encode({k: v for k, v in claims.items() if k != "sub"}, sign, algorithm=algorithm)
+        )
 
 
 def test_token_config_rules():
@@ -283,11 +337,17 @@ def test_a_jwt_must_expire_and_soon_enough():
     auth = Authenticator([], JWTConfig(secret=SECRET))
     with pytest.raises(AuthError, match="JWT was refused: it has no `exp`"):
         auth.identify(signed())
-    with pytest.raises(AuthError, match=r"JWT was refused: its lifetime of 3153600000 s "
-                                        r"\(exp - iat\) is more than .* 86400 s"):
+    with pytest.raises(
+        AuthError,
+        match=r"JWT was refused: its lifetime of 3153600000 s "
+        r"\(exp - iat\) is more than .* 86400 s",
+    ):
         auth.identify(signed(iat=now, exp=century))
-    with pytest.raises(AuthError, match=r"JWT was refused: its lifetime of 315\d{7} s "
-                                        r"\(exp - now, it has no iat\) is more than .* 86400 s"):
+    with pytest.raises(
+        AuthError,
+        match=r"JWT was refused: its lifetime of 315\d{7} s "
+        r"\(exp - now, it has no iat\) is more than .* 86400 s",
+    ):
         auth.identify(signed(exp=century))
     assert auth.identify(signed(iat=now, exp=now + 86400)).name == "jwt:dave"
     assert auth.identify(signed(exp=now + 3600)).name == "jwt:dave"
@@ -298,34 +358,63 @@ def test_a_jwt_must_expire_and_soon_enough():
 
 
 def test_a_relay_token_pushes_only_its_own_site_unless_it_lists_others():
-    auth = Authenticator([TokenConfig(name="kit-relay", role="relay", site="kit", hash=h("t1")),
-                          TokenConfig(name="hub", role="relay", site="hub",
-                                      sites=["kit", "desy"], hash=h("t2"))], None)
+    auth = Authenticator(
+        [
+            TokenConfig(name="kit-relay", role="relay", site="kit", hash=h("t1")),
+            TokenConfig(name="hub", role="relay", site="hub", sites=["kit", "desy"], hash=h("t2")),
+        ],
+        None,
+    )
     assert auth.identify("t1").scope.sites == frozenset({"kit"})
     assert auth.identify("t2").scope.sites == frozenset({"kit", "desy"})
     session = IngestSession(IngestLimits(), auth, "central")
-    session.receive(encode_frame(Hello(role="relay", site="kit", node="kit",
-                                       stream="relay:kit:1", token="t1")))
-    own = Event(site="kit", node="n", path="/k", flags=["IN_CREATE"], ts=1, stream="n:1", seq=1,
-                id=1, origin_id=1, via=["kit"])
+    session.receive(
+        encode_frame(Hello(role="relay", site="kit", node="kit", stream="relay:kit:1", token="t1"))
+    )
+    own = Event(
+        site="kit",
+        node="n",
+        path="/k",
+        flags=["IN_CREATE"],
+        ts=1,
+        stream="n:1",
+        seq=1,
+        id=1,
+        origin_id=1,
+        via=["kit"],
+    )
     assert session.receive(encode_frame(Batch([own]))) == [own]
-    forged = Event(site="desy", node="n", path="/d", flags=["IN_CREATE"], ts=1, stream="d:1",
-                   seq=1, id=2, origin_id=2, via=["kit"])
+    forged = Event(
+        site="desy",
+        node="n",
+        path="/d",
+        flags=["IN_CREATE"],
+        ts=1,
+        stream="d:1",
+        seq=1,
+        id=2,
+        origin_id=2,
+        via=["kit"],
+    )
     with pytest.raises(ProtocolError, match="relay 'kit' may not push events of site 'desy'"):
         session.receive(encode_frame(Batch([forged])))
 
 
 def test_an_agent_token_may_be_bound_to_a_node():
     entry = {"name": "pool", "role": "agent", "site": "desy", "hash": h("t")}
-    auth = Authenticator([msgspec.convert({**entry, "node": "pool-07"}, TokenConfig),
-                          msgspec.convert({**entry, "hash": h("u")}, TokenConfig)], None)
+    auth = Authenticator(
+        [
+            msgspec.convert({**entry, "node": "pool-07"}, TokenConfig),
+            msgspec.convert({**entry, "hash": h("u")}, TokenConfig),
+        ],
+        None,
+    )
     assert auth.identify("t").node == "pool-07"
     assert auth.identify("u").node is None  # any node of its site
     with pytest.raises(msgspec.ValidationError, match=r"node"):
         msgspec.convert({**entry, "node": "../pool"}, TokenConfig)
     with pytest.raises(msgspec.ValidationError, match="reader token 'pool' takes no `node`"):
-        msgspec.convert({**entry, "role": "reader", "site": None, "node": "pool-07"},
-                        TokenConfig)
+        msgspec.convert({**entry, "role": "reader", "site": None, "node": "pool-07"}, TokenConfig)
 
 
 def test_a_metrics_token_scrapes_and_nothing_else():

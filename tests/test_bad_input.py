@@ -45,28 +45,53 @@ def hello(site: str = "evil", stream: str = "n1:1") -> bytes:
 
 
 def event(seq: int, **kw) -> Event:
-    base = dict(site="evil", node="n1", path="/x", flags=["IN_CREATE"], ts=1, stream="n1:1",
-                seq=seq)
+    base = dict(
+        site="evil", node="n1", path="/x", flags=["IN_CREATE"], ts=1, stream="n1:1", seq=seq
+    )
     return Event(**{**base, **kw})
 
 
 CASES = [
     ("garbage bytes", [b"\xc1\xc1\xc1 not msgpack"], 1007, "not msgpack"),
     ("text frame", ["hello?"], 1003, "text frames"),
-    ("wrong type in hello", [msgspec.msgpack.encode({"type": "hello", "site": 5})], 1007,
-     "Expected `str`"),
+    (
+        "wrong type in hello",
+        [msgspec.msgpack.encode({"type": "hello", "site": 5})],
+        1007,
+        "Expected `str`",
+    ),
     ("batch before hello", [encode_frame(Batch([event(1)]))], 1008, "first frame must be a hello"),
     ("bad site name", [hello(site="../../etc")], 1008, "site name"),
-    ("forged site in events", [hello(), encode_frame(Batch([event(1, site="cern")]))], 1008,
-     "claims site/node"),
-    ("foreign stream", [hello(), encode_frame(Batch([event(1, stream="other:1")]))], 1008,
-     "belongs to stream"),
-    ("unknown flag", [hello(), encode_frame(Batch([event(1, flags=["IN_NOPE"])]))], 1008,
-     "not inotify flag names"),
-    ("seq going backwards", [hello(), encode_frame(Batch([event(2), event(1)]))], 1008,
-     "go up by one"),
-    ("too many events", [hello(), encode_frame(Batch([event(i) for i in range(1, 102)]))], 1009,
-     "exceeds the limit of 100"),
+    (
+        "forged site in events",
+        [hello(), encode_frame(Batch([event(1, site="cern")]))],
+        1008,
+        "claims site/node",
+    ),
+    (
+        "foreign stream",
+        [hello(), encode_frame(Batch([event(1, stream="other:1")]))],
+        1008,
+        "belongs to stream",
+    ),
+    (
+        "unknown flag",
+        [hello(), encode_frame(Batch([event(1, flags=["IN_NOPE"])]))],
+        1008,
+        "not inotify flag names",
+    ),
+    (
+        "seq going backwards",
+        [hello(), encode_frame(Batch([event(2), event(1)]))],
+        1008,
+        "go up by one",
+    ),
+    (
+        "too many events",
+        [hello(), encode_frame(Batch([event(i) for i in range(1, 102)]))],
+        1009,
+        "exceeds the limit of 100",
+    ),
     ("oversized frame", [hello(), b"\x00" * 70_000], 1009, ""),
 ]
 
@@ -106,8 +131,9 @@ def test_a_clean_resend_of_acknowledged_events_is_stored_once(small_relay):
                 welcome = decode_to_agent(await ws.recv())
                 assert isinstance(welcome, Welcome)
                 acks.append(welcome.acked)
-                await ws.send(encode_frame(Batch([
-                    event(i, site="s1", stream="n1:abc") for i in range(1, 6)])))
+                await ws.send(
+                    encode_frame(Batch([event(i, site="s1", stream="n1:abc") for i in range(1, 6)]))
+                )
                 await ws.recv()
         return acks[0], acks[1]
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from storage_events.relay.channels import (
+from storage_events.relay.dcache.channels import (
     Channel,
     ChannelError,
     Limits,
@@ -15,8 +15,8 @@ from storage_events.relay.channels import (
     parse_selector,
     resume,
 )
-from storage_events.relay.filters import Scope
-from storage_events.relay.log import make_record
+from storage_events.relay.feed.filters import Scope
+from storage_events.relay.log.base import make_record
 from storage_events.wire import Event, event_json, flags_mask
 
 BASE = "https://relay.example:8808/api/v1/events/channels"
@@ -26,10 +26,30 @@ class Log:
     def __init__(self) -> None:
         self.next = 1
 
-    def __call__(self, path: str, flag: str, *, site: str = "s", node: str = "n",
-                 is_dir: bool = False, cookie: int | None = None, old: str | None = None):
-        ev = Event(id=self.next, site=site, node=node, path=path, flags=[flag], is_dir=is_dir,
-                   cookie=cookie, old_path=old, ts=1, stream="x", seq=self.next)
+    def __call__(
+        self,
+        path: str,
+        flag: str,
+        *,
+        site: str = "s",
+        node: str = "n",
+        is_dir: bool = False,
+        cookie: int | None = None,
+        old: str | None = None,
+    ):
+        ev = Event(
+            id=self.next,
+            site=site,
+            node=node,
+            path=path,
+            flags=[flag],
+            is_dir=is_dir,
+            cookie=cookie,
+            old_path=old,
+            ts=1,
+            stream="x",
+            seq=self.next,
+        )
         self.next += 1
         return make_record(ev.id, site, node, path, flags_mask(ev.flags), event_json(ev))
 
@@ -57,14 +77,17 @@ def test_directory_watch_sees_direct_children_only_with_child_names(reg):
     w, new = reg.subscribe(ch, Selector("/data/in"))
     assert new and len(w.sid) == 24 and w.url == f"{ch.url}/subscriptions/inotify/{w.sid}"
     ev = Log()
-    got = received(reg, [
-        ev("/data/in/a.h5", "IN_CREATE"),
-        ev("/data/in/a.h5", "IN_CLOSE_WRITE"),
-        ev("/data/in/sub", "IN_CREATE", is_dir=True),
-        ev("/data/in/sub/deep.h5", "IN_CLOSE_WRITE"),  # a grandchild: not recursive
-        ev("/data/inbox/x", "IN_CREATE"),  # a sibling whose name shares the prefix
-        ev("/data/in", "IN_ATTRIB", is_dir=True),  # the directory itself
-    ])
+    got = received(
+        reg,
+        [
+            ev("/data/in/a.h5", "IN_CREATE"),
+            ev("/data/in/a.h5", "IN_CLOSE_WRITE"),
+            ev("/data/in/sub", "IN_CREATE", is_dir=True),
+            ev("/data/in/sub/deep.h5", "IN_CLOSE_WRITE"),  # a grandchild: not recursive
+            ev("/data/inbox/x", "IN_CREATE"),  # a sibling whose name shares the prefix
+            ev("/data/in", "IN_ATTRIB", is_dir=True),  # the directory itself
+        ],
+    )
     assert got == [
         (ch.id, 0, w.sid, {"mask": ["IN_CREATE"], "name": "a.h5"}),
         (ch.id, 1, w.sid, {"mask": ["IN_CLOSE_WRITE"], "name": "a.h5"}),
@@ -81,8 +104,7 @@ def test_flags_select_events_and_a_repeat_merges_or_adds(reg):
     assert [p["mask"] for *_, p in received(reg, records)] == [["IN_CLOSE_WRITE"]]
     same, new = reg.subscribe(ch, Selector("/d", ["IN_DELETE", "IN_MASK_ADD"]))
     assert same is w and not new
-    assert [p["mask"] for *_, p in received(reg, records)] == [["IN_CLOSE_WRITE"],
-                                                               ["IN_DELETE"]]
+    assert [p["mask"] for *_, p in received(reg, records)] == [["IN_CLOSE_WRITE"], ["IN_DELETE"]]
     reg.subscribe(ch, Selector("/d", ["IN_CREATE"]))  # replaces
     assert [p["mask"] for *_, p in received(reg, records)] == [["IN_CREATE"]]
 
@@ -93,18 +115,24 @@ def test_rename_halves_share_a_cookie_and_a_moved_watch_follows_its_directory(re
     dst, _ = reg.subscribe(ch, Selector("/d/out"))
     moved, _ = reg.subscribe(ch, Selector("/d/in/run"))
     ev = Log()
-    got = received(reg, [
-        ev("/d/in/run", "IN_MOVED_FROM", is_dir=True, cookie=9),
-        ev("/d/out/run", "IN_MOVED_TO", is_dir=True, cookie=9, old="/d/in/run"),
-        ev("/d/out/run/f", "IN_CLOSE_WRITE"),
-    ])
+    got = received(
+        reg,
+        [
+            ev("/d/in/run", "IN_MOVED_FROM", is_dir=True, cookie=9),
+            ev("/d/out/run", "IN_MOVED_TO", is_dir=True, cookie=9, old="/d/in/run"),
+            ev("/d/out/run/f", "IN_CLOSE_WRITE"),
+        ],
+    )
     cookie = got[0][3]["cookie"]
     assert got == [
-        (ch.id, 0, src.sid, {"mask": ["IN_MOVED_FROM", "IN_ISDIR"], "name": "run",
-                             "cookie": cookie}),
+        (
+            ch.id,
+            0,
+            src.sid,
+            {"mask": ["IN_MOVED_FROM", "IN_ISDIR"], "name": "run", "cookie": cookie},
+        ),
         (ch.id, 1, moved.sid, {"mask": ["IN_MOVE_SELF"]}),
-        (ch.id, 2, dst.sid, {"mask": ["IN_MOVED_TO", "IN_ISDIR"], "name": "run",
-                             "cookie": cookie}),
+        (ch.id, 2, dst.sid, {"mask": ["IN_MOVED_TO", "IN_ISDIR"], "name": "run", "cookie": cookie}),
         (ch.id, 3, moved.sid, {"mask": ["IN_CLOSE_WRITE"], "name": "f"}),
     ]
     assert moved.path_on("s") == "/d/out/run"  # on the site where it moved
@@ -118,12 +146,20 @@ def test_deleted_directory_ends_its_watch_and_oneshot_ends_after_one_event(reg):
     gone, _ = reg.subscribe(ch, Selector("/d/gone"))
     once, _ = reg.subscribe(ch, Selector("/d/once", ["IN_CLOSE_WRITE", "IN_ONESHOT"]))
     ev = Log()
-    routed = reg.route([ev("/d/gone", "IN_DELETE", is_dir=True),
-                        ev("/d/once/a", "IN_CLOSE_WRITE"), ev("/d/once/b", "IN_CLOSE_WRITE")])
-    payloads = [(json.loads(d)["subscription"].rsplit("/", 1)[1], json.loads(d)["event"])
-                for _, _, d, _ in routed.events]
+    routed = reg.route(
+        [
+            ev("/d/gone", "IN_DELETE", is_dir=True),
+            ev("/d/once/a", "IN_CLOSE_WRITE"),
+            ev("/d/once/b", "IN_CLOSE_WRITE"),
+        ]
+    )
+    payloads = [
+        (json.loads(d)["subscription"].rsplit("/", 1)[1], json.loads(d)["event"])
+        for _, _, d, _ in routed.events
+    ]
     assert payloads == [
-        (gone.sid, {"mask": ["IN_DELETE_SELF"]}), (gone.sid, {"mask": ["IN_IGNORED"]}),
+        (gone.sid, {"mask": ["IN_DELETE_SELF"]}),
+        (gone.sid, {"mask": ["IN_IGNORED"]}),
         (once.sid, {"mask": ["IN_CLOSE_WRITE"], "name": "a"}),
         (once.sid, {"mask": ["IN_IGNORED"]}),
     ]
@@ -151,10 +187,18 @@ def test_scope_limits_subscriptions_and_events(reg):
         reg.subscribe(ch, Selector("/pub", site="b"))
     w, _ = reg.subscribe(ch, Selector("/pub"))
     ev = Log()
-    got = received(reg, [ev("/pub/x", "IN_CREATE", site="b"), ev("/pub/y", "IN_CREATE", site="a"),
-                         ev("/pub/m", "IN_MOVED_TO", site="a", cookie=1, old="/private/m")])
-    assert got == [(ch.id, 0, w.sid, {"mask": ["IN_CREATE"], "name": "y"}),
-                   (ch.id, 1, w.sid, {"mask": ["IN_MOVED_TO"], "name": "m"})]  # no cookie
+    got = received(
+        reg,
+        [
+            ev("/pub/x", "IN_CREATE", site="b"),
+            ev("/pub/y", "IN_CREATE", site="a"),
+            ev("/pub/m", "IN_MOVED_TO", site="a", cookie=1, old="/private/m"),
+        ],
+    )
+    assert got == [
+        (ch.id, 0, w.sid, {"mask": ["IN_CREATE"], "name": "y"}),
+        (ch.id, 1, w.sid, {"mask": ["IN_MOVED_TO"], "name": "m"}),
+    ]  # no cookie
 
 
 def test_site_selector_and_channels_are_independent(reg):
@@ -163,25 +207,29 @@ def test_site_selector_and_channels_are_independent(reg):
     w2, _ = reg.subscribe(two, Selector("/d"))
     ev = Log()
     got = received(reg, [ev("/d/x", "IN_CREATE", site="b"), ev("/d/y", "IN_CREATE", site="a")])
-    assert sorted((c, i, s, p["name"]) for c, i, s, p in got) == sorted([
-        (two.id, 0, w2.sid, "x"), (one.id, 0, w1.sid, "y"), (two.id, 1, w2.sid, "y")])
+    assert sorted((c, i, s, p["name"]) for c, i, s, p in got) == sorted(
+        [(two.id, 0, w2.sid, "x"), (one.id, 0, w1.sid, "y"), (two.id, 1, w2.sid, "y")]
+    )
 
 
-@pytest.mark.parametrize("body, message", [
-    (b"", "needs a JSON selector"),
-    (b"{", "not valid JSON"),
-    (b'{"path": 7}', "Expected `str`"),
-    (b'{"flags": ["IN_CREATE"]}', "missing required field `path`"),
-    (b'{"path": "/d", "recursive": true}', "unknown field `recursive`"),
-    (b'{"path": "d"}', "must be absolute"),
-    (b'{"path": "/d/"}', "must be absolute"),
-    (b'{"path": "/d/../e"}', "must be absolute"),
-    (b'{"path": "/d//e"}', "must be absolute"),
-    (b'{"path": "/d", "flags": ["IN_DONT_FOLLOW"]}', "IN_DONT_FOLLOW is not supported"),
-    (b'{"path": "/d", "flags": ["IN_MOVE_FROM"]}', "unknown flag 'IN_MOVE_FROM'"),
-    (b'{"path": "/d", "flags": "IN_CREATE"}', "Expected `array"),
-    (b'{"path": "/d", "flags": ["IN_ONESHOT"]}', "no event to watch"),
-])
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        (b"", "needs a JSON selector"),
+        (b"{", "not valid JSON"),
+        (b'{"path": 7}', "Expected `str`"),
+        (b'{"flags": ["IN_CREATE"]}', "missing required field `path`"),
+        (b'{"path": "/d", "recursive": true}', "unknown field `recursive`"),
+        (b'{"path": "d"}', "must be absolute"),
+        (b'{"path": "/d/"}', "must be absolute"),
+        (b'{"path": "/d/../e"}', "must be absolute"),
+        (b'{"path": "/d//e"}', "must be absolute"),
+        (b'{"path": "/d", "flags": ["IN_DONT_FOLLOW"]}', "IN_DONT_FOLLOW is not supported"),
+        (b'{"path": "/d", "flags": ["IN_MOVE_FROM"]}', "unknown flag 'IN_MOVE_FROM'"),
+        (b'{"path": "/d", "flags": "IN_CREATE"}', "Expected `array"),
+        (b'{"path": "/d", "flags": ["IN_ONESHOT"]}', "no event to watch"),
+    ],
+)
 def test_bad_selectors_are_400_with_the_reason(reg, body, message):
     with pytest.raises(ChannelError, match=message) as e:
         reg.subscribe(channel(reg), parse_selector(body))
@@ -235,7 +283,7 @@ def test_backlog_keeps_the_newest(reg):
 
 
 def test_the_store_keeps_channels_watches_and_backlog_across_a_restart(tmp_path):
-    from storage_events.relay.channel_store import ChannelStore, saved, snapshot
+    from storage_events.relay.dcache.store import ChannelStore, saved, snapshot
 
     store, reg = ChannelStore(tmp_path), Registry(Limits())
     ch = reg.create("u", Scope(frozenset({"s"}), ("/d",)), "client", BASE, 5.0)

@@ -23,11 +23,11 @@ from test_channels import BASE, Log, received
 
 from storage_events.relay.auth import Authenticator, JWTConfig
 from storage_events.relay.auth import hash_token as h
-from storage_events.relay.channel_store import ChannelStore, snapshot
-from storage_events.relay.channels import Channel, Limits, Registry, Selector
-from storage_events.relay.dcache_api import ChannelService
-from storage_events.relay.filters import Scope
-from storage_events.relay.sqlite_log import SQLiteLog
+from storage_events.relay.dcache.api import ChannelService
+from storage_events.relay.dcache.channels import Channel, Limits, Registry, Selector
+from storage_events.relay.dcache.store import ChannelStore, snapshot
+from storage_events.relay.feed.filters import Scope
+from storage_events.relay.log.sqlite import SQLiteLog
 from storage_events.wire import Batch, Error, Event, Hello, decode_to_agent, encode_frame
 
 SECRET = "a-shared-secret-of-32-bytes-or-more"
@@ -36,6 +36,7 @@ WIDE, NARROW = Scope(None, ("/data",)), Scope(None, ("/data/public",))
 
 # -- 1. a move on one site moves a site-less watch for that site only ---------------------------
 
+
 def test_a_siteless_watch_follows_a_move_on_that_site_only():
     reg = Registry(Limits())
     ch = reg.create("u", Scope(), None, BASE, 0.0)
@@ -43,40 +44,52 @@ def test_a_siteless_watch_follows_a_move_on_that_site_only():
     inner, _ = reg.subscribe(ch, Selector("/d/run/sub"))
     on_b, _ = reg.subscribe(ch, Selector("/d/run", site="b"))
     ev = Log()
-    got = received(reg, [
-        ev("/d/run", "IN_MOVED_FROM", site="a", is_dir=True, cookie=1),
-        ev("/d/run2", "IN_MOVED_TO", site="a", is_dir=True, cookie=1, old="/d/run"),
-        ev("/d/run/b.h5", "IN_CLOSE_WRITE", site="b"),  # b's directory did not move
-        ev("/d/run/sub/b.h5", "IN_CLOSE_WRITE", site="b"),
-        ev("/d/run2/a.h5", "IN_CLOSE_WRITE", site="a"),  # a's did
-        ev("/d/run2/sub/a.h5", "IN_CLOSE_WRITE", site="a"),
-        ev("/d/run/new.h5", "IN_CLOSE_WRITE", site="a"),  # a's new /d/run is another directory
-        ev("/d/run2/x.h5", "IN_CLOSE_WRITE", site="b"),  # b's /d/run2 is not watched
-    ])
-    assert sorted((sid, p["mask"][0], p.get("name")) for _, _, sid, p in got) == sorted([
-        (run.sid, "IN_MOVE_SELF", None),
-        (run.sid, "IN_CLOSE_WRITE", "b.h5"), (on_b.sid, "IN_CLOSE_WRITE", "b.h5"),
-        (inner.sid, "IN_CLOSE_WRITE", "b.h5"),
-        (run.sid, "IN_CLOSE_WRITE", "a.h5"),
-        (inner.sid, "IN_CLOSE_WRITE", "a.h5"),
-    ])
+    got = received(
+        reg,
+        [
+            ev("/d/run", "IN_MOVED_FROM", site="a", is_dir=True, cookie=1),
+            ev("/d/run2", "IN_MOVED_TO", site="a", is_dir=True, cookie=1, old="/d/run"),
+            ev("/d/run/b.h5", "IN_CLOSE_WRITE", site="b"),  # b's directory did not move
+            ev("/d/run/sub/b.h5", "IN_CLOSE_WRITE", site="b"),
+            ev("/d/run2/a.h5", "IN_CLOSE_WRITE", site="a"),  # a's did
+            ev("/d/run2/sub/a.h5", "IN_CLOSE_WRITE", site="a"),
+            ev("/d/run/new.h5", "IN_CLOSE_WRITE", site="a"),  # a's new /d/run is another directory
+            ev("/d/run2/x.h5", "IN_CLOSE_WRITE", site="b"),  # b's /d/run2 is not watched
+        ],
+    )
+    assert sorted((sid, p["mask"][0], p.get("name")) for _, _, sid, p in got) == sorted(
+        [
+            (run.sid, "IN_MOVE_SELF", None),
+            (run.sid, "IN_CLOSE_WRITE", "b.h5"),
+            (on_b.sid, "IN_CLOSE_WRITE", "b.h5"),
+            (inner.sid, "IN_CLOSE_WRITE", "b.h5"),
+            (run.sid, "IN_CLOSE_WRITE", "a.h5"),
+            (inner.sid, "IN_CLOSE_WRITE", "a.h5"),
+        ]
+    )
     # The same directory moved on b too: now both sites' events come from the new path; moved
     # back on a, a's events come from the old one again.
-    got = received(reg, [
-        ev("/d/run2", "IN_MOVED_TO", site="b", is_dir=True, cookie=2, old="/d/run"),
-        ev("/d/run", "IN_MOVED_TO", site="a", is_dir=True, cookie=3, old="/d/run2"),
-        ev("/d/run2/b.h5", "IN_CLOSE_WRITE", site="b"),
-        ev("/d/run/a.h5", "IN_CLOSE_WRITE", site="a"),
-        ev("/d/run2/a.h5", "IN_CLOSE_WRITE", site="a"),
-        ev("/d/run/b.h5", "IN_CLOSE_WRITE", site="b"),
-    ])
-    assert sorted((sid, p.get("name")) for _, _, sid, p in got) == sorted([
-        (run.sid, "b.h5"), (on_b.sid, "b.h5"), (run.sid, "a.h5")])
+    got = received(
+        reg,
+        [
+            ev("/d/run2", "IN_MOVED_TO", site="b", is_dir=True, cookie=2, old="/d/run"),
+            ev("/d/run", "IN_MOVED_TO", site="a", is_dir=True, cookie=3, old="/d/run2"),
+            ev("/d/run2/b.h5", "IN_CLOSE_WRITE", site="b"),
+            ev("/d/run/a.h5", "IN_CLOSE_WRITE", site="a"),
+            ev("/d/run2/a.h5", "IN_CLOSE_WRITE", site="a"),
+            ev("/d/run/b.h5", "IN_CLOSE_WRITE", site="b"),
+        ],
+    )
+    assert sorted((sid, p.get("name")) for _, _, sid, p in got) == sorted(
+        [(run.sid, "b.h5"), (on_b.sid, "b.h5"), (run.sid, "a.h5")]
+    )
     assert (on_b.path, on_b.moved) == ("/d/run2", {})
     assert (run.path, run.moved) == ("/d/run", {"b": "/d/run2"})
     # A loss on one site concerns the watch where its object is on that site.
-    got = received(reg, [ev("/d/run/sub", "IN_Q_OVERFLOW", site="a"),
-                         ev("/d/run/sub", "IN_Q_OVERFLOW", site="b")])  # b's moved away
+    got = received(
+        reg,
+        [ev("/d/run/sub", "IN_Q_OVERFLOW", site="a"), ev("/d/run/sub", "IN_Q_OVERFLOW", site="b")],
+    )  # b's moved away
     assert sorted(sid for _, _, sid, _ in got) == sorted([run.sid, inner.sid])
     # Subscribing to /d/run again is a new watch: on b, another object has that path now.
     again, new = reg.subscribe(ch, Selector("/d/run"))
@@ -93,8 +106,9 @@ def test_a_move_of_a_siteless_watch_survives_a_restart(tmp_path):
     ch = reg.create("u", Scope(), None, BASE, 0.0)
     run, _ = reg.subscribe(ch, Selector("/d/run"))
     ev = Log()
-    routed = reg.route([ev("/d/run2", "IN_MOVED_TO", site="a", is_dir=True, cookie=1,
-                           old="/d/run")])
+    routed = reg.route(
+        [ev("/d/run2", "IN_MOVED_TO", site="a", is_dir=True, cookie=1, old="/d/run")]
+    )
     assert list(routed.followed.values()) == [ch]  # no event for it, but its watch moved
     store.save([snapshot(ch)], 1)
     store.close()
@@ -102,32 +116,56 @@ def test_a_move_of_a_siteless_watch_survives_a_restart(tmp_path):
     store.load(loaded, 1.0)
     back = loaded.channels[ch.id].watches[run.sid]
     assert (back.path, back.moved) == ("/d/run", {"a": "/d/run2"})
-    assert [p.get("name") for *_, p in received(loaded, [
-        ev("/d/run/b.h5", "IN_CLOSE_WRITE", site="b"),
-        ev("/d/run2/a.h5", "IN_CLOSE_WRITE", site="a"),
-        ev("/d/run/a.h5", "IN_CLOSE_WRITE", site="a")])] == ["b.h5", "a.h5"]
+    assert [
+        p.get("name")
+        for *_, p in received(
+            loaded,
+            [
+                ev("/d/run/b.h5", "IN_CLOSE_WRITE", site="b"),
+                ev("/d/run2/a.h5", "IN_CLOSE_WRITE", site="a"),
+                ev("/d/run/a.h5", "IN_CLOSE_WRITE", site="a"),
+            ],
+        )
+    ] == ["b.h5", "a.h5"]
     store.close()
 
 
 # -- the HTTP shell in-process: a real event log and channel store, no sockets -----------------
 
+
 def service(tmp_path: Path, jwt_secret: str | None = None) -> ChannelService:
     auth = Authenticator([], JWTConfig(secret=jwt_secret) if jwt_secret else None)
-    return ChannelService(Registry(Limits()), ChannelStore(tmp_path / "channels"),
-                          SQLiteLog(tmp_path / "log"), auth, heartbeat=60, buffer_bytes=1 << 20)
+    return ChannelService(
+        Registry(Limits()),
+        ChannelStore(tmp_path / "channels"),
+        SQLiteLog(tmp_path / "log"),
+        auth,
+        heartbeat=60,
+        buffer_bytes=1 << 20,
+    )
 
 
 def token(sub: str, paths: list[str]) -> str:
-    return jwt.encode({"sub": sub, "paths": paths, "exp": int(time.time()) + 600}, SECRET,
-                      algorithm="HS256")
+    return jwt.encode(
+        {"sub": sub, "paths": paths, "exp": int(time.time()) + 600}, SECRET, algorithm="HS256"
+    )
 
 
 def get_stream(cid: str, bearer: str) -> Request:
     """What a dCache client's (re)connection to its channel's stream looks like to the shell."""
-    return Request({"type": "http", "method": "GET", "path": f"/api/v1/events/channels/{cid}",
-                    "query_string": b"", "path_params": {"cid": cid},
-                    "headers": [(b"accept", b"text/event-stream"),
-                                (b"authorization", f"Bearer {bearer}".encode())]})
+    return Request(
+        {
+            "type": "http",
+            "method": "GET",
+            "path": f"/api/v1/events/channels/{cid}",
+            "query_string": b"",
+            "path_params": {"cid": cid},
+            "headers": [
+                (b"accept", b"text/event-stream"),
+                (b"authorization", f"Bearer {bearer}".encode()),
+            ],
+        }
+    )
 
 
 def names(items: list[tuple[int, bytes]]) -> list[str]:
@@ -139,6 +177,7 @@ def names(items: list[tuple[int, bytes]]) -> list[str]:
 
 
 # -- 2. what was routed under a wider token is not delivered under a narrower one --------------
+
 
 def carols_channel(tmp_path: Path) -> tuple[ChannelService, Channel, str, str]:
     """A service with carol's channel watching /data/secret and /data/public, and two tokens of
@@ -167,8 +206,9 @@ def test_a_reconnect_with_a_narrower_token_gets_nothing_routed_under_the_wider_o
 
         svc.store.save = held_save  # type: ignore[method-assign]
         ev = Log()
-        routed = svc.registry.route([ev("/data/secret/f", "IN_CLOSE_WRITE"),
-                                     ev("/data/public/g", "IN_CLOSE_WRITE")])
+        routed = svc.registry.route(
+            [ev("/data/secret/f", "IN_CLOSE_WRITE"), ev("/data/public/g", "IN_CLOSE_WRITE")]
+        )
         delivery = asyncio.create_task(svc._apply(routed, 2))
         assert await asyncio.to_thread(entered.wait, 10)
         await svc.get_channel(get_stream(ch.id, narrow))
@@ -184,10 +224,17 @@ def test_the_backlog_is_replayed_as_the_owners_current_token_allows(tmp_path):
     async def main() -> None:
         svc, ch, wide, narrow = carols_channel(tmp_path)
         ev = Log()
-        await svc._apply(svc.registry.route([
-            ev("/data/secret/f", "IN_CLOSE_WRITE"), ev("/data/public/g", "IN_CLOSE_WRITE"),
-            ev("/data/public/m", "IN_MOVED_TO", cookie=3, old="/data/secret/m"),
-            ev("/data", "IN_Q_OVERFLOW")]), 4)
+        await svc._apply(
+            svc.registry.route(
+                [
+                    ev("/data/secret/f", "IN_CLOSE_WRITE"),
+                    ev("/data/public/g", "IN_CLOSE_WRITE"),
+                    ev("/data/public/m", "IN_MOVED_TO", cookie=3, old="/data/secret/m"),
+                    ev("/data", "IN_Q_OVERFLOW"),
+                ]
+            ),
+            4,
+        )
 
         async def replay(bearer: str) -> list[tuple[int, dict]]:
             svc._channel(get_stream(ch.id, bearer))  # a reconnecting client's request
@@ -199,12 +246,18 @@ def test_the_backlog_is_replayed_as_the_owners_current_token_allows(tmp_path):
             return out
 
         assert [(i, e.get("cookie") is not None) for i, e in await replay(wide)] == [
-            (0, False), (1, False), (2, True), (3, False), (4, False)]  # m has its cookie
+            (0, False),
+            (1, False),
+            (2, True),
+            (3, False),
+            (4, False),
+        ]  # m has its cookie
         assert await replay(narrow) == [
             (1, {"mask": ["IN_CLOSE_WRITE"], "name": "g"}),
             (2, {"mask": ["IN_MOVED_TO"], "name": "m"}),  # its source is no longer in scope
             # A loss at /data concerns /data/public too: both watches' notices.
-            (3, {"mask": ["IN_Q_OVERFLOW"]}), (4, {"mask": ["IN_Q_OVERFLOW"]}),
+            (3, {"mask": ["IN_Q_OVERFLOW"]}),
+            (4, {"mask": ["IN_Q_OVERFLOW"]}),
         ]
         svc.store.close()
 
@@ -260,12 +313,25 @@ def test_a_database_of_the_first_release_is_migrated_and_its_backlog_does_not_le
         # New rows and watches use the added columns.
         ev = Log()
         ch.scope = WIDE
-        await svc._apply(svc.registry.route([
-            ev("/data/secret2", "IN_MOVED_TO", is_dir=True, site="a", cookie=1,
-               old="/data/secret"),
-            ev("/data/secret2/h", "IN_CREATE", site="a")]), 9)
+        await svc._apply(
+            svc.registry.route(
+                [
+                    ev(
+                        "/data/secret2",
+                        "IN_MOVED_TO",
+                        is_dir=True,
+                        site="a",
+                        cookie=1,
+                        old="/data/secret",
+                    ),
+                    ev("/data/secret2/h", "IN_CREATE", site="a"),
+                ]
+            ),
+            9,
+        )
         assert [(i, o.site, o.path) for i, _, o in svc.store.read("c", 1, 10)] == [
-            (2, "a", "/data/secret2/h")]
+            (2, "a", "/data/secret2/h")
+        ]
         svc.store.close()
         loaded = Registry(Limits())
         ChannelStore(tmp_path / "channels").load(loaded, 2.0)
@@ -275,6 +341,7 @@ def test_a_database_of_the_first_release_is_migrated_and_its_backlog_does_not_le
 
 
 # -- 3. one channel's 10,000 watches cost nobody else anything -----------------------------------
+
 
 def test_a_subscription_writes_its_own_rows_not_all_the_channels(tmp_path):
     async def main() -> None:
@@ -293,8 +360,12 @@ def test_a_subscription_writes_its_own_rows_not_all_the_channels(tmp_path):
             return db.total_changes - before
 
         # The channel's row, the cursor, and the one watch.
-        for sel in (Selector("/new/a"), Selector("/big/7", ["IN_CREATE"]),
-                    Selector("/big/8", ["IN_DELETE", "IN_MASK_ADD"]), Selector("/new/b", site="s")):
+        for sel in (
+            Selector("/new/a"),
+            Selector("/big/7", ["IN_CREATE"]),
+            Selector("/big/8", ["IN_DELETE", "IN_MASK_ADD"]),
+            Selector("/new/b", site="s"),
+        ):
             reg.subscribe(ch, sel)
             assert await writes() <= 3
         reg.unsubscribe(reg.watch(ch, reg.subscribe(ch, Selector("/big/9"))[0].sid))
@@ -305,8 +376,9 @@ def test_a_subscription_writes_its_own_rows_not_all_the_channels(tmp_path):
         assert len(ch.watches) == 9_996
         ev = Log()
         before = db.total_changes
-        await svc._apply(reg.route([ev("/tree2", "IN_MOVED_TO", is_dir=True, cookie=1,
-                                       old="/tree")]), 1)
+        await svc._apply(
+            reg.route([ev("/tree2", "IN_MOVED_TO", is_dir=True, cookie=1, old="/tree")]), 1
+        )
         assert db.total_changes - before == 995 + 2  # the watches, the channel, the cursor
         svc.store.close()
 
@@ -314,8 +386,13 @@ def test_a_subscription_writes_its_own_rows_not_all_the_channels(tmp_path):
 
 
 def watch_state(reg: Registry) -> dict[str, dict[str, tuple]]:
-    return {cid: {sid: (w.site, w.path, w.moved, w.mask, w.oneshot, w.selector)
-                  for sid, w in ch.watches.items()} for cid, ch in reg.channels.items()}
+    return {
+        cid: {
+            sid: (w.site, w.path, w.moved, w.mask, w.oneshot, w.selector)
+            for sid, w in ch.watches.items()
+        }
+        for cid, ch in reg.channels.items()
+    }
 
 
 def test_what_is_stored_is_the_registrys_watches_after_any_mix_of_changes(tmp_path):
@@ -335,8 +412,9 @@ def test_what_is_stored_is_the_registrys_watches_after_any_mix_of_changes(tmp_pa
         await svc._save(one)
         reg.unsubscribe(reg.watch(one, reg.subscribe(one, Selector("/t/5"))[0].sid))
         ev = Log()  # `two` sees no event of the move (its mask), yet its watches moved
-        await svc._apply(reg.route([ev("/u", "IN_MOVED_TO", site="a", is_dir=True, cookie=1,
-                                       old="/t")]), 1)
+        await svc._apply(
+            reg.route([ev("/u", "IN_MOVED_TO", site="a", is_dir=True, cookie=1, old="/t")]), 1
+        )
         assert [w.moved for w in one.watches.values() if w.path == "/t/6"] == [{"a": "/u/6"}]
         await svc._save(one)
         svc.store.close()
@@ -374,13 +452,13 @@ RELAY_CONFIG = f"""heartbeat = 0.5
 name = "agent-a"
 role = "agent"
 site = "a"
-hash = "{h('secret-agent-a-0123456789')}"
+hash = "{h("secret-agent-a-0123456789")}"
 
 [[token]]
 name = "agent-b"
 role = "agent"
 site = "b"
-hash = "{h('secret-agent-b-0123456789')}"
+hash = "{h("secret-agent-b-0123456789")}"
 
 [jwt]
 secret = "{SECRET}"
@@ -389,8 +467,16 @@ secret = "{SECRET}"
 
 async def publish(relay: Relay, site: str, events: list[Event]) -> None:
     async with websockets.connect(relay.url.replace("http", "ws") + "/ingest") as ws:
-        await ws.send(encode_frame(Hello(site=site, node=f"node-{site}", stream=f"node-{site}:1",
-                                         token=f"secret-agent-{site}-0123456789")))
+        await ws.send(
+            encode_frame(
+                Hello(
+                    site=site,
+                    node=f"node-{site}",
+                    stream=f"node-{site}:1",
+                    token=f"secret-agent-{site}-0123456789",
+                )
+            )
+        )
         assert not isinstance(decode_to_agent(await ws.recv()), Error)
         await ws.send(encode_frame(Batch(events)))
         reply = decode_to_agent(await ws.recv())
@@ -398,8 +484,16 @@ async def publish(relay: Relay, site: str, events: list[Event]) -> None:
 
 
 def event(site: str, seq: int, path: str, flag: str, **kw: object) -> Event:
-    return Event(site=site, node=f"node-{site}", path=path, flags=[flag], ts=1,
-                 stream=f"node-{site}:1", seq=seq, **kw)
+    return Event(
+        site=site,
+        node=f"node-{site}",
+        path=path,
+        flags=[flag],
+        ts=1,
+        stream=f"node-{site}:1",
+        seq=seq,
+        **kw,
+    )
 
 
 def test_moves_per_site_and_replay_under_the_current_token_through_the_api(tmp_path, procs):
@@ -417,29 +511,48 @@ def test_moves_per_site_and_replay_under_the_current_token_through_the_api(tmp_p
         assert r.status_code == 201, r.text
         return r.headers["location"]
 
-    secret, public, run = (subscribe(p) for p in ("/data/secret", "/data/public",
-                                                  "/data/public/run"))
-    asyncio.run(publish(relay, "a", [
-        event("a", 1, "/data/secret/f", "IN_CLOSE_WRITE"),
-        event("a", 2, "/data/public/g", "IN_CLOSE_WRITE"),
-        event("a", 3, "/data/secret/m", "IN_MOVED_FROM", cookie=7),
-        event("a", 4, "/data/public/m", "IN_MOVED_TO", cookie=7, old_path="/data/secret/m"),
-        event("a", 5, "/data/public/run", "IN_MOVED_FROM", cookie=8, is_dir=True),
-        event("a", 6, "/data/public/run2", "IN_MOVED_TO", cookie=8, is_dir=True,
-              old_path="/data/public/run"),
-        event("a", 7, "/data/public/run2/a.h5", "IN_CLOSE_WRITE"),
-        event("a", 8, "/data/public/run/new.h5", "IN_CLOSE_WRITE"),  # another directory
-    ]))
+    secret, public, run = (
+        subscribe(p) for p in ("/data/secret", "/data/public", "/data/public/run")
+    )
+    asyncio.run(
+        publish(
+            relay,
+            "a",
+            [
+                event("a", 1, "/data/secret/f", "IN_CLOSE_WRITE"),
+                event("a", 2, "/data/public/g", "IN_CLOSE_WRITE"),
+                event("a", 3, "/data/secret/m", "IN_MOVED_FROM", cookie=7),
+                event("a", 4, "/data/public/m", "IN_MOVED_TO", cookie=7, old_path="/data/secret/m"),
+                event("a", 5, "/data/public/run", "IN_MOVED_FROM", cookie=8, is_dir=True),
+                event(
+                    "a",
+                    6,
+                    "/data/public/run2",
+                    "IN_MOVED_TO",
+                    cookie=8,
+                    is_dir=True,
+                    old_path="/data/public/run",
+                ),
+                event("a", 7, "/data/public/run2/a.h5", "IN_CLOSE_WRITE"),
+                event("a", 8, "/data/public/run/new.h5", "IN_CLOSE_WRITE"),  # another directory
+            ],
+        )
+    )
     asyncio.run(publish(relay, "b", [event("b", 1, "/data/public/run/b.h5", "IN_CLOSE_WRITE")]))
 
     everything = ChannelReader(channel, last_event_id="-1", headers=wide)
     got = everything.wait(9)
-    assert [(d["subscription"], d["event"]["mask"][0], d["event"].get("name"))
-            for _, _, d in got] == [
-        (secret, "IN_CLOSE_WRITE", "f"), (public, "IN_CLOSE_WRITE", "g"),
-        (secret, "IN_MOVED_FROM", "m"), (public, "IN_MOVED_TO", "m"),
-        (public, "IN_MOVED_FROM", "run"), (run, "IN_MOVE_SELF", None),
-        (public, "IN_MOVED_TO", "run2"), (run, "IN_CLOSE_WRITE", "a.h5"),
+    assert [
+        (d["subscription"], d["event"]["mask"][0], d["event"].get("name")) for _, _, d in got
+    ] == [
+        (secret, "IN_CLOSE_WRITE", "f"),
+        (public, "IN_CLOSE_WRITE", "g"),
+        (secret, "IN_MOVED_FROM", "m"),
+        (public, "IN_MOVED_TO", "m"),
+        (public, "IN_MOVED_FROM", "run"),
+        (run, "IN_MOVE_SELF", None),
+        (public, "IN_MOVED_TO", "run2"),
+        (run, "IN_CLOSE_WRITE", "a.h5"),
         (run, "IN_CLOSE_WRITE", "b.h5"),  # site b's run did not move
     ]
     assert got[3][2]["event"]["cookie"] == got[2][2]["event"]["cookie"]
@@ -448,17 +561,33 @@ def test_moves_per_site_and_replay_under_the_current_token_through_the_api(tmp_p
     # and a move from where it may no longer look comes without its cookie.
     limited = ChannelReader(channel, last_event_id="-1", headers=narrow)
     assert everything.wait(10)[-1][2] == {"type": "COMPETING_CLIENT"}
-    asyncio.run(publish(relay, "a", [event("a", 9, "/data/secret/f2", "IN_CLOSE_WRITE"),
-                                     event("a", 10, "/data/public/h", "IN_CLOSE_WRITE")]))
+    asyncio.run(
+        publish(
+            relay,
+            "a",
+            [
+                event("a", 9, "/data/secret/f2", "IN_CLOSE_WRITE"),
+                event("a", 10, "/data/public/h", "IN_CLOSE_WRITE"),
+            ],
+        )
+    )
     got = limited.wait(8)
     assert [(i, d["event"].get("name"), "cookie" in d["event"]) for _, i, d in got] == [
-        ("1", "g", False), ("3", "m", False), ("4", "run", True), ("5", None, False),
-        ("6", "run2", True), ("7", "a.h5", False), ("8", "b.h5", False), ("9", "h", False)]
+        ("1", "g", False),
+        ("3", "m", False),
+        ("4", "run", True),
+        ("5", None, False),
+        ("6", "run2", True),
+        ("7", "a.h5", False),
+        ("8", "b.h5", False),
+        ("9", "h", False),
+    ]
     limited.stop()
     http.close()
 
 
 # -- loss notices, once per place and window: a sender looping on them is not multiplied ------
+
 
 def test_loss_notices_of_one_place_are_coalesced_never_dropped(tmp_path):
     reg = Registry(Limits())

@@ -30,15 +30,21 @@ def test_help_and_version(name, sub):
 
 
 def test_relay_refuses_a_public_address_without_auth(tmp_path):
-    r = run(command("storage-events-relay"), "serve", "--listen", f"0.0.0.0:{free_port()}",
-            "--data", str(tmp_path / "d"))
+    r = run(
+        command("storage-events-relay"),
+        "serve",
+        "--listen",
+        f"0.0.0.0:{free_port()}",
+        "--data",
+        str(tmp_path / "d"),
+    )
     assert r.returncode != 0
     assert "refusing to listen on 0.0.0.0" in r.stderr and "--insecure" in r.stderr
 
 
 def test_relay_reports_config_errors_by_file_and_key(tmp_path):
     bad = tmp_path / "relay.toml"
-    bad.write_text('listen = 8808\n')
+    bad.write_text("listen = 8808\n")
     r = run(command("storage-events-relay"), "serve", "--config", str(bad))
     assert r.returncode != 0 and str(bad) in r.stderr and "$.listen" in r.stderr
     bad.write_text('listne = "127.0.0.1:1"\n')
@@ -59,8 +65,13 @@ def test_agent_config_file_and_flags(tmp_path):
 
 
 def test_agent_with_nothing_to_watch_says_so(tmp_path):
-    r = run(command("storage-events-agent"), "run", "--relay", "http://127.0.0.1:9",
-            str(tmp_path / "missing"))
+    r = run(
+        command("storage-events-agent"),
+        "run",
+        "--relay",
+        "http://127.0.0.1:9",
+        str(tmp_path / "missing"),
+    )
     assert r.returncode != 0
     assert "missing is not a directory" in r.stderr and "nothing to watch" in r.stderr
 
@@ -77,5 +88,6 @@ def test_json_logs_for_log_collectors(tmp_path, procs):
         lines = [line for line in proc.output().splitlines() if line.strip()]
         entries = [json.loads(line) for line in lines]  # every line is one JSON object
         assert all({"time", "level", "logger", "message"} <= e.keys() for e in entries)
-    assert any(e["logger"].startswith("uvicorn") for e in map(json.loads, relay.proc.output()
-                                                              .splitlines()))
+    assert any(
+        e["logger"].startswith("uvicorn") for e in map(json.loads, relay.proc.output().splitlines())
+    )

@@ -11,11 +11,11 @@ from hypothesis import strategies as st
 
 from storage_events import sse
 from storage_events.agent.outbox import Outbox
-from storage_events.relay.feed import ResumeError, resume_point
-from storage_events.relay.filters import Filter, FilterError, normalize_prefix
-from storage_events.relay.ingest import IngestLimits, IngestSession, ProtocolError
-from storage_events.relay.log import make_record
-from storage_events.relay.sqlite_log import SQLiteLog
+from storage_events.relay.feed.endpoint import ResumeError, resume_point
+from storage_events.relay.feed.filters import Filter, FilterError, normalize_prefix
+from storage_events.relay.ingest.session import IngestLimits, IngestSession, ProtocolError
+from storage_events.relay.log.base import make_record
+from storage_events.relay.log.sqlite import SQLiteLog
 from storage_events.wire import (
     MAX_PATH,
     Batch,
@@ -32,11 +32,22 @@ from storage_events.wire import (
 
 
 def ev(seq: int = 0, path: str = "/d/f", stream: str = "n:1", **kw) -> Event:
-    return Event(**{"site": "s", "node": "n", "path": path, "flags": ["IN_CREATE"], "ts": 1,
-                    "stream": stream, "seq": seq, **kw})
+    return Event(
+        **{
+            "site": "s",
+            "node": "n",
+            "path": path,
+            "flags": ["IN_CREATE"],
+            "ts": 1,
+            "stream": stream,
+            "seq": seq,
+            **kw,
+        }
+    )
 
 
 # -- outbox -------------------------------------------------------------------------------------
+
 
 def test_outbox_resends_exactly_what_the_relay_lacks():
     box = Outbox("n:1", window=3)
@@ -61,8 +72,12 @@ def test_outbox_rejects_a_relay_that_claims_the_future():
         box.connected(7)
 
 
-@given(st.lists(st.tuples(st.sampled_from(["add", "send", "ack", "reconnect"]),
-                          st.integers(0, 5)), max_size=60))
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["add", "send", "ack", "reconnect"]), st.integers(0, 5)),
+        max_size=60,
+    )
+)
 def test_outbox_never_loses_or_reorders(ops):
     """Whatever the interleaving, the relay (simulated) ends up with 1..N exactly once."""
     box = Outbox("n:1", window=4)
@@ -104,20 +119,30 @@ def test_outbox_replaces_a_refused_event_in_place_and_takes_back_an_unsent_tail(
     assert box.replace(loss_notice(box.held(2)))
     box.connected(1)  # the relay refused seq 2: it goes again, as the notice, then 3, 4
     assert [(e.seq, e.flags) for e in box.next_batch(10)] == [
-        (2, ["IN_Q_OVERFLOW"]), (3, ["IN_CREATE"]), (4, ["IN_CREATE"])]
+        (2, ["IN_Q_OVERFLOW"]),
+        (3, ["IN_CREATE"]),
+        (4, ["IN_CREATE"]),
+    ]
     assert not box.replace(ev(seq=9))
 
 
 # -- SSE framing --------------------------------------------------------------------------------
 
+
 def test_sse_parser_handles_split_chunks_and_commits_ids_only_at_block_end():
-    wire = (sse.render(b'{"a":1}', event="inotify", id=5) + sse.comment("hb")
-            + b"retry: 1000\r\nid: 9\r\n\r\n" + sse.render(b"x", event="gap", id=10))
+    wire = (
+        sse.render(b'{"a":1}', event="inotify", id=5)
+        + sse.comment("hb")
+        + b"retry: 1000\r\nid: 9\r\n\r\n"
+        + sse.render(b"x", event="gap", id=10)
+    )
     for cut in range(len(wire) + 1):
         p = sse.SSEParser()
         msgs = p.feed(wire[:cut]) + p.feed(wire[cut:])
-        assert [(m.event, m.data, m.id) for m in msgs] == [("inotify", '{"a":1}', "5"),
-                                                         ("gap", "x", "10")]
+        assert [(m.event, m.data, m.id) for m in msgs] == [
+            ("inotify", '{"a":1}', "5"),
+            ("gap", "x", "10"),
+        ]
         assert p.last_event_id == "10" and p.retry_ms == 1000
     p = sse.SSEParser()
     p.feed(b"id: 11\ndata: cut off")
@@ -126,11 +151,23 @@ def test_sse_parser_handles_split_chunks_and_commits_ids_only_at_block_end():
 
 # -- wire ---------------------------------------------------------------------------------------
 
+
 def test_event_json_matches_the_contract_and_round_trips():
     e = ev(3, cookie=None, old_path=None)
     data = msgspec.json.decode(event_json(e))
-    assert list(data)[:11] == ["id", "site", "node", "path", "flags", "is_dir", "cookie",
-                               "old_path", "ts", "stream", "seq"]
+    assert list(data)[:11] == [
+        "id",
+        "site",
+        "node",
+        "path",
+        "flags",
+        "is_dir",
+        "cookie",
+        "old_path",
+        "ts",
+        "stream",
+        "seq",
+    ]
     assert event_from_json(event_json(e)) == e
 
 
@@ -147,16 +184,20 @@ def test_event_limits_are_defined_once_and_a_loss_notice_always_passes_them():
     assert event_problem(ev(1)) is None
     deep = "/d/" + "/".join(["x" * 250] * 300) + "/f"
     assert len(deep) > MAX_PATH
-    for bad, why in [(ev(1, path=""), "empty"), (ev(1, path=deep), "limit"),
-                     (ev(1, path="/d/a\0b/c"), "NUL"), (ev(1, old_path=deep), "old_path"),
-                     (ev(1, flags=["IN_NOPE"]), "not inotify flag names"),
-                     (ev(1, raw_path=b"/" + b"\xff" * (4 * MAX_PATH)), "raw_path")]:
+    for bad, why in [
+        (ev(1, path=""), "empty"),
+        (ev(1, path=deep), "limit"),
+        (ev(1, path="/d/a\0b/c"), "NUL"),
+        (ev(1, old_path=deep), "old_path"),
+        (ev(1, flags=["IN_NOPE"]), "not inotify flag names"),
+        (ev(1, raw_path=b"/" + b"\xff" * (4 * MAX_PATH)), "raw_path"),
+    ]:
         assert why in (event_problem(bad) or ""), bad.path[:40]
         notice = loss_notice(bad)
         assert event_problem(notice) is None
         assert (notice.flags, notice.is_dir, notice.seq) == (["IN_Q_OVERFLOW"], True, 1)
         assert bad.path.startswith(notice.path.rstrip("/") + "/") or notice.path == "/"
-    assert loss_notice(ev(1, path=deep)).path == deep[:MAX_PATH + 1].rpartition("/")[0]
+    assert loss_notice(ev(1, path=deep)).path == deep[: MAX_PATH + 1].rpartition("/")[0]
     assert loss_notice(ev(1, path="/d/a\0b/c")).path == "/d"
     raw = os.fsencode("/d/caf\udce9/" + "y" * 70_000)
     notice = loss_notice(ev(1, path=display_path(os.fsdecode(raw))[0], raw_path=raw))
@@ -164,6 +205,7 @@ def test_event_limits_are_defined_once_and_a_loss_notice_always_passes_them():
 
 
 # -- filters ------------------------------------------------------------------------------------
+
 
 def rec(path: str, site: str = "s", node: str = "n", flags: int = Flag.CREATE):
     return make_record(1, site, node, path, flags, b"{}")
@@ -202,6 +244,7 @@ def test_any_filter_value_either_works_or_raises_filter_error(value):
 
 # -- resume points ------------------------------------------------------------------------------
 
+
 def test_resume_point():
     assert resume_point(None, None, 50) == 50
     assert resume_point(None, "earliest", 50) == 0
@@ -213,6 +256,7 @@ def test_resume_point():
 
 
 # -- ingest protocol ----------------------------------------------------------------------------
+
 
 def test_ingest_session_accepts_a_well_formed_stream():
     s = IngestSession(IngestLimits())
@@ -239,6 +283,7 @@ def test_ingest_session_answers_any_bytes_with_a_protocol_error_or_a_message(fra
 
 # -- SQLite log ---------------------------------------------------------------------------------
 
+
 def test_sqlite_log_numbers_dedups_and_survives_reopening(tmp_path):
     log = SQLiteLog(tmp_path)
     stored = log.append([ev(1), ev(2), ev(1, stream="m:1")])
@@ -250,7 +295,7 @@ def test_sqlite_log_numbers_dedups_and_survives_reopening(tmp_path):
     assert (log.head, log.position("n:1")) == (4, 3)
     rows = log.read(1, 10)
     assert [r.id for r in rows] == [2, 3, 4]
-    assert b"id: 2\nevent: inotify\ndata: {\"id\":2," in rows[0].sse
+    assert b'id: 2\nevent: inotify\ndata: {"id":2,' in rows[0].sse
     assert log.read(4, 10) == []
 
 

@@ -17,8 +17,9 @@ def write(path: Path) -> None:
     path.write_bytes(b"x" * 10)
 
 
-def inotify(i: int, sub: str, mask: list[str], name: str | None = None,
-            cookie: str | None = None) -> tuple[str, str, dict]:
+def inotify(
+    i: int, sub: str, mask: list[str], name: str | None = None, cookie: str | None = None
+) -> tuple[str, str, dict]:
     event: dict = {"mask": mask}
     if name is not None:
         event["name"] = name
@@ -69,14 +70,20 @@ def test_a_dcache_client_works_unchanged(tmp_path, procs):
     assert sub_in.startswith(channel + "/subscriptions/inotify/")
     r = subscribe(inbox, ["IN_CLOSE_WRITE", "IN_MOVE", "IN_DELETE"])
     assert r.status_code == 303 and r.headers["location"] == sub_in
-    for bad in ({"path": "relative"}, {"path": str(inbox) + "/"},
-                {"path": str(inbox), "flags": ["IN_EXCL_UNLINK"]}, {"path": str(inbox), "x": 1}):
+    for bad in (
+        {"path": "relative"},
+        {"path": str(inbox) + "/"},
+        {"path": str(inbox), "flags": ["IN_EXCL_UNLINK"]},
+        {"path": str(inbox), "x": 1},
+    ):
         r = http.post(channel + "/subscriptions/inotify", json=bad)
         assert r.status_code == 400 and r.json()["status"] == "400", bad
         assert r.json()["title"] == "Bad Request" and r.json()["detail"]
     assert http.post(channel + "/subscriptions/metronome", json={}).status_code == 400
-    assert http.get(sub_in).json() == {"path": str(inbox),
-                                       "flags": ["IN_CLOSE_WRITE", "IN_MOVE", "IN_DELETE"]}
+    assert http.get(sub_in).json() == {
+        "path": str(inbox),
+        "flags": ["IN_CLOSE_WRITE", "IN_MOVE", "IN_DELETE"],
+    }
 
     # Connected: a second subscription is announced; events arrive in the dCache envelope.
     reader = ChannelReader(channel)
@@ -110,8 +117,10 @@ def test_a_dcache_client_works_unchanged(tmp_path, procs):
     write(inbox / "b.h5")
     write(inbox / "c.h5")
     again = ChannelReader(channel, last_event_id="3")
-    assert again.wait(2) == [inotify(4, sub_in, ["IN_CLOSE_WRITE"], "b.h5"),
-                             inotify(5, sub_in, ["IN_CLOSE_WRITE"], "c.h5")]
+    assert again.wait(2) == [
+        inotify(4, sub_in, ["IN_CLOSE_WRITE"], "b.h5"),
+        inotify(5, sub_in, ["IN_CLOSE_WRITE"], "c.h5"),
+    ]
 
     # The newest client wins.
     newest = ChannelReader(channel, last_event_id="5")
@@ -135,12 +144,15 @@ def test_a_dcache_client_works_unchanged(tmp_path, procs):
     wait_for(lambda: relay.healthy()["head"] >= head + 16, 20, "16 new events stored")
     late = ChannelReader(channel, last_event_id="6")
     assert late.wait(7) == [SYSTEM("EVENT_LOSS")] + [
-        inotify(7 + i, sub_in, ["IN_CLOSE_WRITE"], f"e{i}") for i in range(2, 8)]
+        inotify(7 + i, sub_in, ["IN_CLOSE_WRITE"], f"e{i}") for i in range(2, 8)
+    ]
 
     # Ending subscriptions: by DELETE, and by deleting the watched directory.
     assert http.delete(sub_out).status_code == 204
-    assert late.wait(9)[7:] == [inotify(15, sub_out, ["IN_IGNORED"]),
-                                SYSTEM("SUBSCRIPTION_CLOSED", sub_out)]
+    assert late.wait(9)[7:] == [
+        inotify(15, sub_out, ["IN_IGNORED"]),
+        SYSTEM("SUBSCRIPTION_CLOSED", sub_out),
+    ]
     r = http.get(sub_out)
     assert r.status_code == 404 and r.json()["status"] == "404"
     sub_sub = subscribe(inbox / "sub").headers["location"]

@@ -101,8 +101,10 @@ def test_files_renames_deletes_and_nested_dirs_arrive_exactly_once(tmp_path, pro
         assert moved_to["old_path"] == str(root / f"f{i:04d}")
         assert moved_from["id"] < moved_to["id"]
     for e in events:
-        if e["path"].startswith(str(root / "n")) and e["path"].count("/") - str(root).count(
-            "/") < 5:
+        if (
+            e["path"].startswith(str(root / "n"))
+            and e["path"].count("/") - str(root).count("/") < 5
+        ):
             assert e["is_dir"], e
     # per file: create before close before move/delete
     order = {}
@@ -140,9 +142,22 @@ def test_relay_killed_mid_burst_loses_nothing_and_duplicates_nothing(tmp_path, p
 
     head = settled_head(relay)
     assert head == 2 * n
-    for name, tail in (("live", live),
-                       ("catch-up", Tail(tmp_path, procs, relay.url, "--since", "earliest",
-                                         "--count", str(head), name="catchup"))):
+    for name, tail in (
+        ("live", live),
+        (
+            "catch-up",
+            Tail(
+                tmp_path,
+                procs,
+                relay.url,
+                "--since",
+                "earliest",
+                "--count",
+                str(head),
+                name="catchup",
+            ),
+        ),
+    ):
         events = tail.wait_count(head)
         assert len(events) == 2 * n, name
         assert_stream_order(events)
@@ -204,8 +219,12 @@ def test_tail_exits_with_the_relays_message_on_a_bad_request(tmp_path, relay):
 
     from conftest import command
 
-    r = subprocess.run([command("storage-events"), "tail", relay.url, "--since", "bogus"],
-                       capture_output=True, text=True, timeout=30)
+    r = subprocess.run(
+        [command("storage-events"), "tail", relay.url, "--since", "bogus"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert r.returncode == 1
     assert "400" in r.stderr and "not an event id" in r.stderr
 

@@ -24,9 +24,18 @@ async def publish(relay: Relay, total: int) -> None:
         loop = asyncio.get_running_loop()
         start = loop.time()
         for first in range(1, total + 1, BATCH):
-            events = [Event(site="s", node="n", path=f"/data/run/f{i:06d}",
-                            flags=["IN_CLOSE_WRITE"], ts=0, stream="n:fanout", seq=i)
-                      for i in range(first, min(first + BATCH, total + 1))]
+            events = [
+                Event(
+                    site="s",
+                    node="n",
+                    path=f"/data/run/f{i:06d}",
+                    flags=["IN_CLOSE_WRITE"],
+                    ts=0,
+                    stream="n:fanout",
+                    seq=i,
+                )
+                for i in range(first, min(first + BATCH, total + 1))
+            ]
             await ws.send(encode_frame(Batch(events)))
             await ws.recv()
             await asyncio.sleep(max(0.0, start + first / RATE - loop.time()))
@@ -53,15 +62,17 @@ def test_a_stalled_subscriber_neither_slows_nor_loses(tmp_path, procs):
     stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     stalled.connect(("127.0.0.1", relay.port))
     http = h11.Connection(h11.CLIENT)
-    stalled.sendall(http.send(h11.Request(method="GET", target="/events?since=0",
-                                          headers=[("Host", "127.0.0.1")])))
+    stalled.sendall(
+        http.send(
+            h11.Request(method="GET", target="/events?since=0", headers=[("Host", "127.0.0.1")])
+        )
+    )
     stalled.sendall(http.send(h11.EndOfMessage()))
 
     async def run() -> list[list[int]]:
         limits = httpx.Limits(max_connections=FAST + 5)
         async with httpx.AsyncClient(timeout=httpx.Timeout(30), limits=limits) as client:
-            readers = [asyncio.create_task(read_all(client, relay.url, total))
-                       for _ in range(FAST)]
+            readers = [asyncio.create_task(read_all(client, relay.url, total)) for _ in range(FAST)]
             await asyncio.sleep(1.0)
             await publish(relay, total)
             return await asyncio.wait_for(asyncio.gather(*readers), 60)

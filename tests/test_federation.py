@@ -15,14 +15,24 @@ from test_end_to_end import write
 from storage_events.relay.auth import hash_token
 
 
-def config(path: Path, name: str, *, tokens: list[tuple[str, str, str, str | None]] = (),
-           upstream: list[tuple[str, str | None]] = (), push: list[tuple[str, str]] = (),
-           extra: str = "") -> Path:
+def config(
+    path: Path,
+    name: str,
+    *,
+    tokens: list[tuple[str, str, str, str | None]] = (),
+    upstream: list[tuple[str, str | None]] = (),
+    push: list[tuple[str, str]] = (),
+    extra: str = "",
+) -> Path:
     """A relay config: tokens (name, role, secret, site), upstreams (url, token), pushes."""
     lines = [f'name = "{name}"', "heartbeat = 1.0", extra]
     for tname, role, secret, site in tokens:
-        lines += ["[[token]]", f'name = "{tname}"', f'role = "{role}"',
-                  f'hash = "{hash_token(secret)}"']
+        lines += [
+            "[[token]]",
+            f'name = "{tname}"',
+            f'role = "{role}"',
+            f'hash = "{hash_token(secret)}"',
+        ]
         if role in ("agent", "relay"):  # the site it publishes as; a relay's own name
             lines.append(f'site = "{site}"')
         if role != "agent" and site:
@@ -52,42 +62,70 @@ def check_once_in_order(events: list[dict]) -> None:
 def test_three_sites_merge_into_one_central_feed_through_a_cut(tmp_path, procs):
     hosts = Hosts(["central", "site1", "site2", "site3"])
     try:
-        secrets = {n: f"secret-{n}-0123456789abcdef" for n in (
-            "tester", "pull", "push3", "agent1", "agent2", "agent3")}
+        secrets = {
+            n: f"secret-{n}-0123456789abcdef"
+            for n in ("tester", "pull", "push3", "agent1", "agent2", "agent3")
+        }
         sites: dict[str, Relay] = {}
         for i in (1, 2, 3):
             site = f"site{i}"
-            tokens = [(f"agent{i}", "agent", secrets[f"agent{i}"], site),
-                      ("central", "reader", secrets["pull"], None)]
+            tokens = [
+                (f"agent{i}", "agent", secrets[f"agent{i}"], site),
+                ("central", "reader", secrets["pull"], None),
+            ]
             push = []
             if i == 3:  # site3 pushes instead of being pulled
                 central_url = f"http://{hosts.addr['central']}:8808"
                 push = [(central_url, secrets["push3"])]
             cfg = config(tmp_path / f"{site}.toml", site, tokens=tokens, push=push)
-            sites[site] = Relay(tmp_path, procs, name=site, host=hosts.addr[site],
-                                netns=hosts.exec(site), extra=("--config", str(cfg)),
-                                token=secrets["pull"])
+            sites[site] = Relay(
+                tmp_path,
+                procs,
+                name=site,
+                host=hosts.addr[site],
+                netns=hosts.exec(site),
+                extra=("--config", str(cfg)),
+                token=secrets["pull"],
+            )
         central_cfg = config(
-            tmp_path / "central.toml", "central",
-            tokens=[("tester", "reader", secrets["tester"], None),
-                    ("site3-relay", "relay", secrets["push3"], "site3")],
-            upstream=[(sites["site1"].url, secrets["pull"]),
-                      (sites["site2"].url, secrets["pull"])])
-        central = Relay(tmp_path, procs, name="central", host=hosts.addr["central"],
-                        netns=hosts.exec("central"), extra=("--config", str(central_cfg)),
-                        port=8808)  # site3's config names it
+            tmp_path / "central.toml",
+            "central",
+            tokens=[
+                ("tester", "reader", secrets["tester"], None),
+                ("site3-relay", "relay", secrets["push3"], "site3"),
+            ],
+            upstream=[(sites["site1"].url, secrets["pull"]), (sites["site2"].url, secrets["pull"])],
+        )
+        central = Relay(
+            tmp_path,
+            procs,
+            name="central",
+            host=hosts.addr["central"],
+            netns=hosts.exec("central"),
+            extra=("--config", str(central_cfg)),
+            port=8808,
+        )  # site3's config names it
         roots = {}
         for i in (1, 2, 3):
             site = f"site{i}"
             roots[site] = tmp_path / site
             roots[site].mkdir()
-            start_agent(tmp_path, procs, sites[site].url, roots[site], site=site,
-                        node=f"node{i}", name=f"agent{i}", netns=hosts.exec(site),
-                        extra=("--token", secrets[f"agent{i}"]))
+            start_agent(
+                tmp_path,
+                procs,
+                sites[site].url,
+                roots[site],
+                site=site,
+                node=f"node{i}",
+                name=f"agent{i}",
+                netns=hosts.exec(site),
+                extra=("--token", secrets[f"agent{i}"]),
+            )
         for site in sites.values():
             wait_for(lambda s=site: agents_connected(s), 15, "agents connected")
-        tail = Tail(tmp_path, procs, central.url, "--since", "earliest", "--token",
-                    secrets["tester"])
+        tail = Tail(
+            tmp_path, procs, central.url, "--since", "earliest", "--token", secrets["tester"]
+        )
 
         for n in range(100):
             for site, root in roots.items():
@@ -98,10 +136,16 @@ def test_three_sites_merge_into_one_central_feed_through_a_cut(tmp_path, procs):
         for e in events:  # origin kept: the site relay's id, and the way the event came
             assert e["via"] == [e["site"], "central"]
             assert isinstance(e["origin_id"], int) and e["origin_id"] >= 1
-        summary = httpx.get(central.url + "/sites", timeout=5,
-                            headers={"Authorization": f"Bearer {secrets['tester']}"}).json()
+        summary = httpx.get(
+            central.url + "/sites",
+            timeout=5,
+            headers={"Authorization": f"Bearer {secrets['tester']}"},
+        ).json()
         assert [(s["site"], s["via"]) for s in summary["sites"]] == [
-            ("site1", "site1"), ("site2", "site2"), ("site3", "site3")]
+            ("site1", "site1"),
+            ("site2", "site2"),
+            ("site3", "site3"),
+        ]
         assert all(u["connected"] for u in summary["upstreams"])
         assert summary["pushing_here"] == {"site3": 1}
 
@@ -138,10 +182,14 @@ def test_a_chain_two_routes_and_a_loop(tmp_path, procs):
     pulls = {"a": ["c"], "b": ["a"], "c": ["b"], "d": ["a", "b"]}
     relays = {}
     for n in "abcd":
-        cfg = config(tmp_path / f"{n}.toml", n, upstream=[
-            (f"http://{hosts[u]}:{ports[u]}", None) for u in pulls[n]])
-        relays[n] = Relay(tmp_path, procs, name=n, host=hosts[n], port=ports[n],
-                          extra=("--config", str(cfg)))
+        cfg = config(
+            tmp_path / f"{n}.toml",
+            n,
+            upstream=[(f"http://{hosts[u]}:{ports[u]}", None) for u in pulls[n]],
+        )
+        relays[n] = Relay(
+            tmp_path, procs, name=n, host=hosts[n], port=ports[n], extra=("--config", str(cfg))
+        )
     root = tmp_path / "w"
     root.mkdir()
     start_agent(tmp_path, procs, relays["a"].url, root, site="s")

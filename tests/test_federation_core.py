@@ -11,15 +11,15 @@ import pytest
 from storage_events import sse
 from storage_events.relay.auth import Authenticator, TokenConfig, hash_token
 from storage_events.relay.config import PushConfig
-from storage_events.relay.federation import FeedReader, LoopGuard
-from storage_events.relay.ingest import (
+from storage_events.relay.federation.core import FeedReader, LoopGuard
+from storage_events.relay.federation.push import Pusher
+from storage_events.relay.ingest.session import (
     IngestLimits,
     IngestSession,
     ProtocolError,
     check_relayed,
 )
-from storage_events.relay.push import Pusher
-from storage_events.relay.sqlite_log import SQLiteLog
+from storage_events.relay.log.sqlite import SQLiteLog
 from storage_events.wire import (
     FRAME_BUDGET,
     Batch,
@@ -32,26 +32,47 @@ from storage_events.wire import (
 )
 
 
-def ev(stream: str, seq: int, *, site: str = "s", id: int = 0, via: list[str] | None = None,
-       flag: str = "IN_CLOSE_WRITE") -> Event:
-    return Event(id=id, site=site, node="n", path=f"/d/{stream}-{seq}", flags=[flag], ts=seq,
-                 stream=stream, seq=seq, via=via or [], origin_id=id if via else None)
+def ev(
+    stream: str,
+    seq: int,
+    *,
+    site: str = "s",
+    id: int = 0,
+    via: list[str] | None = None,
+    flag: str = "IN_CLOSE_WRITE",
+) -> Event:
+    return Event(
+        id=id,
+        site=site,
+        node="n",
+        path=f"/d/{stream}-{seq}",
+        flags=[flag],
+        ts=seq,
+        stream=stream,
+        seq=seq,
+        via=via or [],
+        origin_id=id if via else None,
+    )
 
 
 def test_feed_reader_takes_events_gaps_and_shutdowns_across_chunk_boundaries():
     stream = b"retry: 1000\nid: 0\n\n" + sse.comment("heartbeat")
     stream += sse.render(event_json(ev("x", 1, id=7, via=["up"])), event="inotify", id=7)
-    stream += sse.render(b'{"type":"gap","lost_from":8,"lost_to":20,"resumes_after":20}',
-                         event="gap", id=20)
-    stream += sse.render(event_json(ev("x", 2, id=21, via=["up"], flag="IN_Q_OVERFLOW")),
-                         event="overflow", id=21)
+    stream += sse.render(
+        b'{"type":"gap","lost_from":8,"lost_to":20,"resumes_after":20}', event="gap", id=20
+    )
+    stream += sse.render(
+        event_json(ev("x", 2, id=21, via=["up"], flag="IN_Q_OVERFLOW")), event="overflow", id=21
+    )
     stream += b"event: shutdown\ndata: {}\n\n"
     reader = FeedReader("up")
-    taken = [reader.feed(stream[i:i + 7], now=99) for i in range(0, len(stream), 7)]
+    taken = [reader.feed(stream[i : i + 7], now=99) for i in range(0, len(stream), 7)]
     events = [e for t in taken for e in t.events]
     assert [(e.stream, e.seq, e.flags) for e in events] == [
-        ("x", 1, ["IN_CLOSE_WRITE"]), ("up.gap", 20, ["IN_Q_OVERFLOW"]),
-        ("x", 2, ["IN_Q_OVERFLOW"])]
+        ("x", 1, ["IN_CLOSE_WRITE"]),
+        ("up.gap", 20, ["IN_Q_OVERFLOW"]),
+        ("x", 2, ["IN_Q_OVERFLOW"]),
+    ]
     assert events[1].path == "/" and events[1].ts == 99 and reader.gaps == 1
     assert check_relayed(events, 0, None) == 21  # what a puller checks before storing
     with pytest.raises(ProtocolError, match="name is not valid"):
@@ -73,16 +94,22 @@ def test_loop_guard_drops_what_came_round_and_says_so_once():
 
 
 def session(me: str = "central", sites: list[str] | None = None) -> IngestSession:
-    auth = Authenticator([TokenConfig(name="r1", role="relay", hash=hash_token("t-relay"),
-                                      site="site1", sites=sites),
-                          TokenConfig(name="ag", role="agent", site="s",
-                                      hash=hash_token("t-agent"))], None)
+    auth = Authenticator(
+        [
+            TokenConfig(
+                name="r1", role="relay", hash=hash_token("t-relay"), site="site1", sites=sites
+            ),
+            TokenConfig(name="ag", role="agent", site="s", hash=hash_token("t-agent")),
+        ],
+        None,
+    )
     return IngestSession(IngestLimits(), auth, me)
 
 
 def hello(site: str = "site1", token: str = "t-relay", role: str = "relay") -> bytes:
-    return encode_frame(Hello(role=role, site=site, node=site, stream=f"relay:{site}:42",
-                              token=token))
+    return encode_frame(
+        Hello(role=role, site=site, node=site, stream=f"relay:{site}:42", token=token)
+    )
 
 
 def test_a_pushing_relay_is_checked():
@@ -95,16 +122,31 @@ def test_a_pushing_relay_is_checked():
     with pytest.raises(ProtocolError, match="may publish as relay 'site1', not 'site2'"):
         session().receive(hello(site="site2"))  # a relay token is bound to its relay
     with pytest.raises(ProtocolError, match="a relay's stream is relay:<its name>"):
-        session().receive(encode_frame(Hello(role="relay", site="site1", node="site1",
-                                             stream="relay:other:1", token="t-relay")))
+        session().receive(
+            encode_frame(
+                Hello(
+                    role="relay",
+                    site="site1",
+                    node="site1",
+                    stream="relay:other:1",
+                    token="t-relay",
+                )
+            )
+        )
     s = session(sites=["s"])
     s.receive(hello())
-    batch = [ev("x", 1, id=5, via=["site1"]), ev("y", 9, id=6, via=["o", "site1"]),
-             ev("z", 1, id=7, via=["central", "site1"])]
+    batch = [
+        ev("x", 1, id=5, via=["site1"]),
+        ev("y", 9, id=6, via=["o", "site1"]),
+        ev("z", 1, id=7, via=["central", "site1"]),
+    ]
     assert [e.stream for e in s.receive(encode_frame(Batch(batch)))] == ["x", "y"]
     assert s.checkpoint == 7 and s.loops is not None and s.loops.looped == 1
-    notice = msgspec.structs.replace(ev("site1.gap", 30, id=8, via=["site1"], site="site1",
-                                        flag="IN_Q_OVERFLOW"), node="site1", path="/")
+    notice = msgspec.structs.replace(
+        ev("site1.gap", 30, id=8, via=["site1"], site="site1", flag="IN_Q_OVERFLOW"),
+        node="site1",
+        path="/",
+    )
     assert s.receive(encode_frame(Batch([notice]))) == [notice]  # its own loss notices pass
     for bad, message in (
         ([ev("x", 2, id=7, via=["site1"])], "ids must increase"),
@@ -119,8 +161,24 @@ def test_an_agent_cannot_pretend_to_be_relayed():
     s = session()
     s.receive(encode_frame(Hello(site="s", node="n", stream="n:1", token="t-agent")))
     with pytest.raises(ProtocolError, match="cannot set via"):
-        s.receive(encode_frame(Batch([Event(site="s", node="n", path="/p", flags=["IN_CREATE"],
-                                            ts=1, stream="n:1", seq=1, via=["x"])])))
+        s.receive(
+            encode_frame(
+                Batch(
+                    [
+                        Event(
+                            site="s",
+                            node="n",
+                            path="/p",
+                            flags=["IN_CREATE"],
+                            ts=1,
+                            stream="n:1",
+                            seq=1,
+                            via=["x"],
+                        )
+                    ]
+                )
+            )
+        )
 
 
 def test_two_routes_store_each_event_once_with_its_origin(tmp_path):
@@ -131,8 +189,10 @@ def test_two_routes_store_each_event_once_with_its_origin(tmp_path):
     stored += log.append(relayed, ("@upstream:regional", 108))
     stored += log.append(direct[3:], ("@upstream:site1", 5))  # already held: only the mark
     assert [r.event().seq for r in stored] == [1, 2, 3, 4, 5, 6, 7, 8]
-    assert [r.event().via for r in stored][2:4] == [["site1", "central"],
-                                                    ["site1", "regional", "central"]]
+    assert [r.event().via for r in stored][2:4] == [
+        ["site1", "central"],
+        ["site1", "regional", "central"],
+    ]
     assert stored[3].event().origin_id == 104  # kept as it arrived, never replaced
     assert log.position("@upstream:site1") == 5 and log.position("@upstream:regional") == 108
     mine = log.append([ev("local:1", 1)])
@@ -160,8 +220,20 @@ def test_a_pushing_relay_keeps_its_frames_within_the_budget(tmp_path):
     """Events with long paths: the pusher sends fewer a frame, and all of them, in order."""
     log = SQLiteLog(tmp_path, name="site1")
     deep = "/d/" + "x" * 8000
-    log.append([Event(site="s", node="n", path=f"{deep}/{i}", flags=["IN_CLOSE_WRITE"], ts=1,
-                      stream="n:1", seq=i) for i in range(1, 1501)])
+    log.append(
+        [
+            Event(
+                site="s",
+                node="n",
+                path=f"{deep}/{i}",
+                flags=["IN_CLOSE_WRITE"],
+                ts=1,
+                stream="n:1",
+                seq=i,
+            )
+            for i in range(1, 1501)
+        ]
+    )
 
     class Peer:  # the other relay's end of the WebSocket: welcomes, then takes frames
         def __init__(self) -> None:

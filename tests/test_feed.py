@@ -22,8 +22,12 @@ def curl_lines(url: str, seconds: float) -> list[str]:
     curl = shutil.which("curl")
     if curl is None:
         pytest.skip("curl is not installed")
-    r = subprocess.run([curl, "-sN", "--max-time", str(seconds), url], capture_output=True,
-                       text=True, timeout=seconds + 10)
+    r = subprocess.run(
+        [curl, "-sN", "--max-time", str(seconds), url],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 10,
+    )
     assert r.returncode in (0, 28), r.stderr  # 28: --max-time reached, as intended
     return r.stdout.splitlines()
 
@@ -38,7 +42,7 @@ def test_curl_gets_events_resume_point_and_heartbeats(tmp_path, procs, chatty_re
 
     lines = curl_lines(chatty_relay.url + "/events?since=earliest", 1.0)
     assert lines[:3] == ["retry: 1000", "id: 0", ""]
-    data = [json.loads(line[len("data: "):]) for line in lines if line.startswith("data: ")]
+    data = [json.loads(line[len("data: ") :]) for line in lines if line.startswith("data: ")]
     assert [(d["id"], d["flags"]) for d in data] == [(1, ["IN_CREATE"]), (2, ["IN_CLOSE_WRITE"])]
     assert "id: 2" in lines and "event: inotify" in lines
     assert lines.count(": heartbeat") >= 2  # idle for ~1 s at a 0.2 s heartbeat
@@ -65,8 +69,17 @@ def test_filters_select_the_same_events_live_and_in_catch_up(tmp_path, procs, re
     wait_for(lambda: relay.healthy()["head"] >= 120, 20, "all events stored")
     time.sleep(0.5)
 
-    catch_up = Tail(tmp_path, procs, relay.url, *args, "--since", "earliest", "--count",
-                    str(len(expected)), name="catchup")
+    catch_up = Tail(
+        tmp_path,
+        procs,
+        relay.url,
+        *args,
+        "--since",
+        "earliest",
+        "--count",
+        str(len(expected)),
+        name="catchup",
+    )
     got_catch_up = catch_up.wait_count(len(expected))
     for got in (got_live, got_catch_up):
         assert {e["path"] for e in got} == expected  # /data2 never matches /data
@@ -87,8 +100,18 @@ def publish(relay: Relay, n: int, stream: str = "n1:retention") -> None:
         async with websockets.connect(relay.url.replace("http", "ws") + "/ingest") as ws:
             await ws.send(encode_frame(Hello(site="s1", node="n1", stream=stream)))
             await ws.recv()
-            events = [Event(site="s1", node="n1", path=f"/d/f{i}", flags=["IN_CLOSE_WRITE"],
-                            ts=1, stream=stream, seq=i) for i in range(1, n + 1)]
+            events = [
+                Event(
+                    site="s1",
+                    node="n1",
+                    path=f"/d/f{i}",
+                    flags=["IN_CLOSE_WRITE"],
+                    ts=1,
+                    stream=stream,
+                    seq=i,
+                )
+                for i in range(1, n + 1)
+            ]
             await ws.send(encode_frame(Batch(events)))
             decode_to_agent(await ws.recv())
 
@@ -102,18 +125,26 @@ def test_retention_drops_old_events_and_resuming_before_them_says_gap(tmp_path, 
     publish(relay, 300)
     wait_for(lambda: relay.healthy()["first"] == 201, 10, "retention to drop 200 events")
 
-    resumed = Tail(tmp_path, procs, relay.url, "--since", "50", "--count", "101",
-                   name="resumed").wait_count(101)
+    resumed = Tail(
+        tmp_path, procs, relay.url, "--since", "50", "--count", "101", name="resumed"
+    ).wait_count(101)
     assert resumed[0] == {"type": "gap", "lost_from": 51, "lost_to": 200, "resumes_after": 200}
     assert [e["id"] for e in resumed[1:]] == list(range(201, 301))
 
-    earliest = Tail(tmp_path, procs, relay.url, "--since", "earliest", "--count", "100",
-                    name="earliest").wait_count(100)
+    earliest = Tail(
+        tmp_path, procs, relay.url, "--since", "earliest", "--count", "100", name="earliest"
+    ).wait_count(100)
     assert [e["id"] for e in earliest] == list(range(201, 301))  # no gap: nothing was asked
     lines = curl_lines(relay.url + "/events?since=10", 0.5)
-    assert lines[:7] == ["retry: 1000", "id: 10", "", "id: 200", "event: gap",
-                         'data: {"type":"gap","lost_from":11,"lost_to":200,"resumes_after":200}',
-                         ""]
+    assert lines[:7] == [
+        "retry: 1000",
+        "id: 10",
+        "",
+        "id: 200",
+        "event: gap",
+        'data: {"type":"gap","lost_from":11,"lost_to":200,"resumes_after":200}',
+        "",
+    ]
 
 
 def test_metrics(tmp_path, procs, relay):
@@ -122,8 +153,11 @@ def test_metrics(tmp_path, procs, relay):
     publish(relay, 5, stream="n1:metrics")
     Tail(tmp_path, procs, relay.url, "--since", "earliest", "--count", "5").wait_count(5)
     text = httpx.get(relay.url + "/metrics").text
-    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
-              if line and not line.startswith("#")}
+    values = {
+        line.split()[0]: float(line.split()[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
     assert values["storage_events_relay_events_in_total"] == 5
     assert values["storage_events_relay_events_out_total"] >= 5
     assert values["storage_events_relay_log_head"] == 5
@@ -153,12 +187,38 @@ def test_tls(tmp_path, procs):
     if not (shutil.which("openssl") and shutil.which("curl")):
         pytest.skip("openssl and curl are needed to make and try a certificate")
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                    "-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True)
-    relay = Relay(tmp_path, procs, name="tls", scheme="https",
-                  extra=("--certfile", str(cert), "--keyfile", str(key)))
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    relay = Relay(
+        tmp_path,
+        procs,
+        name="tls",
+        scheme="https",
+        extra=("--certfile", str(cert), "--keyfile", str(key)),
+    )
     assert relay.url.startswith("https://")
-    r = subprocess.run(["curl", "-s", "--cacert", str(cert), relay.url + "/healthz"],
-                       capture_output=True, text=True, timeout=30)
+    r = subprocess.run(
+        ["curl", "-s", "--cacert", str(cert), relay.url + "/healthz"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert '"status":"ok"' in r.stdout

@@ -12,9 +12,20 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_plain_install_is_agent_and_client_only(tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    pip = subprocess.run([venv / "bin" / "python", "-m", "pip", "install", "--quiet",
-                          "--disable-pip-version-check", str(ROOT)],
-                         capture_output=True, text=True, timeout=300)
+    pip = subprocess.run(
+        [
+            venv / "bin" / "python",
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            str(ROOT),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert pip.returncode == 0, pip.stderr
     site = next((venv / "lib").glob("python3*/site-packages"))
     installed = {p.name for p in site.iterdir()}
@@ -25,7 +36,11 @@ def test_plain_install_is_agent_and_client_only(tmp_path):
     for cmd in ("storage-events", "storage-events-agent"):
         r = subprocess.run([venv / "bin" / cmd, "--version"], capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
-    r = subprocess.run([venv / "bin" / "storage-events-relay", "serve"], capture_output=True,
-                       text=True, cwd=tmp_path)
+    r = subprocess.run(
+        [venv / "bin" / "storage-events-relay", "serve"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert r.returncode != 0
     assert "pip install 'storage-events[relay]'" in r.stderr

@@ -64,8 +64,9 @@ def event_path(e: dict, key: str = "path") -> str | None:
 _SELF = ("IN_DELETE_SELF", "IN_MOVE_SELF", "IN_UNMOUNT")
 
 
-def replay(initial: dict[str, bool], events: list[dict],
-           roots: Iterable[str | Path] | None = None) -> dict[str, bool]:
+def replay(
+    initial: dict[str, bool], events: list[dict], roots: Iterable[str | Path] | None = None
+) -> dict[str, bool]:
     """Apply the feed to the tree as the agent found it, as a subscriber keeping a catalogue
     would. Raises :class:`FeedDefect` for what a catalogue cannot apply.
 
@@ -112,8 +113,12 @@ def replay(initial: dict[str, bool], events: list[dict],
             take(path)
             live.discard(path)
             continue
-        if root_list and flag in ("IN_CREATE", "IN_MOVED_TO", "IN_CLOSE_WRITE", "IN_ATTRIB") \
-                and path not in root_list and not held(path.rsplit("/", 1)[0]):
+        if (
+            root_list
+            and flag in ("IN_CREATE", "IN_MOVED_TO", "IN_CLOSE_WRITE", "IN_ATTRIB")
+            and path not in root_list
+            and not held(path.rsplit("/", 1)[0])
+        ):
             raise FeedDefect(f"an event under a directory the feed does not hold: {e}")
         if flag == "IN_CREATE":
             model[path] = e["is_dir"]
@@ -129,10 +134,11 @@ def replay(initial: dict[str, bool], events: list[dict],
             take(path)  # a rename replaces what was at the target
             source, moved = moving.pop(e["cookie"], (None, {})) if old else (None, {})
             if source is not None and source != old:
-                raise FeedDefect(f"IN_MOVED_TO's old_path is not where its IN_MOVED_FROM "
-                                 f"was ({source}): {e}")
+                raise FeedDefect(
+                    f"IN_MOVED_TO's old_path is not where its IN_MOVED_FROM was ({source}): {e}"
+                )
             for p, d in moved.items():
-                model[path + p[len(old):]] = d
+                model[path + p[len(old) :]] = d
             model[path] = e["is_dir"]
         elif flag in ("IN_CLOSE_WRITE", "IN_ATTRIB") and not held(path):
             raise FeedDefect(f"an event for a path the feed never created: {e}")
@@ -185,12 +191,14 @@ def plant_target(outside: Path, k: int, names: list[str]) -> Path:
 
 
 def published_secrets(events: list[dict]) -> list[dict]:
-    return [e for e in events
-            if any(SECRET in (event_path(e, k) or "") for k in ("path", "old_path"))]
+    return [
+        e for e in events if any(SECRET in (event_path(e, k) or "") for k in ("path", "old_path"))
+    ]
 
 
-def random_walk(rng: random.Random, root: Path, outside: Path, steps: int,
-                names: Iterator[int]) -> None:
+def random_walk(
+    rng: random.Random, root: Path, outside: Path, steps: int, names: Iterator[int]
+) -> None:
     def fresh(parent: Path) -> Path:
         return parent / f"n{next(names)}"
 
@@ -200,7 +208,8 @@ def random_walk(rng: random.Random, root: Path, outside: Path, steps: int,
         for dirpath, dirnames, filenames in os.walk(base):
             for d in dirnames:
                 (links if os.path.islink(os.path.join(dirpath, d)) else dirs).append(
-                    Path(dirpath, d))
+                    Path(dirpath, d)
+                )
             for f in filenames:
                 p = Path(dirpath, f)
                 (links if p.is_symlink() else files).append(p)
@@ -209,9 +218,25 @@ def random_walk(rng: random.Random, root: Path, outside: Path, steps: int,
     for _ in range(steps):
         files, links, dirs = entries(root)
         parents = [root, *dirs]
-        op = rng.choice(["create", "create", "write", "mkdir", "mkdirp", "rename_file",
-                         "rename_dir", "move_in", "move_out", "delete", "rmdir", "rmtree",
-                         "swap", "rotate", "symlink_plant"])
+        op = rng.choice(
+            [
+                "create",
+                "create",
+                "write",
+                "mkdir",
+                "mkdirp",
+                "rename_file",
+                "rename_dir",
+                "move_in",
+                "move_out",
+                "delete",
+                "rmdir",
+                "rmtree",
+                "swap",
+                "rotate",
+                "symlink_plant",
+            ]
+        )
         if op == "create" or (op in ("write", "delete", "rename_file") and not files):
             fresh(rng.choice(parents)).write_bytes(b"x")
         elif op == "write":
@@ -289,8 +314,7 @@ def random_walk(rng: random.Random, root: Path, outside: Path, steps: int,
 def starved(agent: Proc, procs: list[Proc], tmp: Path) -> Iterator[None]:
     """A starved agent: stopped in short bursts (5 ms stopped, 5 ms running) from a thread, with
     a CPU hog pinned to one of the two cores."""
-    hog = Proc(["taskset", "-c", "0", sys.executable, "-c", "while True: pass"],
-               tmp / "hog.log")
+    hog = Proc(["taskset", "-c", "0", sys.executable, "-c", "while True: pass"], tmp / "hog.log")
     procs.append(hog)
     done = threading.Event()
 
@@ -312,10 +336,17 @@ def starved(agent: Proc, procs: list[Proc], tmp: Path) -> Iterator[None]:
         hog.stop()
 
 
-@pytest.mark.parametrize(("seed", "queue", "starve"), [
-    (1, None, False), (2, None, False), (3, 64, False), (4, 16, False),
-    (5, None, True), (6, 256, True),
-])
+@pytest.mark.parametrize(
+    ("seed", "queue", "starve"),
+    [
+        (1, None, False),
+        (2, None, False),
+        (3, 64, False),
+        (4, 16, False),
+        (5, None, True),
+        (6, 256, True),
+    ],
+)
 def test_replaying_the_feed_rebuilds_the_tree(tmp_path, procs, relay, seed, queue, starve):
     root, outside = tmp_path / "w", tmp_path / "outside"
     root.mkdir()
@@ -343,8 +374,9 @@ def test_replaying_the_feed_rebuilds_the_tree(tmp_path, procs, relay, seed, queu
                     agent.send(signal.SIGCONT)
 
     head = settled_head(relay, quiet=2.0)
-    events = Tail(tmp_path, procs, relay.url, "--since", "earliest", "--count",
-                  str(head)).wait_count(head)
+    events = Tail(
+        tmp_path, procs, relay.url, "--since", "earliest", "--count", str(head)
+    ).wait_count(head)
     assert not published_secrets(events), published_secrets(events)[:5]
     rebuilt = replay(initial, events, [root])
     expected = on_disk(root)

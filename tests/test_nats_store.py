@@ -20,12 +20,13 @@ class NatsCluster:
         self.procs: list[Proc] = []
         for i in range(size):
             conf = tmp / f"nats{i}.conf"
-            others = ", ".join(f"nats-route://127.0.0.1:{p}" for j, p in enumerate(routes)
-                               if j != i)
+            others = ", ".join(
+                f"nats-route://127.0.0.1:{p}" for j, p in enumerate(routes) if j != i
+            )
             conf.write_text(f"""
 server_name: n{i}
 listen: 127.0.0.1:{clients[i]}
-jetstream {{ store_dir: "{tmp / f'js{i}'}" }}
+jetstream {{ store_dir: "{tmp / f"js{i}"}" }}
 cluster {{ name: storage-events-test, listen: 127.0.0.1:{routes[i]}, routes: [{others}] }}
 """)
             proc = Proc([command("nats-server"), "-c", str(conf)], tmp / f"nats{i}.log")
@@ -34,9 +35,15 @@ cluster {{ name: storage-events-test, listen: 127.0.0.1:{routes[i]}, routes: [{o
         self.urls = [f"nats://127.0.0.1:{p}" for p in clients]
         self.store = ",".join(self.urls)
         # The cluster is ready once it has elected a JetStream meta leader.
-        wait_for(lambda: any("JetStream cluster new metadata leader" in p.output()
-                             or "Self is new JetStream cluster metadata leader" in p.output()
-                             for p in self.procs), 30, "a JetStream meta leader")
+        wait_for(
+            lambda: any(
+                "JetStream cluster new metadata leader" in p.output()
+                or "Self is new JetStream cluster metadata leader" in p.output()
+                for p in self.procs
+            ),
+            30,
+            "a JetStream meta leader",
+        )
 
 
 @pytest.fixture
@@ -46,8 +53,9 @@ def cluster(tmp_path: Path, procs: list[Proc]) -> NatsCluster:
 
 def relay_on(tmp: Path, procs: list[Proc], cluster: NatsCluster, name: str) -> Relay:
     config = tmp / f"{name}.toml"
-    config.write_text(f'name = "{name}"\nstore = "{cluster.store}"\nnats_replicas = 3\n'
-                      'heartbeat = 1.0\n')
+    config.write_text(
+        f'name = "{name}"\nstore = "{cluster.store}"\nnats_replicas = 3\nheartbeat = 1.0\n'
+    )
     return Relay(tmp, procs, name=name, extra=("--config", str(config)))
 
 
@@ -85,7 +93,16 @@ def test_two_relays_on_one_stream_serve_one_feed(tmp_path, procs, cluster):
 
 def test_an_unreachable_store_is_a_clear_error(tmp_path):
     port = free_port()
-    proc = Proc([command("storage-events-relay"), "serve", "--listen", f"127.0.0.1:{free_port()}",
-                 "--store", f"nats://127.0.0.1:{port}"], tmp_path / "relay.log")
+    proc = Proc(
+        [
+            command("storage-events-relay"),
+            "serve",
+            "--listen",
+            f"127.0.0.1:{free_port()}",
+            "--store",
+            f"nats://127.0.0.1:{port}",
+        ],
+        tmp_path / "relay.log",
+    )
     assert proc.popen.wait(60) == 1
     assert f"cannot start: cannot connect to NATS at nats://127.0.0.1:{port}" in proc.output()

@@ -13,20 +13,28 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-VERSION = re.search(r'__version__ = "([^"]+)"',
-                    (ROOT / "storage_events/__init__.py").read_text()).group(1)
+VERSION = re.search(
+    r'__version__ = "([^"]+)"', (ROOT / "storage_events/__init__.py").read_text()
+).group(1)
 TOOLS = ("dpkg", "dpkg-deb", "rpm", "systemd-analyze", "unshare")
 missing = [t for t in TOOLS if shutil.which(t) is None]
-pytestmark = pytest.mark.skipif(bool(missing), reason=f"{', '.join(missing)} not installed "
-                                "(tests/run installs them as root)")
+pytestmark = pytest.mark.skipif(
+    bool(missing), reason=f"{', '.join(missing)} not installed (tests/run installs them as root)"
+)
 PACKAGES = ("storage-events-agent", "storage-events-relay")
 
 
 def run(*args: str | Path, check: bool = True, **kw: object) -> subprocess.CompletedProcess:
     """Non-interactive, as an unattended install is: a prompt would fail it."""
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    r = subprocess.run([str(a) for a in args], capture_output=True, text=True,
-                       stdin=subprocess.DEVNULL, env=env, **kw)
+    r = subprocess.run(
+        [str(a) for a in args],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        env=env,
+        **kw,
+    )
     if check and r.returncode != 0:
         raise AssertionError(f"{args} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
     return r
@@ -47,8 +55,9 @@ def dist(tmp_path_factory: pytest.TempPathFactory):
     started = time.monotonic()
     run(ROOT / "packaging/build", "--dist", out / "now")
     print(f"packaging/build: all four packages in {time.monotonic() - started:.1f} s")
-    run(ROOT / "packaging/build", "--only", "agent", "--version", "0.0.9", "--dist",
-        out / "earlier")
+    run(
+        ROOT / "packaging/build", "--only", "agent", "--version", "0.0.9", "--dist", out / "earlier"
+    )
     yield out
     for package in PACKAGES:
         run("dpkg", "--purge", package, check=False)
@@ -70,18 +79,22 @@ def test_packages_carry_the_venv_unit_config_and_scripts(dist, svc):
     info = run("dpkg-deb", "-I", deb(dist, svc)).stdout
     files = run("dpkg-deb", "-c", deb(dist, svc)).stdout
     # The interpreter the venv was built with is the one the package depends on.
-    python = re.search(rf"\./opt/storage-events/{svc}/bin/(python3\.\d+) -> /usr/bin/\1",
-                       files).group(1)
+    python = re.search(
+        rf"\./opt/storage-events/{svc}/bin/(python3\.\d+) -> /usr/bin/\1", files
+    ).group(1)
     depends = re.search(r"Depends: (.*)", info).group(1).split(", ")
     assert python in depends and "passwd" in depends, depends
     assert run("dpkg-deb", "-I", deb(dist, svc), "conffiles").stdout.split() == [
-        f"/etc/storage-events/{svc}.toml"]
+        f"/etc/storage-events/{svc}.toml"
+    ]
     for script in ("preinst", "postinst", "prerm", "postrm"):
         assert re.search(rf"\b{script}\b", info), script
-    expected = [f"./usr/lib/systemd/system/storage-events-{svc}.service",
-                f"./usr/bin/storage-events-{svc} -> /opt/storage-events/{svc}/bin/",
-                f"-rw-r----- root/storage-events {{}} ./etc/storage-events/{svc}.toml",
-                f"./opt/storage-events/{svc}/bin/storage-events-{svc}"]
+    expected = [
+        f"./usr/lib/systemd/system/storage-events-{svc}.service",
+        f"./usr/bin/storage-events-{svc} -> /opt/storage-events/{svc}/bin/",
+        f"-rw-r----- root/storage-events {{}} ./etc/storage-events/{svc}.toml",
+        f"./opt/storage-events/{svc}/bin/storage-events-{svc}",
+    ]
     if svc == "agent":
         expected.append("./usr/lib/sysctl.d/60-storage-events-agent.conf")
     for want in expected:
@@ -91,7 +104,8 @@ def test_packages_carry_the_venv_unit_config_and_scripts(dist, svc):
 
     r = rpm(dist, svc)
     assert run("rpm", "-qp", "--configfiles", r).stdout.split() == [
-        f"/etc/storage-events/{svc}.toml"]
+        f"/etc/storage-events/{svc}.toml"
+    ]
     flags = run("rpm", "-qp", "--qf", "[%{FILENAMES} %{FILEFLAGS:fflags}\n]", r).stdout
     assert f"/etc/storage-events/{svc}.toml cn" in flags  # config, noreplace
     requires = run("rpm", "-qp", "--requires", r).stdout.split()
@@ -148,8 +162,12 @@ def test_agent_deb_install_check_upgrade_remove_purge(dist, tmp_path):
 def test_relay_deb_installs_and_runs(dist):
     run("dpkg", "-i", deb(dist, "relay"))
     assert run("storage-events-relay", "--version").stdout.strip().endswith(VERSION)
-    verify = run("systemd-analyze", "verify",
-                 "/usr/lib/systemd/system/storage-events-relay.service", check=False)
+    verify = run(
+        "systemd-analyze",
+        "verify",
+        "/usr/lib/systemd/system/storage-events-relay.service",
+        check=False,
+    )
     assert (verify.returncode, verify.stdout + verify.stderr) == (0, "")
     made = run("storage-events-relay", "token", "--name", "x", "--role", "reader").stdout
     assert made.startswith("token: ") and "[[token]]" in made
@@ -158,41 +176,75 @@ def test_relay_deb_installs_and_runs(dist):
 
 
 SCRIPT_CASES = [  # (package, script, args, calls expected)
-    ("agent", "postinst", ["configure", ""],  # a first install: not enabled, not started
-     ["daemon-reload", "restart systemd-sysctl.service",
-      "deb-systemd-helper unmask storage-events-agent.service",
-      "deb-systemd-helper update-state storage-events-agent.service"]),
-    ("agent", "postinst", ["configure", "0.0.9-1"],
-     ["restart systemd-sysctl.service", "daemon-reload",
-      "try-restart storage-events-agent.service",
-      "deb-systemd-helper unmask storage-events-agent.service",
-      "deb-systemd-helper --quiet was-enabled storage-events-agent.service",
-      "deb-systemd-helper enable storage-events-agent.service"]),
-    ("relay", "postinst", ["configure", ""],
-     ["daemon-reload", "start storage-events-relay.service",
-      "deb-systemd-helper unmask storage-events-relay.service",
-      "deb-systemd-helper --quiet was-enabled storage-events-relay.service",
-      "deb-systemd-helper enable storage-events-relay.service"]),
+    (
+        "agent",
+        "postinst",
+        ["configure", ""],  # a first install: not enabled, not started
+        [
+            "daemon-reload",
+            "restart systemd-sysctl.service",
+            "deb-systemd-helper unmask storage-events-agent.service",
+            "deb-systemd-helper update-state storage-events-agent.service",
+        ],
+    ),
+    (
+        "agent",
+        "postinst",
+        ["configure", "0.0.9-1"],
+        [
+            "restart systemd-sysctl.service",
+            "daemon-reload",
+            "try-restart storage-events-agent.service",
+            "deb-systemd-helper unmask storage-events-agent.service",
+            "deb-systemd-helper --quiet was-enabled storage-events-agent.service",
+            "deb-systemd-helper enable storage-events-agent.service",
+        ],
+    ),
+    (
+        "relay",
+        "postinst",
+        ["configure", ""],
+        [
+            "daemon-reload",
+            "start storage-events-relay.service",
+            "deb-systemd-helper unmask storage-events-relay.service",
+            "deb-systemd-helper --quiet was-enabled storage-events-relay.service",
+            "deb-systemd-helper enable storage-events-relay.service",
+        ],
+    ),
     ("relay", "prerm", ["upgrade", "0.1.0-1"], []),
     ("relay", "prerm", ["remove"], ["stop storage-events-relay.service"]),
-    ("relay", "postrm", ["remove"], ["daemon-reload",
-                                     "deb-systemd-helper mask storage-events-relay.service"]),
-    ("relay", "postrm", ["purge"], ["daemon-reload",
-                                    "deb-systemd-helper purge storage-events-relay.service",
-                                    "deb-systemd-helper unmask storage-events-relay.service"]),
+    (
+        "relay",
+        "postrm",
+        ["remove"],
+        ["daemon-reload", "deb-systemd-helper mask storage-events-relay.service"],
+    ),
+    (
+        "relay",
+        "postrm",
+        ["purge"],
+        [
+            "daemon-reload",
+            "deb-systemd-helper purge storage-events-relay.service",
+            "deb-systemd-helper unmask storage-events-relay.service",
+        ],
+    ),
 ]
 
 
 @pytest.mark.parametrize("svc, script, args, expected", SCRIPT_CASES)
 def test_deb_scripts_handle_the_service(dist, tmp_path, svc, script, args, expected):
     run("dpkg-deb", "-e", deb(dist, svc), tmp_path / "control")
-    assert sorted(under_systemd(tmp_path, tmp_path / "control" / script, args)) == \
-        sorted(expected)
+    assert sorted(under_systemd(tmp_path, tmp_path / "control" / script, args)) == sorted(expected)
 
 
 RPM_CASES = [
-    ("POSTIN", "1", ["daemon-reload", "preset storage-events-agent.service",
-                     "restart systemd-sysctl.service"]),
+    (
+        "POSTIN",
+        "1",
+        ["daemon-reload", "preset storage-events-agent.service", "restart systemd-sysctl.service"],
+    ),
     ("POSTIN", "2", ["daemon-reload", "restart systemd-sysctl.service"]),
     ("PREUN", "1", []),  # an upgrade: keep it running
     ("PREUN", "0", ["disable --now storage-events-agent.service"]),
@@ -218,8 +270,13 @@ def under_systemd(tmp: Path, script: Path, args: list[str]) -> list[str]:
         (stubs / tool).write_text(f'#!/bin/sh\necho "{tool} $*" >> {log}\n')
         (stubs / tool).chmod(0o755)
     quoted = " ".join(f"'{a}'" for a in args)
-    run("unshare", "-m", "sh", "-ec",
+    run(
+        "unshare",
+        "-m",
+        "sh",
+        "-ec",
         "mount -t tmpfs tmpfs /run && mkdir -p /run/systemd/system && "
-        f"PATH={stubs}:$PATH sh {script} {quoted}")
+        f"PATH={stubs}:$PATH sh {script} {quoted}",
+    )
     lines = log.read_text().splitlines() if log.exists() else []
     return [line.removeprefix("systemctl ") for line in lines]

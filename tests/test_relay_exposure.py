@@ -18,18 +18,21 @@ from test_auth import ev, publish
 
 from storage_events.relay.auth import Authenticator, TokenConfig
 from storage_events.relay.auth import hash_token as h
-from storage_events.relay.channel_store import ChannelStore
-from storage_events.relay.channels import Limits, Registry
-from storage_events.relay.dcache_api import ChannelService
-from storage_events.relay.feed import Feed
-from storage_events.relay.health import health_endpoint
-from storage_events.relay.hub import Hub
-from storage_events.relay.ingest import Ingest, IngestLimits
-from storage_events.relay.metrics import metrics_endpoint
-from storage_events.relay.sqlite_log import SQLiteLog
+from storage_events.relay.dcache.api import ChannelService
+from storage_events.relay.dcache.channels import Limits, Registry
+from storage_events.relay.dcache.store import ChannelStore
+from storage_events.relay.feed.endpoint import Feed
+from storage_events.relay.feed.hub import Hub
+from storage_events.relay.ingest.endpoint import Ingest
+from storage_events.relay.ingest.session import IngestLimits
+from storage_events.relay.log.sqlite import SQLiteLog
+from storage_events.relay.ops.health import health_endpoint
+from storage_events.relay.ops.metrics import metrics_endpoint
 
-TOKENS = {name: f"secret-{name}-0123456789" for name in
-          ("agent-a", "agent-b", "r-all", "r-a", "r-pub", "prom", "kit-relay")}
+TOKENS = {
+    name: f"secret-{name}-0123456789"
+    for name in ("agent-a", "agent-b", "r-all", "r-a", "r-pub", "prom", "kit-relay")
+}
 ROLES = {  # name: (role, extra TOML lines)
     "agent-a": ("agent", 'site = "a"'),
     "agent-b": ("agent", 'site = "b"'),
@@ -40,9 +43,13 @@ ROLES = {  # name: (role, extra TOML lines)
     "kit-relay": ("relay", 'site = "kit"'),
 }
 # Federation links that go nowhere (port 9 is discard): they are listed all the same.
-CONFIG = "".join(f'[[token]]\nname = "{name}"\nrole = "{role}"\nhash = "{h(TOKENS[name])}"\n'
-                 f"{extra}\n\n" for name, (role, extra) in ROLES.items()) + \
-    '[[upstream]]\nurl = "http://127.0.0.1:9"\nname = "up"\n\n[[push]]\nurl = "http://127.0.0.1:9"\n'
+CONFIG = (
+    "".join(
+        f'[[token]]\nname = "{name}"\nrole = "{role}"\nhash = "{h(TOKENS[name])}"\n{extra}\n\n'
+        for name, (role, extra) in ROLES.items()
+    )
+    + '[[upstream]]\nurl = "http://127.0.0.1:9"\nname = "up"\n\n[[push]]\nurl = "http://127.0.0.1:9"\n'
+)
 DETAIL = {"status", "version", "relay", "epoch", "head", "first", "subscribers", "agents"}
 FEDERATION = {"upstreams", "pushes", "pushing_here", "loops_dropped"}
 
@@ -58,7 +65,8 @@ def relay_with_tokens(tmp_path: Path, procs: list, extra: str = "") -> Relay:
 
 
 def test_with_tokens_healthz_tells_strangers_only_the_status_and_metrics_need_a_metrics_token(
-        tmp_path, procs, relay):
+    tmp_path, procs, relay
+):
     secured = relay_with_tokens(tmp_path, procs)
     health = secured.url + "/healthz"
     r = httpx.get(health)
@@ -87,10 +95,20 @@ def test_with_tokens_healthz_tells_strangers_only_the_status_and_metrics_need_a_
 
 def test_sites_shows_a_restricted_reader_only_what_it_may_read(tmp_path, procs):
     relay = relay_with_tokens(tmp_path, procs)
-    assert asyncio.run(publish(relay, TOKENS["agent-a"], "a", "n1:a",
-                               [ev("a", "n1:a", 1, "/data/a/x")])) is None
-    assert asyncio.run(publish(relay, TOKENS["agent-b"], "b", "n1:b",
-                               [ev("b", "n1:b", 1, "/data/b/private/y")])) is None
+    assert (
+        asyncio.run(
+            publish(relay, TOKENS["agent-a"], "a", "n1:a", [ev("a", "n1:a", 1, "/data/a/x")])
+        )
+        is None
+    )
+    assert (
+        asyncio.run(
+            publish(
+                relay, TOKENS["agent-b"], "b", "n1:b", [ev("b", "n1:b", 1, "/data/b/private/y")]
+            )
+        )
+        is None
+    )
 
     def sites(name: str) -> dict:
         r = httpx.get(relay.url + "/sites", headers=bearer(name))
@@ -120,18 +138,22 @@ def test_healthz_and_metrics_say_when_the_log_cannot_store(tmp_path):
     ingest = Ingest(log, hub, IngestLimits(), auth, me="r1")
     feed = Feed(log, hub, heartbeat=1, buffer_bytes=1 << 20, auth=auth)
     store = ChannelStore(tmp_path / "data")
-    channels = ChannelService(Registry(Limits()), store, log, auth, heartbeat=1,
-                              buffer_bytes=1 << 20)
-    app = Starlette(routes=[
-        Route("/healthz", health_endpoint(log, hub, ingest, auth)),
-        Route("/metrics", metrics_endpoint(log, hub, ingest, feed, channels, [], [], auth)),
-    ])
+    channels = ChannelService(
+        Registry(Limits()), store, log, auth, heartbeat=1, buffer_bytes=1 << 20
+    )
+    app = Starlette(
+        routes=[
+            Route("/healthz", health_endpoint(log, hub, ingest, auth)),
+            Route("/metrics", metrics_endpoint(log, hub, ingest, feed, channels, [], [], auth)),
+        ]
+    )
     full = "the log cannot store: /srv/data has 0 bytes free; free space there"
     token = {"Authorization": "Bearer m"}
 
     async def check() -> None:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                     base_url="http://relay") as client:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://relay"
+        ) as client:
             assert (await client.get("/healthz")).json() == {"status": "ok"}
             ingest.store_error = full
             r = await client.get("/healthz")
@@ -157,9 +179,11 @@ def test_healthz_and_metrics_say_when_the_log_cannot_store(tmp_path):
 
 
 HEAD = b"GET /events HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-UPGRADE = (b"GET /ingest HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-           b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
-           b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n")
+UPGRADE = (
+    b"GET /ingest HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+    b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+)
 
 
 def connect(relay: Relay, data: bytes = b"") -> socket.socket:
@@ -192,7 +216,7 @@ def test_request_heads_that_stall_are_closed_and_the_relay_keeps_serving(tmp_pat
     config = tmp_path / "relay.toml"
     config.write_text("request_head_timeout = 1\n")
     relay = Relay(tmp_path, procs, extra=("--config", str(config)))
-    stalled = [connect(relay, HEAD[:20 + i % 20]) for i in range(200)]
+    stalled = [connect(relay, HEAD[: 20 + i % 20]) for i in range(200)]
     stalled.append(connect(relay, UPGRADE))  # a WebSocket upgrade without its last line
     stalled.append(connect(relay))  # nothing at all
     again = connect(relay, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
@@ -213,9 +237,12 @@ def test_request_heads_that_stall_are_closed_and_the_relay_keeps_serving(tmp_pat
             with contextlib.suppress(OSError):  # closed, as it should be
                 s.sendall(data)
         time.sleep(0.2)
-    wait_for(lambda: all(closed_by_server(s) for s in stalled), 6 - (time.monotonic() - start),
-             f"the server to close all {len(stalled)} stalled connections; open: "
-             f"{sum(not closed_by_server(s) for s in stalled)}")
+    wait_for(
+        lambda: all(closed_by_server(s) for s in stalled),
+        6 - (time.monotonic() - start),
+        f"the server to close all {len(stalled)} stalled connections; open: "
+        f"{sum(not closed_by_server(s) for s in stalled)}",
+    )
     assert time.monotonic() - start > 0.8  # the timeout, not something sooner
     for s in stalled:
         s.close()
@@ -242,8 +269,11 @@ def test_beyond_max_connections_the_relay_answers_503_and_recovers(tmp_path, pro
 
     for s in subscribers[:3] + agents[:2]:
         s.close()
-    wait_for(lambda: httpx.get(relay.url + "/healthz", timeout=5).status_code == 200, 10,
-             "the relay to serve again once connections closed")
+    wait_for(
+        lambda: httpx.get(relay.url + "/healthz", timeout=5).status_code == 200,
+        10,
+        "the relay to serve again once connections closed",
+    )
     for s in subscribers[3:] + agents[2:]:
         s.close()
 
@@ -258,7 +288,11 @@ def test_a_request_head_beyond_64_kib_is_refused_and_bodies_are_not_counted(tmp_
     huge.close()
     # A head of a few hundred bytes with a body far larger than 64 KiB: the body is not head.
     body = b'{"path": "/' + b"d" * 100_000 + b'"}'
-    r = httpx.post(relay.url + "/api/v1/events/channels", content=body, timeout=5,
-                   headers={"Content-Type": "application/json"})
+    r = httpx.post(
+        relay.url + "/api/v1/events/channels",
+        content=body,
+        timeout=5,
+        headers={"Content-Type": "application/json"},
+    )
     assert r.status_code == 413, r.text  # the dCache API's own limit on bodies answers
     assert httpx.get(relay.url + "/healthz", timeout=2).status_code == 200

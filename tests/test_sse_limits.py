@@ -32,13 +32,28 @@ def parse(*chunks: bytes) -> tuple[list[tuple[str, str, str | None]], str | None
 LINE = st.one_of(
     st.builds(lambda v: b"data: " + v, st.binary(max_size=8)),
     st.builds(lambda v: b"data:" + v, st.sampled_from([b"", b"x", b" y", b"\xff\xfe"])),
-    st.sampled_from([b"", b"", b"event: gap", b"event:", b"id: 7", b"id: 1\x002", b"id",
-                     b": comment", b"retry: 1500", b"retry: 1x", b"retry: \xc2\xb2",
-                     b"data", b"nonsense: 1"]),
+    st.sampled_from(
+        [
+            b"",
+            b"",
+            b"event: gap",
+            b"event:",
+            b"id: 7",
+            b"id: 1\x002",
+            b"id",
+            b": comment",
+            b"retry: 1500",
+            b"retry: 1x",
+            b"retry: \xc2\xb2",
+            b"data",
+            b"nonsense: 1",
+        ]
+    ),
 )
 END = st.sampled_from([b"\n", b"\r", b"\r\n"])
 STREAM = st.lists(st.tuples(LINE, END), max_size=25).map(
-    lambda lines: b"".join(line + end for line, end in lines))
+    lambda lines: b"".join(line + end for line, end in lines)
+)
 
 
 @settings(max_examples=200, deadline=None, derandomize=True)
@@ -50,7 +65,7 @@ def test_any_chunking_gives_the_messages_of_the_whole_stream(stream: bytes, cuts
     points = sorted({min(c, len(stream)) for c in cuts})
     pieces = [stream[a:b] for a, b in zip([0, *points], [*points, len(stream)], strict=True)]
     assert parse(*pieces) == parse(stream)
-    assert parse(*(stream[i:i + 1] for i in range(len(stream)))) == parse(stream)
+    assert parse(*(stream[i : i + 1] for i in range(len(stream)))) == parse(stream)
 
 
 def test_line_ends_across_chunks():
@@ -103,7 +118,7 @@ def test_feeding_is_one_pass_over_the_bytes(monkeypatch):
     stream = b"data: " + b"w" * (3 * MiB) + b"\n\n" + sse.render(b"{}", event="inotify", id=1)
     got = []
     for i in range(0, len(stream), 100):
-        got += p.feed(stream[i:i + 100])
+        got += p.feed(stream[i : i + 100])
     assert [m.event for m in got] == ["message", "inotify"]
     assert scanned == len(stream)
 
@@ -112,10 +127,21 @@ def test_the_largest_event_the_wire_allows_fits_with_room_to_spare():
     # Every path character a control character (6 bytes in JSON: \u0001), both raw paths at
     # their limit (base64: 4/3), every list at its longest: about 1.5 MB of JSON.
     name = "r" * 64
-    ev = Event(site="s" * 256, node="n" * 256, path="/" + "\x01" * (MAX_PATH - 1),
-               old_path="/" + "\x01" * (MAX_PATH - 1), raw_path=b"\xff" * MAX_RAW_PATH,
-               raw_old_path=b"\xff" * MAX_RAW_PATH, flags=["IN_CLOSE_NOWRITE"] * 16, ts=1,
-               stream="x" * 256, seq=1, via=[name] * 32, id=2**63 - 1, origin_id=2**63 - 1)
+    ev = Event(
+        site="s" * 256,
+        node="n" * 256,
+        path="/" + "\x01" * (MAX_PATH - 1),
+        old_path="/" + "\x01" * (MAX_PATH - 1),
+        raw_path=b"\xff" * MAX_RAW_PATH,
+        raw_old_path=b"\xff" * MAX_RAW_PATH,
+        flags=["IN_CLOSE_NOWRITE"] * 16,
+        ts=1,
+        stream="x" * 256,
+        seq=1,
+        via=[name] * 32,
+        id=2**63 - 1,
+        origin_id=2**63 - 1,
+    )
     data = event_json(ev)
     assert 2 * len(data) < sse.MAX_MESSAGE
     msgs = sse.SSEParser().feed(sse.render(data, event="inotify", id=ev.id))
@@ -123,6 +149,7 @@ def test_the_largest_event_the_wire_allows_fits_with_room_to_spare():
 
 
 # -- a relay, and the client, against an upstream that never ends its line ----------------------
+
 
 class FakeRelay:
     """A tiny HTTP server posing as a relay: ``/healthz`` says ``{"epoch": 1}``, ``/events``
@@ -140,12 +167,16 @@ class FakeRelay:
         try:
             path = (await reader.readuntil(b"\r\n\r\n")).split(b" ", 2)[1].partition(b"?")[0]
             if path == b"/healthz":
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                             b"Content-Length: 13\r\nConnection: close\r\n\r\n{\"epoch\": 1}\n")
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                    b'Content-Length: 13\r\nConnection: close\r\n\r\n{"epoch": 1}\n'
+                )
             elif path == b"/events":
                 self.streams += 1
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-                             b"Connection: close\r\n\r\n")
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                    b"Connection: close\r\n\r\n"
+                )
                 for chunk in self.body():
                     writer.write(chunk)
                     await writer.drain()
@@ -189,8 +220,12 @@ def test_a_relay_drops_an_upstream_sending_an_endless_line_and_retries(tmp_path,
 
 
 def test_the_client_stops_with_a_clear_error_on_an_endless_line(endless):
-    tail = subprocess.run([command("storage-events"), "tail", endless.url, "--count", "1"],
-                          capture_output=True, text=True, timeout=30)
+    tail = subprocess.run(
+        [command("storage-events"), "tail", endless.url, "--count", "1"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert tail.returncode == 1, tail
     assert f"relay {endless.url}/events sent a feed this client cannot read" in tail.stderr
     assert "4,194,304 bytes" in tail.stderr and "Traceback" not in tail.stderr
@@ -200,8 +235,12 @@ def test_the_client_stops_with_a_clear_error_on_an_endless_line(endless):
 def test_the_client_stops_with_a_clear_error_on_an_id_that_is_not_one():
     upstream = FakeRelay(lambda: [b"id: \xc2\xb2\x1b[2J\nevent: inotify\ndata: {}\n\n"])
     try:
-        tail = subprocess.run([command("storage-events"), "tail", upstream.url, "--count", "1"],
-                              capture_output=True, text=True, timeout=30)
+        tail = subprocess.run(
+            [command("storage-events"), "tail", upstream.url, "--count", "1"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     finally:
         upstream.close()
     assert tail.returncode == 1, tail

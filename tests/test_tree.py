@@ -37,8 +37,10 @@ class FakeKernel:
                 path = self.path_of(out.node)
                 wd = self.wds.setdefault(path, self.next_wd)
                 self.next_wd = max(self.next_wd, wd + 1)
-                listing = [(name, is_dir, 1000 + len(name), 1, 1)
-                           for name, is_dir in self.listings.get(path, [])]
+                listing = [
+                    (name, is_dir, 1000 + len(name), 1, 1)
+                    for name, is_dir in self.listings.get(path, [])
+                ]
                 todo.extend(self.tree.watched(out.node, wd, 1, 100 + wd, listing, now))
             elif isinstance(out, Unwatch):
                 self.unwatched.append(out.wd)
@@ -104,8 +106,11 @@ def test_new_directory_is_watched_and_its_early_contents_announced_once():
     k.event("/r/d", DELETE, "early.txt")
     k.event("/r/d", CREATE, "early.txt")
     k.event("/r/d/sub", CLOSE_WRITE, "deep.txt")
-    assert k.paths() == [("/r/d/early.txt", "DELETE"), ("/r/d/early.txt", "CREATE"),
-                         ("/r/d/sub/deep.txt", "CLOSE_WRITE")]
+    assert k.paths() == [
+        ("/r/d/early.txt", "DELETE"),
+        ("/r/d/early.txt", "CREATE"),
+        ("/r/d/sub/deep.txt", "CLOSE_WRITE"),
+    ]
 
 
 def test_scan_memory_expires():
@@ -191,23 +196,33 @@ def test_root_deletion_is_published_and_its_watches_dropped():
 
 
 def test_rescan_publishes_exactly_what_changed_while_events_were_lost():
-    k = make({"/r": [("keep", False), ("gone", False), ("d", True), ("old", True)],
-              "/r/d": [("x", False)], "/r/old": [("y", False)]})
+    k = make(
+        {
+            "/r": [("keep", False), ("gone", False), ("d", True), ("old", True)],
+            "/r/d": [("x", False)],
+            "/r/old": [("y", False)],
+        }
+    )
     old_wd = k.wds["/r/old"]
     # While the queue overflowed: gone deleted, keep rewritten, old/ removed, new/ created.
-    k.listings = {"/r": [("keep", False), ("d", True), ("new", True)],
-                  "/r/d": [("x", False)], "/r/new": [("z", False)]}
+    k.listings = {
+        "/r": [("keep", False), ("d", True), ("new", True)],
+        "/r/d": [("x", False)],
+        "/r/new": [("z", False)],
+    }
     k.tree.set_stat(k.tree._wds[k.wds["/r"]], "keep", (1004, 2, 2))  # not what is on disk now
     k.run(k.tree.handle(-1, Flag.Q_OVERFLOW, 0, "", 0))
-    assert sorted(k.paths()) == sorted([
-        ("/r", "Q_OVERFLOW"),
-        ("/r/keep", "CLOSE_WRITE"),
-        ("/r/gone", "DELETE"),
-        ("/r/old/y", "DELETE"),
-        ("/r/old", "DELETE"),
-        ("/r/new", "CREATE"),
-        ("/r/new/z", "CREATE"),
-    ])
+    assert sorted(k.paths()) == sorted(
+        [
+            ("/r", "Q_OVERFLOW"),
+            ("/r/keep", "CLOSE_WRITE"),
+            ("/r/gone", "DELETE"),
+            ("/r/old/y", "DELETE"),
+            ("/r/old", "DELETE"),
+            ("/r/new", "CREATE"),
+            ("/r/new/z", "CREATE"),
+        ]
+    )
     assert old_wd in k.unwatched
     # A real IN_CREATE for what the rescan announced is not published twice.
     k.event("/r", CREATE | ISDIR, "new")
@@ -245,8 +260,11 @@ def test_a_listing_that_finds_a_rename_target_pairs_it():
     k.run(k.tree.handle(k.wds["/r/run1"], CREATE, 0, "x", 0.0))  # run1 watched now
     node = k.tree.node_of(k.wds["/r/run1"])
     k.run([WatchDir(node)])
-    pairs = [(c.path, Flag(c.flags).name, c.cookie, c.old_path) for c in k.published
-             if c.flags & MOVED_TO]
+    pairs = [
+        (c.path, Flag(c.flags).name, c.cookie, c.old_path)
+        for c in k.published
+        if c.flags & MOVED_TO
+    ]
     assert pairs == [("/r/run1/hello.txt", "MOVED_TO", 9, "/r/hello.txt")]
 
 
@@ -259,8 +277,7 @@ def test_a_rename_over_an_existing_entry_deletes_it_first():
     k.listings["/r"] = [("b", False), ("dst", True)]  # the parent is listed again too
     del k.wds["/r/dst"]  # replaced: another directory (inode) at that name
     k.event("/r", MOVED_TO | ISDIR, "dst", cookie=2)
-    assert k.paths() == [("/r/dst", "DELETE"), ("/r/dst", "MOVED_TO"),
-                         ("/r/dst/inside", "CREATE")]
+    assert k.paths() == [("/r/dst", "DELETE"), ("/r/dst", "MOVED_TO"), ("/r/dst/inside", "CREATE")]
 
 
 def test_a_directory_moved_out_and_back_is_listed_afresh():

@@ -24,18 +24,34 @@ from storage_events.wire import Event
 
 
 def _as_feed(e: Event) -> dict:
-    return {"path": e.path, "flags": e.flags, "is_dir": e.is_dir, "cookie": e.cookie,
-            "old_path": e.old_path, "synthetic": e.synthetic, "raw_path": None,
-            "raw_old_path": None}
+    return {
+        "path": e.path,
+        "flags": e.flags,
+        "is_dir": e.is_dir,
+        "cookie": e.cookie,
+        "old_path": e.old_path,
+        "synthetic": e.synthetic,
+        "raw_path": None,
+        "raw_old_path": None,
+    }
 
 
-@pytest.mark.parametrize(("seed", "burst", "queue"), [
-    (15, 80, None), (17, 80, None), (22, 80, None), (3, 20, None),
-    (69, 60, 64), (72, 60, 64), (76, 60, 64), (53, 200, 64),
-])
-def test_the_watcher_far_behind_the_disk_still_publishes_the_tree(tmp_path: Path, seed: int,
-                                                                   burst: int,
-                                                                   queue: int | None) -> None:
+@pytest.mark.parametrize(
+    ("seed", "burst", "queue"),
+    [
+        (15, 80, None),
+        (17, 80, None),
+        (22, 80, None),
+        (3, 20, None),
+        (69, 60, 64),
+        (72, 60, 64),
+        (76, 60, 64),
+        (53, 200, 64),
+    ],
+)
+def test_the_watcher_far_behind_the_disk_still_publishes_the_tree(
+    tmp_path: Path, seed: int, burst: int, queue: int | None
+) -> None:
     root, outside = tmp_path / "w", tmp_path / "outside"
     root.mkdir()
     outside.mkdir()
@@ -45,8 +61,12 @@ def test_the_watcher_far_behind_the_disk_still_publishes_the_tree(tmp_path: Path
     initial = on_disk(root)
     events: list[dict] = []
     with kernel_queue(queue):  # taken when the inotify instance is made
-        watcher = Watcher([Root(str(root), str(root))], site="s", node="n",
-                          sink=lambda e: events.append(_as_feed(e)))
+        watcher = Watcher(
+            [Root(str(root), str(root))],
+            site="s",
+            node="n",
+            sink=lambda e: events.append(_as_feed(e)),
+        )
     with contextlib.closing(watcher):
         watcher.start()
         rng, names = random.Random(seed), itertools.count()
@@ -65,5 +85,7 @@ def test_the_watcher_far_behind_the_disk_still_publishes_the_tree(tmp_path: Path
     assert not published_secrets(events), published_secrets(events)[:5]
     rebuilt = replay(initial, events, [root])
     expected = on_disk(root)
-    assert rebuilt == expected, (sorted(set(rebuilt.items()) - set(expected.items()))[:10],
-                                 sorted(set(expected.items()) - set(rebuilt.items()))[:10])
+    assert rebuilt == expected, (
+        sorted(set(rebuilt.items()) - set(expected.items()))[:10],
+        sorted(set(expected.items()) - set(rebuilt.items()))[:10],
+    )

@@ -32,8 +32,18 @@ def test_web_page_shows_the_feed_a_token_may_read(tmp_path, procs):
         # Live, with a hostile name: shown as text, never as markup.
         hostile = "/data/b/public/<img src=x onerror=alert(1)>"
         private = "/data/b/private/unseen"
-        assert asyncio.run(publish(relay, TOKENS["agent-b"], "b", "n1:b", [
-            ev("b", "n1:b", 5, private), ev("b", "n1:b", 6, hostile)])) is None
+        assert (
+            asyncio.run(
+                publish(
+                    relay,
+                    TOKENS["agent-b"],
+                    "b",
+                    "n1:b",
+                    [ev("b", "n1:b", 5, private), ev("b", "n1:b", 6, hostile)],
+                )
+            )
+            is None
+        )
         wait_for(lambda: len(browser.js(ROWS)) == 3, 20, "the live event on the page")
         assert browser.js(ROWS)[0] == hostile
         assert browser.js("document.querySelectorAll('img').length") == 0
@@ -41,8 +51,11 @@ def test_web_page_shows_the_feed_a_token_may_read(tmp_path, procs):
         # No token: the feed refuses, and the page says it is not live.
         browser.js("sessionStorage.clear()")
         browser.goto(f"{relay.url}/?since=earliest")
-        wait_for(lambda: browser.js("document.getElementById('status')?.textContent")
-                 == "reconnecting…", 20, "the page to report the refused feed")
+        wait_for(
+            lambda: browser.js("document.getElementById('status')?.textContent") == "reconnecting…",
+            20,
+            "the page to report the refused feed",
+        )
         assert browser.js(ROWS) == []
     finally:
         browser.close()

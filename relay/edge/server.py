@@ -17,8 +17,8 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.frames import Frame, Opcode
 
-from .config import RelayConfig
-from .ingest import MAX_HELLO
+from storage_events.relay.config import RelayConfig
+from storage_events.relay.ingest.session import MAX_HELLO
 
 log = logging.getLogger("storage_events.relay")
 
@@ -81,9 +81,10 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def _answer_and_close(self, status: bytes, text: bytes) -> None:
         """A refusal written here, before (or instead of) any request reaching the app."""
-        self.transport.write(b"HTTP/1.1 %s\r\ncontent-type: text/plain; charset=utf-8\r\n"
-                             b"content-length: %d\r\nconnection: close\r\n\r\n%s"
-                             % (status, len(text), text))
+        self.transport.write(
+            b"HTTP/1.1 %s\r\ncontent-type: text/plain; charset=utf-8\r\n"
+            b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (status, len(text), text)
+        )
         self.transport.close()
 
     def _arm(self) -> None:
@@ -99,8 +100,11 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def _head_timed_out(self) -> None:
         self._head_timer = None
         if not self.transport.is_closing():
-            log.debug("closing the connection of %s: no complete request head within %g s",
-                      self.client, self.head_timeout)
+            log.debug(
+                "closing the connection of %s: no complete request head within %g s",
+                self.client,
+                self.head_timeout,
+            )
             self.transport.close()
 
 
@@ -130,9 +134,16 @@ class HelloFirstWebSocketProtocol(WebSocketsSansIOProtocol):
 # uvicorn and websockets log every WebSocket connection at INFO: access-log lines, which for
 # plain HTTP requests appear only with -v. Without it they are dropped here too: a peer that
 # reconnects in a loop must not fill the log (the relay logs what matters of each connection).
-_ACCESS_LINES = frozenset({'%s - "WebSocket %s" [accepted]', '%s - "WebSocket %s" 403',
-                           '%s - "WebSocket %s" %d', "connection open", "connection closed",
-                           "connection rejected (%d %s)"})
+_ACCESS_LINES = frozenset(
+    {
+        '%s - "WebSocket %s" [accepted]',
+        '%s - "WebSocket %s" 403',
+        '%s - "WebSocket %s" %d',
+        "connection open",
+        "connection closed",
+        "connection rejected (%d %s)",
+    }
+)
 
 
 class WebSocketAccessLines(logging.Filter):

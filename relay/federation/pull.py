@@ -10,9 +10,16 @@ import time
 
 import httpx
 
-from .config import UpstreamConfig
-from .federation import UPSTREAM_KEY, BadFeed, FeedReader, LoopGuard, PeerRefused
-from .ingest import Ingest, ProtocolError, check_relayed
+from storage_events.relay.config import UpstreamConfig
+from storage_events.relay.federation.core import (
+    UPSTREAM_KEY,
+    BadFeed,
+    FeedReader,
+    LoopGuard,
+    PeerRefused,
+)
+from storage_events.relay.ingest.endpoint import Ingest
+from storage_events.relay.ingest.session import ProtocolError, check_relayed
 
 log = logging.getLogger("storage_events.relay")
 
@@ -38,8 +45,9 @@ class Puller:
         headers = {"Accept": "text/event-stream"}
         if self.cfg.token:
             headers["Authorization"] = f"Bearer {self.cfg.token}"
-        async with httpx.AsyncClient(timeout=timeout, headers=headers,
-                                     verify=self.cfg.ca_file or True) as client:
+        async with httpx.AsyncClient(
+            timeout=timeout, headers=headers, verify=self.cfg.ca_file or True
+        ) as client:
             while True:
                 try:
                     await self._pull(client)
@@ -47,8 +55,13 @@ class Puller:
                 except PeerRefused as e:
                     log.error("upstream %s refused the feed: %s", self.name, e)
                 except (httpx.HTTPError, OSError) as e:
-                    log.warning("upstream %s unreachable (%s: %s); retrying in %.0f s",
-                                self.name, type(e).__name__, e, backoff)
+                    log.warning(
+                        "upstream %s unreachable (%s: %s); retrying in %.0f s",
+                        self.name,
+                        type(e).__name__,
+                        e,
+                        backoff,
+                    )
                 except BadFeed as e:
                     # Its feed is broken or hostile: what was taken before is stored, the rest
                     # is not buffered; the next try starts after the last event stored. It would
@@ -56,8 +69,9 @@ class Puller:
                     backoff = max(backoff, self.cfg.broken_feed_retry)
                     log.error("%s; dropped the connection, retrying in %.1f s", e, backoff)
                 except Exception:
-                    log.exception("pulling upstream %s failed; retrying in %.0f s", self.name,
-                                  backoff)
+                    log.exception(
+                        "pulling upstream %s failed; retrying in %.0f s", self.name, backoff
+                    )
                 finally:
                     self.connected = False
                 await asyncio.sleep(backoff)
@@ -97,4 +111,3 @@ class Puller:
                     await self.ingest.store(fresh, (self.key, taken.last_id))
                 if taken.reconnect:
                     return
-

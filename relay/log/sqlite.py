@@ -17,10 +17,9 @@ from pathlib import Path
 
 import msgspec
 
+from storage_events.relay.log.admission import Admitted, Owner, admit
+from storage_events.relay.log.base import LogCounters, Record, StoreError, make_record
 from storage_events.wire import Event, event_json, flags_mask
-
-from .admission import Admitted, Owner, admit
-from .log import LogCounters, Record, StoreError, make_record
 
 log = logging.getLogger("storage_events.relay")
 
@@ -54,8 +53,9 @@ def _owner_row(owner: Owner | None) -> tuple[str | None, str | None, int | None]
 
 
 class SQLiteLog(LogCounters):
-    def __init__(self, directory: Path, *, synchronous: str = "NORMAL",
-                 name: str = "relay") -> None:
+    def __init__(
+        self, directory: Path, *, synchronous: str = "NORMAL", name: str = "relay"
+    ) -> None:
         self.name = name  # this relay's name, stamped on every event it stores
         self.stored = 0
         directory.mkdir(parents=True, exist_ok=True)
@@ -67,7 +67,8 @@ class SQLiteLog(LogCounters):
         columns = {row[1] for row in self._writer.execute("PRAGMA table_info(events)")}
         if "received" not in columns:  # a log written by version 0.1.0
             self._writer.execute(
-                "ALTER TABLE events ADD COLUMN received INTEGER NOT NULL DEFAULT 0")
+                "ALTER TABLE events ADD COLUMN received INTEGER NOT NULL DEFAULT 0"
+            )
         self._head, first, self._bytes = self._writer.execute(
             "SELECT coalesce(max(id), 0), min(id), coalesce(sum(length(data)), 0) FROM events"
         ).fetchone()
@@ -78,19 +79,24 @@ class SQLiteLog(LogCounters):
             if column not in columns:
                 self._writer.execute(f"ALTER TABLE streams ADD COLUMN {column} {kind}")
         rows = self._writer.execute(
-            "SELECT stream, seq, site, node, direct FROM streams").fetchall()
+            "SELECT stream, seq, site, node, direct FROM streams"
+        ).fetchall()
         self._positions: dict[str, int] = {row[0]: row[1] for row in rows}
         self._owners: dict[str, Owner] = {
             stream: Owner(site, node, None if direct is None else bool(direct))
-            for stream, _, site, node, direct in rows if site}
+            for stream, _, site, node, direct in rows
+            if site
+        }
         self._refused: set[tuple[str, str]] = set()  # (stream, claimant) already logged
         if EPOCH not in self._positions:
             # Identifies this log: peers keep checkpoints per epoch, so a log that was deleted
             # and started again is read from its beginning, not from where the old one was.
-            self._writer.execute("INSERT INTO streams (stream, seq) VALUES (?, ?)",
-                                 (EPOCH, secrets.randbits(53)))
+            self._writer.execute(
+                "INSERT INTO streams (stream, seq) VALUES (?, ?)", (EPOCH, secrets.randbits(53))
+            )
             self._positions[EPOCH] = self._writer.execute(
-                "SELECT seq FROM streams WHERE stream = ?", (EPOCH,)).fetchone()[0]
+                "SELECT seq FROM streams WHERE stream = ?", (EPOCH,)
+            ).fetchone()[0]
 
     @property
     def epoch(self) -> int:
@@ -108,8 +114,9 @@ class SQLiteLog(LogCounters):
     def position(self, stream: str) -> int:
         return self._positions.get(stream, 0)
 
-    def append(self, events: list[Event],
-               checkpoint: tuple[str, int] | None = None) -> list[Record]:
+    def append(
+        self, events: list[Event], checkpoint: tuple[str, int] | None = None
+    ) -> list[Record]:
         # The events given are not changed: when the write fails they are passed again.
         taken = admit(events, self._positions, self._owners, relayed=checkpoint is not None)
         self._report(taken)
@@ -119,8 +126,9 @@ class SQLiteLog(LogCounters):
         name = self.name
         for ev in taken.events:
             head += 1
-            ev = msgspec.structs.replace(ev, id=head, via=[*ev.via, name],
-                                         origin_id=ev.origin_id if ev.via else head)
+            ev = msgspec.structs.replace(
+                ev, id=head, via=[*ev.via, name], origin_id=ev.origin_id if ev.via else head
+            )
             flags = flags_mask(ev.flags)
             data = event_json(ev)
             rows.append((head, ev.site, ev.node, ev.path, flags, data, now))
@@ -131,8 +139,10 @@ class SQLiteLog(LogCounters):
         if not marks and not taken.owners:
             return []
         owners = taken.owners
-        streams = [(key, marks.get(key, self._positions.get(key, 0)), *_owner_row(owners.get(key)))
-                   for key in marks.keys() | owners.keys()]
+        streams = [
+            (key, marks.get(key, self._positions.get(key, 0)), *_owner_row(owners.get(key)))
+            for key in marks.keys() | owners.keys()
+        ]
         w = self._writer
         try:
             w.execute("BEGIN IMMEDIATE")
@@ -142,7 +152,9 @@ class SQLiteLog(LogCounters):
                 "ON CONFLICT(stream) DO UPDATE SET seq = excluded.seq, "
                 "site = coalesce(excluded.site, streams.site), "
                 "node = coalesce(excluded.node, streams.node), "
-                "direct = coalesce(excluded.direct, streams.direct)", streams)
+                "direct = coalesce(excluded.direct, streams.direct)",
+                streams,
+            )
             w.execute("COMMIT")
         except sqlite3.Error as e:
             if w.in_transaction:  # (SQLite may have rolled back by itself: disk full, I/O)
@@ -165,20 +177,34 @@ class SQLiteLog(LogCounters):
             free = f"{shutil.disk_usage(self.path.parent).free / 2**20:,.1f} MiB free there"
         except OSError as stat_error:
             free = f"its free space is unknown ({stat_error.strerror})"
-        return (f"cannot write the event log {self.path} ({e}; {free}): free space on that "
-                "file system or give the relay another --data; it retries by itself, and "
-                "senders keep their events until they are stored")
+        return (
+            f"cannot write the event log {self.path} ({e}; {free}): free space on that "
+            "file system or give the relay another --data; it retries by itself, and "
+            "senders keep their events until they are stored"
+        )
 
     def _report(self, taken: Admitted) -> None:
         for ev, why in taken.refused:
             claim = (ev.stream, f"{ev.site}/{ev.node}")
             if claim not in self._refused:  # once per claimant: a forger must not flood the log
                 self._refused.add(claim)
-                log.error("dropped events of stream %s from %s/%s: %s (a forged or "
-                          "misconfigured sender)", ev.stream, ev.site, ev.node, why)
+                log.error(
+                    "dropped events of stream %s from %s/%s: %s (a forged or misconfigured sender)",
+                    ev.stream,
+                    ev.site,
+                    ev.node,
+                    why,
+                )
         for stream, last, seq in taken.jumps:
-            log.warning("stream %s jumps from seq %d to %d: events %d-%d never arrived; stored "
-                        "an overflow notice in their place", stream, last, seq, last + 1, seq - 1)
+            log.warning(
+                "stream %s jumps from seq %d to %d: events %d-%d never arrived; stored "
+                "an overflow notice in their place",
+                stream,
+                last,
+                seq,
+                last + 1,
+                seq - 1,
+            )
 
     def trim(self, *, max_age: float, max_events: int, max_bytes: int) -> int:
         """Drop the oldest events beyond any limit (0: none); returns how many went."""
@@ -188,13 +214,15 @@ class SQLiteLog(LogCounters):
             cut = self._head - max_events
         if max_age:
             oldest_kept = time.time_ns() - int(max_age * 1e9)
-            (aged,) = w.execute("SELECT max(id) FROM events WHERE received < ?",
-                                (oldest_kept,)).fetchone()
+            (aged,) = w.execute(
+                "SELECT max(id) FROM events WHERE received < ?", (oldest_kept,)
+            ).fetchone()
             cut = max(cut, aged or 0)
         excess = self._bytes - self._sum_through(cut) - max_bytes if max_bytes else 0
         while excess > 0:  # walk forward from the cut until enough bytes would go
-            rows = w.execute("SELECT id, length(data) FROM events WHERE id > ? ORDER BY id "
-                             "LIMIT 10000", (cut,)).fetchall()
+            rows = w.execute(
+                "SELECT id, length(data) FROM events WHERE id > ? ORDER BY id LIMIT 10000", (cut,)
+            ).fetchall()
             if not rows:
                 break
             for id, size in rows:
@@ -214,7 +242,8 @@ class SQLiteLog(LogCounters):
 
     def _sum_through(self, id: int) -> int:
         (total,) = self._writer.execute(
-            "SELECT coalesce(sum(length(data)), 0) FROM events WHERE id <= ?", (id,)).fetchone()
+            "SELECT coalesce(sum(length(data)), 0) FROM events WHERE id <= ?", (id,)
+        ).fetchone()
         return total
 
     def read(self, after: int, limit: int) -> list[Record]:

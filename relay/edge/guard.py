@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .config import is_loopback
+from storage_events.relay.config import is_loopback
 
 _WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
@@ -34,12 +34,21 @@ class Policy:
     origins: frozenset[str]  # web origins whose pages may write (besides the relay's own)
 
     @classmethod
-    def make(cls, allowed_hosts: Iterable[str], cors_origins: Iterable[str], *,
-             anonymous: bool, listen_loopback: bool) -> Policy:
+    def make(
+        cls,
+        allowed_hosts: Iterable[str],
+        cors_origins: Iterable[str],
+        *,
+        anonymous: bool,
+        listen_loopback: bool,
+    ) -> Policy:
         hosts = frozenset(h.lower().strip("[]") for h in allowed_hosts)
         guard_hosts = bool(hosts) or (anonymous and listen_loopback)
-        return cls(hosts if guard_hosts else None, anonymous and listen_loopback,
-                   frozenset(o.rstrip("/") for o in cors_origins))
+        return cls(
+            hosts if guard_hosts else None,
+            anonymous and listen_loopback,
+            frozenset(o.rstrip("/") for o in cors_origins),
+        )
 
     def host_problem(self, host_header: str | None) -> str | None:
         if self.hosts is None or host_header is None:  # (HTTP/1.0: no name to rebind)
@@ -47,24 +56,31 @@ class Policy:
         host = _host_name(host_header)
         if host in self.hosts or (self.loopback and is_loopback(host)):
             return None
-        return (f"this relay does not answer to the name {host_header[:100]!r} (a page "
-                "reaching it by another name may be a DNS rebinding attack): use a loopback "
-                "address, or add the name to `allowed_hosts` in the relay's config")
+        return (
+            f"this relay does not answer to the name {host_header[:100]!r} (a page "
+            "reaching it by another name may be a DNS rebinding attack): use a loopback "
+            "address, or add the name to `allowed_hosts` in the relay's config"
+        )
 
-    def origin_problem(self, kind: str, method: str, origin: str | None,
-                       scheme: str, host_header: str | None) -> str | None:
+    def origin_problem(
+        self, kind: str, method: str, origin: str | None, scheme: str, host_header: str | None
+    ) -> str | None:
         if origin is None:
             return None  # not a browser page: programs send no Origin
         if kind == "websocket":
-            return (f"a web page (origin {origin[:100]!r}) may not open the ingest WebSocket: "
-                    "only agents and relays publish")
+            return (
+                f"a web page (origin {origin[:100]!r}) may not open the ingest WebSocket: "
+                "only agents and relays publish"
+            )
         if method not in _WRITES:
             return None
         own = f"{'https' if scheme in ('https', 'wss') else 'http'}://{host_header or ''}"
         if origin.rstrip("/") == own or origin.rstrip("/") in self.origins:
             return None
-        return (f"a web page from {origin[:100]!r} may not {method} here: add its origin to "
-                "`cors_origins` in the relay's config if it is to")
+        return (
+            f"a web page from {origin[:100]!r} may not {method} here: add its origin to "
+            "`cors_origins` in the relay's config if it is to"
+        )
 
 
 def _host_name(host_header: str) -> str:
@@ -91,16 +107,30 @@ class Guard:
         problem = self.policy.host_problem(headers.get("host"))
         status = 421  # Misdirected Request
         if problem is None:
-            problem, status = self.policy.origin_problem(
-                kind, method, headers.get("origin"), scope.get("scheme", "http"),
-                headers.get("host")), 403
+            problem, status = (
+                self.policy.origin_problem(
+                    kind,
+                    method,
+                    headers.get("origin"),
+                    scope.get("scheme", "http"),
+                    headers.get("host"),
+                ),
+                403,
+            )
         if problem is None:
             await self.app(scope, receive, send)
         elif kind == "websocket":
             await send({"type": "websocket.close", "code": 1008, "reason": problem[:120]})
         else:
             body = (problem + "\n").encode()
-            await send({"type": "http.response.start", "status": status,
-                        "headers": [(b"content-type", b"text/plain; charset=utf-8"),
-                                    (b"content-length", str(len(body)).encode())]})
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": status,
+                    "headers": [
+                        (b"content-type", b"text/plain; charset=utf-8"),
+                        (b"content-length", str(len(body)).encode()),
+                    ],
+                }
+            )
             await send({"type": "http.response.body", "body": body})

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import msgspec
 
-from .channels import Channel, Origin, Registry, Selector, Watch
-from .filters import Scope
+from storage_events.relay.dcache.channels import Channel, Origin, Registry, Selector, Watch
+from storage_events.relay.feed.filters import Scope
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -66,13 +66,19 @@ CREATE TABLE IF NOT EXISTS backlog (
 """
 # Columns added after the first release: databases it wrote get them when opened, NULL in old
 # rows.
-_ADDED = {"watches": ("moved TEXT",),
-          "backlog": ("site TEXT", "path TEXT", "overflow INTEGER", "old_path TEXT")}
+_ADDED = {
+    "watches": ("moved TEXT",),
+    "backlog": ("site TEXT", "path TEXT", "overflow INTEGER", "old_path TEXT"),
+}
 # Columns named: in a database that was migrated, the added ones come last whatever _SCHEMA says.
-_WATCH = ("INSERT OR REPLACE INTO watches (channel, sid, site, path, mask, oneshot, selector, "
-          "moved) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
-_BACKLOG = ("INSERT OR REPLACE INTO backlog (channel, id, data, site, path, overflow, old_path) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)")
+_WATCH = (
+    "INSERT OR REPLACE INTO watches (channel, sid, site, path, mask, oneshot, selector, "
+    "moved) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_BACKLOG = (
+    "INSERT OR REPLACE INTO backlog (channel, id, data, site, path, overflow, old_path) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
 
 _json = msgspec.json.Encoder()
 _order = itertools.count()  # snapshots, numbered in the order they are taken
@@ -95,21 +101,40 @@ class Snapshot:
 
 def snapshot(ch: Channel) -> Snapshot:
     scope = ch.scope
-    row = (ch.id, ch.owner,
-           _json.encode(sorted(scope.sites)) if scope.sites is not None else None,
-           _json.encode(list(scope.prefixes)) if scope.prefixes is not None else None,
-           ch.client_id, ch.url, ch.timeout, ch.next_id, ch.first_id, int(ch.connected),
-           ch.disconnected_at)
+    row = (
+        ch.id,
+        ch.owner,
+        _json.encode(sorted(scope.sites)) if scope.sites is not None else None,
+        _json.encode(list(scope.prefixes)) if scope.prefixes is not None else None,
+        ch.client_id,
+        ch.url,
+        ch.timeout,
+        ch.next_id,
+        ch.first_id,
+        int(ch.connected),
+        ch.disconnected_at,
+    )
     watches, removed = [], []
     for sid in ch.unsaved:
         w = ch.watches.get(sid)
         if w is None:
             removed.append((ch.id, sid))
         else:
-            watches.append((ch.id, sid, w.site, w.path, w.mask, int(w.oneshot),
-                            _json.encode(w.selector), _json.encode(w.moved) if w.moved else None))
-    return Snapshot(ch.id, row, watches, removed, list(ch.unsaved.items()), next(_order),
-                    ch.first_id)
+            watches.append(
+                (
+                    ch.id,
+                    sid,
+                    w.site,
+                    w.path,
+                    w.mask,
+                    int(w.oneshot),
+                    _json.encode(w.selector),
+                    _json.encode(w.moved) if w.moved else None,
+                )
+            )
+    return Snapshot(
+        ch.id, row, watches, removed, list(ch.unsaved.items()), next(_order), ch.first_id
+    )
 
 
 def saved(ch: Channel, snap: Snapshot) -> None:
@@ -146,34 +171,70 @@ class ChannelStore:
         with self._lock:
             rows = self._db.execute("SELECT * FROM channels").fetchall()
             watches = self._db.execute(
-                "SELECT channel, sid, site, path, mask, oneshot, selector, moved "
-                "FROM watches").fetchall()
+                "SELECT channel, sid, site, path, mask, oneshot, selector, moved FROM watches"
+            ).fetchall()
             cursor = self._db.execute("SELECT value FROM meta WHERE key = 'cursor'").fetchone()
             registry.deferred.update(self._db.execute("SELECT site, path FROM held_loss"))
         channels = {}
-        for (cid, owner, sites, prefixes, client_id, url, timeout, next_id, first_id,
-             connected, disconnected_at) in rows:
-            site_list, prefix_list = _names.decode(sites or "null"), _names.decode(
-                prefixes or "null")
-            scope = Scope(frozenset(site_list) if site_list is not None else None,
-                          tuple(prefix_list) if prefix_list is not None else None)
+        for (
+            cid,
+            owner,
+            sites,
+            prefixes,
+            client_id,
+            url,
+            timeout,
+            next_id,
+            first_id,
+            connected,
+            disconnected_at,
+        ) in rows:
+            site_list, prefix_list = (
+                _names.decode(sites or "null"),
+                _names.decode(prefixes or "null"),
+            )
+            scope = Scope(
+                frozenset(site_list) if site_list is not None else None,
+                tuple(prefix_list) if prefix_list is not None else None,
+            )
             # A client connected when the relay stopped has only now been disconnected.
-            channels[cid] = Channel(cid, owner, scope, client_id, url, timeout, next_id,
-                                    first_id, False, now if connected else disconnected_at)
+            channels[cid] = Channel(
+                cid,
+                owner,
+                scope,
+                client_id,
+                url,
+                timeout,
+                next_id,
+                first_id,
+                False,
+                now if connected else disconnected_at,
+            )
         for cid, sid, site, path, mask, oneshot, selector, moved in watches:
             ch = channels.get(cid)
             if ch is not None:
-                ch.watches[sid] = Watch(sid, ch, site, path, mask, bool(oneshot),
-                                        _selector.decode(selector),
-                                        _moved.decode(moved) if moved else {})
+                ch.watches[sid] = Watch(
+                    sid,
+                    ch,
+                    site,
+                    path,
+                    mask,
+                    bool(oneshot),
+                    _selector.decode(selector),
+                    _moved.decode(moved) if moved else {},
+                )
         for ch in channels.values():
             registry.add(ch)
         return cursor[0] if cursor else 0
 
-    def save(self, channels: list[Snapshot], cursor: int | None,
-             backlog: list[tuple[str, int, bytes, Origin]] | None = None,
-             deleted: list[str] | None = None,
-             held: list[tuple[str, str]] | None = None) -> None:
+    def save(
+        self,
+        channels: list[Snapshot],
+        cursor: int | None,
+        backlog: list[tuple[str, int, bytes, Origin]] | None = None,
+        deleted: list[str] | None = None,
+        held: list[tuple[str, str]] | None = None,
+    ) -> None:
         """Write channels (with their changed watches), new backlog rows, removals and (unless
         None) the routing cursor and the loss notices held back, in one transaction: a cursor
         past a held notice is never stored without it. A channel's rows older than its
@@ -190,20 +251,31 @@ class ChannelStore:
                     if snap.order < self._written.get(snap.id, -1):
                         continue
                     written[snap.id] = snap.order
-                    db.execute("INSERT OR REPLACE INTO channels VALUES "
-                               "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", snap.row)
+                    db.execute(
+                        "INSERT OR REPLACE INTO channels VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        snap.row,
+                    )
                     db.executemany(_WATCH, snap.watches)
-                    db.executemany("DELETE FROM watches WHERE channel = ? AND sid = ?",
-                                   snap.removed)
-                    db.execute("DELETE FROM backlog WHERE channel = ? AND id < ?",
-                               (snap.id, snap.first_id))
+                    db.executemany(
+                        "DELETE FROM watches WHERE channel = ? AND sid = ?", snap.removed
+                    )
+                    db.execute(
+                        "DELETE FROM backlog WHERE channel = ? AND id < ?", (snap.id, snap.first_id)
+                    )
                 if backlog:
-                    db.executemany(_BACKLOG, [
-                        (cid, i, data, o.site, o.path, int(o.overflow), o.old_path)
-                        for cid, i, data, o in backlog])
+                    db.executemany(
+                        _BACKLOG,
+                        [
+                            (cid, i, data, o.site, o.path, int(o.overflow), o.old_path)
+                            for cid, i, data, o in backlog
+                        ],
+                    )
                 for cid in deleted or ():
-                    for table, key in (("channels", "id"), ("watches", "channel"),
-                                       ("backlog", "channel")):
+                    for table, key in (
+                        ("channels", "id"),
+                        ("watches", "channel"),
+                        ("backlog", "channel"),
+                    ):
                         db.execute(f"DELETE FROM {table} WHERE {key} = ?", (cid,))
                 if cursor is not None:
                     db.execute("INSERT OR REPLACE INTO meta VALUES ('cursor', ?)", (cursor,))
@@ -224,9 +296,12 @@ class ChannelStore:
             rows = self._db.execute(
                 "SELECT id, data, site, path, overflow, old_path FROM backlog "
                 "WHERE channel = ? AND id > ? ORDER BY id LIMIT ?",
-                (cid, after, limit)).fetchall()
-        return [(i, data, None if site is None else Origin(site, path, bool(overflow), old))
-                for i, data, site, path, overflow, old in rows]
+                (cid, after, limit),
+            ).fetchall()
+        return [
+            (i, data, None if site is None else Origin(site, path, bool(overflow), old))
+            for i, data, site, path, overflow, old in rows
+        ]
 
     def close(self) -> None:
         with self._lock:

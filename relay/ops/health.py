@@ -9,15 +9,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from storage_events import __version__
+from storage_events.relay.auth import Authenticator, AuthError, bearer
+from storage_events.relay.feed.hub import Hub
+from storage_events.relay.ingest.endpoint import Ingest
+from storage_events.relay.log.base import EventLog
 
-from .auth import Authenticator, AuthError, bearer
-from .hub import Hub
-from .ingest import Ingest
-from .log import EventLog
 
-
-def health_endpoint(log: EventLog, hub: Hub, ingest: Ingest,
-                    auth: Authenticator) -> Callable[[Request], Awaitable[Response]]:
+def health_endpoint(
+    log: EventLog, hub: Hub, ingest: Ingest, auth: Authenticator
+) -> Callable[[Request], Awaitable[Response]]:
     async def endpoint(request: Request) -> Response:
         failing = ingest.store_error is not None
         status = {"status": "store_failing" if failing else "ok"}
@@ -31,8 +31,9 @@ def health_endpoint(log: EventLog, hub: Hub, ingest: Ingest,
         try:
             auth.identify(token)  # any valid token, whatever its role, may know the rest
         except AuthError as e:
-            return PlainTextResponse(f"{e}\n", status_code=e.status,
-                                     headers={"WWW-Authenticate": "Bearer"})
+            return PlainTextResponse(
+                f"{e}\n", status_code=e.status, headers={"WWW-Authenticate": "Bearer"}
+            )
         detail = {
             **status,
             "version": __version__,

@@ -20,17 +20,24 @@ from dataclasses import dataclass, field
 
 import msgspec
 
+from storage_events.relay.feed.filters import Scope, under
+from storage_events.relay.log.base import Record
 from storage_events.wire import Event, Flag
-
-from .filters import Scope, under
-from .log import Record
 
 # The twelve events a dCache selector may name, and the names that stand for several.
 EVENTS = {
-    "IN_ACCESS": Flag.ACCESS, "IN_ATTRIB": Flag.ATTRIB, "IN_CLOSE_WRITE": Flag.CLOSE_WRITE,
-    "IN_CLOSE_NOWRITE": Flag.CLOSE_NOWRITE, "IN_CREATE": Flag.CREATE, "IN_DELETE": Flag.DELETE,
-    "IN_DELETE_SELF": Flag.DELETE_SELF, "IN_MODIFY": Flag.MODIFY, "IN_MOVE_SELF": Flag.MOVE_SELF,
-    "IN_MOVED_FROM": Flag.MOVED_FROM, "IN_MOVED_TO": Flag.MOVED_TO, "IN_OPEN": Flag.OPEN,
+    "IN_ACCESS": Flag.ACCESS,
+    "IN_ATTRIB": Flag.ATTRIB,
+    "IN_CLOSE_WRITE": Flag.CLOSE_WRITE,
+    "IN_CLOSE_NOWRITE": Flag.CLOSE_NOWRITE,
+    "IN_CREATE": Flag.CREATE,
+    "IN_DELETE": Flag.DELETE,
+    "IN_DELETE_SELF": Flag.DELETE_SELF,
+    "IN_MODIFY": Flag.MODIFY,
+    "IN_MOVE_SELF": Flag.MOVE_SELF,
+    "IN_MOVED_FROM": Flag.MOVED_FROM,
+    "IN_MOVED_TO": Flag.MOVED_TO,
+    "IN_OPEN": Flag.OPEN,
 }
 ALL_EVENTS = Flag(0)
 for _bit in EVENTS.values():
@@ -75,8 +82,9 @@ _selector = msgspec.json.Decoder(Selector)
 
 def parse_selector(body: bytes) -> Selector:
     if not body.strip():
-        raise ChannelError(400, "the subscription needs a JSON selector body, e.g. "
-                                '{"path": "/data/in"}')
+        raise ChannelError(
+            400, 'the subscription needs a JSON selector body, e.g. {"path": "/data/in"}'
+        )
     try:
         sel = _selector.decode(body)
     except msgspec.ValidationError as e:
@@ -84,11 +92,18 @@ def parse_selector(body: bytes) -> Selector:
     except msgspec.DecodeError as e:
         raise ChannelError(400, f"the selector is not valid JSON: {e}") from None
     p = sel.path
-    if (len(p) > MAX_PATH or not p.startswith("/") or (p != "/" and p.endswith("/"))
-            or any(ord(c) < 0x20 for c in p)
-            or any(part in ("", ".", "..") for part in p.split("/")[1:] if p != "/")):
-        raise ChannelError(400, f"bad selector: path {p[:200]!r} must be absolute, without a "
-                                "trailing slash, '.', '..' or empty components")
+    if (
+        len(p) > MAX_PATH
+        or not p.startswith("/")
+        or (p != "/" and p.endswith("/"))
+        or any(ord(c) < 0x20 for c in p)
+        or any(part in ("", ".", "..") for part in p.split("/")[1:] if p != "/")
+    ):
+        raise ChannelError(
+            400,
+            f"bad selector: path {p[:200]!r} must be absolute, without a "
+            "trailing slash, '.', '..' or empty components",
+        )
     if sel.site is not None and not (0 < len(sel.site) <= 256 and sel.site.isprintable()):
         raise ChannelError(400, f"bad selector: site {sel.site[:80]!r} is not a site name")
     return sel
@@ -115,8 +130,11 @@ def parse_flags(flags: list[str] | None) -> Mask:
         elif name in REFUSED:
             raise ChannelError(400, f"bad selector: flag {name} is not supported")
         else:
-            raise ChannelError(400, f"bad selector: unknown flag {name[:80]!r}; valid flags: "
-                                    f"{', '.join([*EVENTS, *MACROS, *MODIFIERS])}")
+            raise ChannelError(
+                400,
+                f"bad selector: unknown flag {name[:80]!r}; valid flags: "
+                f"{', '.join([*EVENTS, *MACROS, *MODIFIERS])}",
+            )
     if not events:
         raise ChannelError(400, "bad selector: flags name no event to watch")
     return Mask(events, "IN_MASK_ADD" in modifiers, "IN_ONESHOT" in modifiers)
@@ -277,14 +295,23 @@ class Registry:
 
     # -- channels ------------------------------------------------------------------------
 
-    def create(self, owner: str, scope: Scope, client_id: str | None, base_url: str,
-               now: float) -> Channel:
+    def create(
+        self, owner: str, scope: Scope, client_id: str | None, base_url: str, now: float
+    ) -> Channel:
         if sum(c.owner == owner for c in self.channels.values()) >= self.limits.per_user:
-            raise ChannelError(429, f"{owner!r} already has {self.limits.per_user} channels: "
-                                    "delete one first")
+            raise ChannelError(
+                429, f"{owner!r} already has {self.limits.per_user} channels: delete one first"
+            )
         cid = secrets.token_urlsafe(16)
-        ch = Channel(cid, owner, scope, client_id, f"{base_url}/{cid}", self.limits.timeout,
-                     disconnected_at=now)
+        ch = Channel(
+            cid,
+            owner,
+            scope,
+            client_id,
+            f"{base_url}/{cid}",
+            self.limits.timeout,
+            disconnected_at=now,
+        )
         self.channels[cid] = ch
         return ch
 
@@ -297,21 +324,31 @@ class Registry:
     def get(self, cid: str, owner: str) -> Channel:
         ch = self.channels.get(cid)
         if ch is None:
-            raise ChannelError(404, f"no channel {cid[:40]!r}: it was deleted, expired, or "
-                                    "never existed")
+            raise ChannelError(
+                404, f"no channel {cid[:40]!r}: it was deleted, expired, or never existed"
+            )
         if ch.owner != owner:
             raise ChannelError(403, f"channel {cid} belongs to another user")
         return ch
 
     def listing(self, owner: str, client_id: str | None, filtered: bool) -> list[Channel]:
-        return [c for c in self.channels.values() if c.owner == owner
-                and (not filtered or (c.client_id or "") == (client_id or ""))]
+        return [
+            c
+            for c in self.channels.values()
+            if c.owner == owner and (not filtered or (c.client_id or "") == (client_id or ""))
+        ]
 
     def set_timeout(self, ch: Channel, timeout: object) -> None:
-        if isinstance(timeout, bool) or not isinstance(timeout, int) or not (
-                1 <= timeout <= self.limits.max_timeout):
-            raise ChannelError(400, f"timeout must be a whole number of seconds from 1 to "
-                                    f"{self.limits.max_timeout}, not {str(timeout)[:40]}")
+        if (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, int)
+            or not (1 <= timeout <= self.limits.max_timeout)
+        ):
+            raise ChannelError(
+                400,
+                f"timeout must be a whole number of seconds from 1 to "
+                f"{self.limits.max_timeout}, not {str(timeout)[:40]}",
+            )
         ch.timeout = timeout
 
     def delete(self, ch: Channel) -> list[Watch]:
@@ -323,8 +360,11 @@ class Registry:
         return ended
 
     def expired(self, now: float) -> list[Channel]:
-        return [c for c in self.channels.values()
-                if not c.connected and now - c.disconnected_at >= c.timeout]
+        return [
+            c
+            for c in self.channels.values()
+            if not c.connected and now - c.disconnected_at >= c.timeout
+        ]
 
     def connect(self, ch: Channel) -> None:
         ch.connected = True
@@ -339,11 +379,14 @@ class Registry:
         """(the watch, True if new); merging into an existing watch is dCache's 303."""
         mask = parse_flags(sel.flags)
         scope = ch.scope
-        if (scope.sites is not None and sel.site is not None and sel.site not in scope.sites) \
-                or (scope.prefixes is not None
-                    and not any(under(sel.path, p) for p in scope.prefixes)):
-            raise ChannelError(400, f"Permission denied: {ch.owner!r} may not read "
-                                    f"{sel.path}{' on ' + sel.site if sel.site else ''}")
+        if (scope.sites is not None and sel.site is not None and sel.site not in scope.sites) or (
+            scope.prefixes is not None and not any(under(sel.path, p) for p in scope.prefixes)
+        ):
+            raise ChannelError(
+                400,
+                f"Permission denied: {ch.owner!r} may not read "
+                f"{sel.path}{' on ' + sel.site if sel.site else ''}",
+            )
         for w in self._by_path.get(sel.path, ()):
             # The same watch only if it covers the path on every site it concerns: where its
             # object was moved away on one site, another object now has the path there.
@@ -354,8 +397,11 @@ class Registry:
                 ch.changed(w.sid)
                 return w, False
         if len(ch.watches) >= self.limits.watches:
-            raise ChannelError(400, f"channel {ch.id} already has {self.limits.watches} "
-                                    "subscriptions: use another channel")
+            raise ChannelError(
+                400,
+                f"channel {ch.id} already has {self.limits.watches} "
+                "subscriptions: use another channel",
+            )
         sid = watch_id(sel.site, sel.path)
         while sid in ch.watches:  # the id's object has moved away and something took its place
             sid = watch_id(sel.site, sel.path + "\0" + secrets.token_hex(4))
@@ -462,14 +508,16 @@ class Registry:
     def flush(self, now: float) -> Routed:
         """The loss notices held back whose window has ended."""
         out = Routed()
-        for key in [k for k in self.deferred
-                    if now - self._loss_at.get(k, -LOSS_WINDOW) >= LOSS_WINDOW]:
+        for key in [
+            k for k in self.deferred if now - self._loss_at.get(k, -LOSS_WINDOW) >= LOSS_WINDOW
+        ]:
             self.deferred.discard(key)
             self._loss_at[key] = now
             if self._by_path:
                 self._announce(out, *key)
-        for key in [k for k, t in self._loss_at.items()
-                    if now - t >= LOSS_WINDOW and k not in self.deferred]:
+        for key in [
+            k for k, t in self._loss_at.items() if now - t >= LOSS_WINDOW and k not in self.deferred
+        ]:
             del self._loss_at[key]  # (a notice for it now goes out at once again)
         return out
 
@@ -501,7 +549,8 @@ class Registry:
             return False
         watched = w.path_on(site)
         return (under(watched, path) or under(path, watched)) and w.channel.scope.allows(
-            site, path, overflow=True)
+            site, path, overflow=True
+        )
 
     def _child(self, out: Routed, w: Watch, r: Record) -> None:
         bits = r.flags & _CHILD_EVENTS & w.mask
@@ -531,11 +580,11 @@ class Registry:
         is_dir = r.event().is_dir
         origin = Origin(r.site, r.path)
         for bit in Flag(bits):
-            mask = [f"IN_{bit.name}", "IN_ISDIR"] if is_dir and own is None else [
-                f"IN_{bit.name}"]
+            mask = [f"IN_{bit.name}", "IN_ISDIR"] if is_dir and own is None else [f"IN_{bit.name}"]
             if bit is Flag.DELETE_SELF:
-                ended = bool(w.mask & int(Flag.DELETE_SELF)) and self._emit(out, w, origin,
-                                                                            Payload(mask))
+                ended = bool(w.mask & int(Flag.DELETE_SELF)) and self._emit(
+                    out, w, origin, Payload(mask)
+                )
                 if not ended:
                     self._end(out, w)
                 return
@@ -554,7 +603,7 @@ class Registry:
             for w in list(self._by_path.get(path, ())):
                 if (w.site is not None and w.site != r.site) or w.path_on(r.site) != path:
                     continue  # another site's object, which stayed where it was
-                new = r.path + path[len(old):]
+                new = r.path + path[len(old) :]
                 self._drop(w)
                 if w.site is not None:
                     w.path = new
@@ -584,8 +633,9 @@ class Registry:
 
     def _end(self, out: Routed, w: Watch) -> None:
         ch = w.channel
-        out.events.append((ch, ch.next_id, _encode(Envelope(Payload(["IN_IGNORED"]), w.url)),
-                           RELAY))
+        out.events.append(
+            (ch, ch.next_id, _encode(Envelope(Payload(["IN_IGNORED"]), w.url)), RELAY)
+        )
         ch.next_id += 1
         self.unsubscribe(w)
         out.closed.append(w)

@@ -26,10 +26,9 @@ from typing import Any
 
 import msgspec
 
+from storage_events.relay.log.admission import Owner, admit
+from storage_events.relay.log.base import LogCounters, Record, StoreError, make_record
 from storage_events.wire import Event, event_from_json, event_json, flags_mask
-
-from .admission import Owner, admit
-from .log import LogCounters, Record, StoreError, make_record
 
 log = logging.getLogger("storage_events.relay")
 
@@ -44,15 +43,24 @@ def subject(stream: str) -> str:
 
 class NATSLog(LogCounters):
     position_io = True  # a stream's position is read back from JetStream on its first hello
-    def __init__(self, servers: list[str], *, name: str, stream: str = "STORAGE_EVENTS",
-                 replicas: int = 1, max_age: float = 0, max_events: int = 0,
-                 max_bytes: int = 0, duplicate_window: float = 600.0) -> None:
+
+    def __init__(
+        self,
+        servers: list[str],
+        *,
+        name: str,
+        stream: str = "STORAGE_EVENTS",
+        replicas: int = 1,
+        max_age: float = 0,
+        max_events: int = 0,
+        max_bytes: int = 0,
+        duplicate_window: float = 600.0,
+    ) -> None:
         self.name = name
         self.stream = stream
         self.listener: Callable[[list[Record]], None] | None = None  # called on the NATS thread
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="nats",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._loop.run_forever, name="nats", daemon=True)
         self._thread.start()
         self._head = self._first = 0
         self._bytes = 0
@@ -86,27 +94,43 @@ class NATSLog(LogCounters):
         async def reconnected() -> None:
             log.info("NATS: reconnected to %s", self._nc.connected_url.netloc)
 
-        options: dict[str, Any] = {"servers": servers, "connect_timeout": 5,
-                                   "name": f"storage-events-relay {self.name}",
-                                   "error_cb": error}
+        options: dict[str, Any] = {
+            "servers": servers,
+            "connect_timeout": 5,
+            "name": f"storage-events-relay {self.name}",
+            "error_cb": error,
+        }
         try:  # once without retrying, so that a wrong address is an error at start
-            probe = await asyncio.wait_for(nats.connect(
-                allow_reconnect=False, max_reconnect_attempts=0, **options), 10)
+            probe = await asyncio.wait_for(
+                nats.connect(allow_reconnect=False, max_reconnect_attempts=0, **options), 10
+            )
             await probe.close()
         except Exception as e:
-            raise StoreError(f"cannot connect to NATS at {', '.join(servers)}: "
-                             f"{str(e) or 'no server answered within 10 s'}; check the "
-                             "addresses and that nats-server runs with JetStream") from None
-        self._nc = await nats.connect(allow_reconnect=True, max_reconnect_attempts=-1,
-                                      disconnected_cb=disconnected, reconnected_cb=reconnected,
-                                      **options)
+            raise StoreError(
+                f"cannot connect to NATS at {', '.join(servers)}: "
+                f"{str(e) or 'no server answered within 10 s'}; check the "
+                "addresses and that nats-server runs with JetStream"
+            ) from None
+        self._nc = await nats.connect(
+            allow_reconnect=True,
+            max_reconnect_attempts=-1,
+            disconnected_cb=disconnected,
+            reconnected_cb=reconnected,
+            **options,
+        )
         self._js = self._nc.jetstream()
         replicas, max_age, max_events, max_bytes, window = self._limits
         config = api.StreamConfig(
-            name=self.stream, subjects=[f"{SUBJECTS}.*"], storage=api.StorageType.FILE,
-            num_replicas=replicas, max_age=max_age or None, max_msgs=max_events or None,
-            max_bytes=max_bytes or None, duplicate_window=window,
-            discard=api.DiscardPolicy.OLD)
+            name=self.stream,
+            subjects=[f"{SUBJECTS}.*"],
+            storage=api.StorageType.FILE,
+            num_replicas=replicas,
+            max_age=max_age or None,
+            max_msgs=max_events or None,
+            max_bytes=max_bytes or None,
+            duplicate_window=window,
+            discard=api.DiscardPolicy.OLD,
+        )
         # A cluster that is starting with us may not have a JetStream leader yet: keep asking
         # for a while before calling it an error.
         deadline = asyncio.get_running_loop().time() + 30
@@ -120,22 +144,30 @@ class NATSLog(LogCounters):
                 break
             except NATSError as e:
                 if asyncio.get_running_loop().time() > deadline:
-                    raise StoreError(f"cannot use JetStream stream {self.stream!r}: {e} (is "
-                                     "JetStream enabled, with enough servers for "
-                                     f"{replicas} replicas?)") from None
+                    raise StoreError(
+                        f"cannot use JetStream stream {self.stream!r}: {e} (is "
+                        "JetStream enabled, with enough servers for "
+                        f"{replicas} replicas?)"
+                    ) from None
                 log.warning("JetStream not ready (%s); asking again", e)
                 await asyncio.sleep(1)
         self._state(info.state)
         self._epoch = int.from_bytes(
-            hashlib.blake2b(str(info.created).encode(), digest_size=6).digest(), "big")
+            hashlib.blake2b(str(info.created).encode(), digest_size=6).digest(), "big"
+        )
         self._pending: list[Record] = []
         self._delivered = self._head  # the last sequence handed to the listener
         # Every relay hears every event, in stream order, from the next one on.
         self._sub = await self._js.subscribe(
-            f"{SUBJECTS}.*", stream=self.stream, cb=self._received, ordered_consumer=True,
-            config=api.ConsumerConfig(deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
-                                      opt_start_seq=self._head + 1),
-            idle_heartbeat=5.0)
+            f"{SUBJECTS}.*",
+            stream=self.stream,
+            cb=self._received,
+            ordered_consumer=True,
+            config=api.ConsumerConfig(
+                deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=self._head + 1
+            ),
+            idle_heartbeat=5.0,
+        )
         # nats-py re-creates an ordered consumer after a reconnect from the last sequence it
         # delivered, which is 0 until the first message: tell it where we started instead,
         # or an idle relay would be sent the whole stream again.
@@ -161,7 +193,7 @@ class NATSLog(LogCounters):
     def _record(self, seq: int, data: bytes) -> Record:
         if not data.startswith(_ID0):
             raise ValueError(f"message {seq} of stream {self.stream} is not a stored event")
-        data = b'{"id":%d,' % seq + data[len(_ID0):]
+        data = b'{"id":%d,' % seq + data[len(_ID0) :]
         ev = event_from_json(data)
         self._owners.setdefault(ev.stream, Owner(ev.site, ev.node, True))
         return make_record(seq, ev.site, ev.node, ev.path, flags_mask(ev.flags), data, ev)
@@ -216,8 +248,9 @@ class NATSLog(LogCounters):
         # earlier one is not: have the sender resend from the start of that batch.
         return min(self._positions[stream], self._suspect.get(stream, self._positions[stream]))
 
-    def append(self, events: list[Event],
-               checkpoint: tuple[str, int] | None = None) -> list[Record]:
+    def append(
+        self, events: list[Event], checkpoint: tuple[str, int] | None = None
+    ) -> list[Record]:
         """Publish; returns no records: they reach the hub through the subscription, on every
         relay of the stream alike."""
         if checkpoint is not None:
@@ -227,20 +260,32 @@ class NATSLog(LogCounters):
     async def _append(self, events: list[Event]) -> list[Record]:
         taken = admit(events, self._positions, self._owners, relayed=False)
         for ev, why in taken.refused:
-            log.error("dropped an event of stream %s from %s/%s: %s", ev.stream, ev.site,
-                      ev.node, why)
+            log.error(
+                "dropped an event of stream %s from %s/%s: %s", ev.stream, ev.site, ev.node, why
+            )
         for stream, last, seq in taken.jumps:
-            log.warning("stream %s jumps from seq %d to %d: stored an overflow notice for "
-                        "events %d-%d, which never arrived", stream, last, seq, last + 1,
-                        seq - 1)
+            log.warning(
+                "stream %s jumps from seq %d to %d: stored an overflow notice for "
+                "events %d-%d, which never arrived",
+                stream,
+                last,
+                seq,
+                last + 1,
+                seq - 1,
+            )
         futures = []
         firsts: dict[str, int] = {}
         for ev in taken.events:
             firsts.setdefault(ev.stream, ev.seq)
             ev = msgspec.structs.replace(ev, id=0, via=[*ev.via, self.name])
-            futures.append(await self._js.publish_async(
-                subject(ev.stream), event_json(ev), stream=self.stream,
-                headers={"Nats-Msg-Id": f"{ev.stream}:{ev.seq}"}))
+            futures.append(
+                await self._js.publish_async(
+                    subject(ev.stream),
+                    event_json(ev),
+                    stream=self.stream,
+                    headers={"Nats-Msg-Id": f"{ev.stream}:{ev.seq}"},
+                )
+            )
         try:
             acks = await asyncio.wait_for(asyncio.gather(*futures), ACK_TIMEOUT)
         except Exception as e:
@@ -248,8 +293,10 @@ class NATSLog(LogCounters):
                 future.cancel()
             for stream, first in firsts.items():
                 self._suspect[stream] = min(self._suspect.get(stream, first - 1), first - 1)
-            raise StoreError(f"JetStream did not store a batch of {len(futures)} events "
-                             f"({str(e) or type(e).__name__})") from None
+            raise StoreError(
+                f"JetStream did not store a batch of {len(futures)} events "
+                f"({str(e) or type(e).__name__})"
+            ) from None
         self.stored += sum(not a.duplicate for a in acks)
         for stream, seq in taken.positions.items():
             self._positions[stream] = max(self._positions.get(stream, 0), seq)
@@ -275,10 +322,15 @@ class NATSLog(LogCounters):
 
         try:
             sub = await self._js.pull_subscribe(
-                f"{SUBJECTS}.*", stream=self.stream, config=api.ConsumerConfig(
+                f"{SUBJECTS}.*",
+                stream=self.stream,
+                config=api.ConsumerConfig(
                     deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
-                    opt_start_seq=after + 1, ack_policy=api.AckPolicy.NONE,
-                    inactive_threshold=30.0))
+                    opt_start_seq=after + 1,
+                    ack_policy=api.AckPolicy.NONE,
+                    inactive_threshold=30.0,
+                ),
+            )
         except NATSError as e:
             raise StoreError(f"cannot read the NATS stream {self.stream}: {e}") from None
         records: list[Record] = []
@@ -296,8 +348,7 @@ class NATSLog(LogCounters):
                     try:
                         records.append(self._record(last, m.data))
                     except (ValueError, msgspec.DecodeError, msgspec.ValidationError) as e:
-                        log.error("skipping message %d of NATS stream %s: %s", last,
-                                  self.stream, e)
+                        log.error("skipping message %d of NATS stream %s: %s", last, self.stream, e)
         finally:
             with contextlib.suppress(Exception):
                 name = (await sub.consumer_info()).name

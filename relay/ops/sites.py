@@ -12,16 +12,17 @@ from collections.abc import Awaitable, Callable
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
-from .auth import EVERYTHING, AuthError
-from .feed import Feed
-from .filters import Scope
-from .ingest import Ingest
-from .push import Pusher
-from .upstream import Puller
+from storage_events.relay.auth import EVERYTHING, AuthError
+from storage_events.relay.federation.pull import Puller
+from storage_events.relay.federation.push import Pusher
+from storage_events.relay.feed.endpoint import Feed
+from storage_events.relay.feed.filters import Scope
+from storage_events.relay.ingest.endpoint import Ingest
 
 
-def summary(ingest: Ingest, pullers: list[Puller], pushers: list[Pusher], scope: Scope,
-            now: float) -> dict:
+def summary(
+    ingest: Ingest, pullers: list[Puller], pushers: list[Pusher], scope: Scope, now: float
+) -> dict:
     names = set(ingest.last_ts) | {s for s, n in ingest.by_site.items() if n}
     sites = []
     for site in sorted(names):
@@ -40,26 +41,35 @@ def summary(ingest: Ingest, pullers: list[Puller], pushers: list[Pusher], scope:
     answer: dict = {"relay": ingest.me, "sites": sites}
     if scope == EVERYTHING:
         answer |= {
-            "upstreams": [{"name": p.name, "url": p.cfg.url, "connected": p.connected,
-                           "checkpoint": p.checkpoint} for p in pullers],
-            "pushes": [{"url": p.cfg.url, "connected": p.connected, "acked": p.position}
-                       for p in pushers],
+            "upstreams": [
+                {
+                    "name": p.name,
+                    "url": p.cfg.url,
+                    "connected": p.connected,
+                    "checkpoint": p.checkpoint,
+                }
+                for p in pullers
+            ],
+            "pushes": [
+                {"url": p.cfg.url, "connected": p.connected, "acked": p.position} for p in pushers
+            ],
             "pushing_here": {name: n for name, n in sorted(ingest.relays.items()) if n},
             "loops_dropped": ingest.looped,
         }
     return answer
 
 
-def sites_endpoint(feed: Feed, ingest: Ingest, pullers: list[Puller],
-                   pushers: list[Pusher]) -> Callable[[Request], Awaitable[Response]]:
+def sites_endpoint(
+    feed: Feed, ingest: Ingest, pullers: list[Puller], pushers: list[Pusher]
+) -> Callable[[Request], Awaitable[Response]]:
     async def endpoint(request: Request) -> Response:
         try:
             _, scope = feed.authorize(request)
         except AuthError as e:
-            return PlainTextResponse(f"{e}\n", status_code=e.status,
-                                     headers={"WWW-Authenticate": "Bearer"})
+            return PlainTextResponse(
+                f"{e}\n", status_code=e.status, headers={"WWW-Authenticate": "Bearer"}
+            )
         # No scope: anonymous where no authentication is configured, which sees everything.
-        return JSONResponse(summary(ingest, pullers, pushers, scope or EVERYTHING,
-                                    time.time()))
+        return JSONResponse(summary(ingest, pullers, pushers, scope or EVERYTHING, time.time()))
 
     return endpoint

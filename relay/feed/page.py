@@ -12,9 +12,12 @@ _PAGE = resources.files(__package__).joinpath("index.html").read_bytes()
 
 
 async def page(request: Request) -> HTMLResponse:
-    return HTMLResponse(_PAGE, headers={
-        "Cache-Control": "no-cache",
-        # Paths are shown with textContent only; this forbids anything else sneaking in.
-        "Content-Security-Policy": "default-src 'self'; script-src 'unsafe-inline'; "
-                                   "style-src 'unsafe-inline'",
-    })
+    return HTMLResponse(
+        _PAGE,
+        headers={
+            "Cache-Control": "no-cache",
+            # Paths are shown with textContent only; this forbids anything else sneaking in.
+            "Content-Security-Policy": "default-src 'self'; script-src 'unsafe-inline'; "
+            "style-src 'unsafe-inline'",
+        },
+    )

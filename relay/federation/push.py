@@ -11,6 +11,9 @@ import time
 
 import websockets
 
+from storage_events.relay.config import PushConfig
+from storage_events.relay.federation.core import PeerRefused, lost
+from storage_events.relay.log.base import EventLog, Record
 from storage_events.wire import (
     FRAME_BUDGET,
     Ack,
@@ -23,10 +26,6 @@ from storage_events.wire import (
     encode_frame,
     ingest_url,
 )
-
-from .config import PushConfig
-from .federation import PeerRefused, lost
-from .log import EventLog, Record
 
 log = logging.getLogger("storage_events.relay")
 
@@ -50,8 +49,9 @@ class Pusher:
     def notify(self, records: list[Record]) -> None:
         """Hub listener: there is more to push."""
         if self.connected and records:
-            if (self._pending and records[0].id != self._pending[-1].id + 1) or \
-                    len(self._pending) > PENDING:
+            if (self._pending and records[0].id != self._pending[-1].id + 1) or len(
+                self._pending
+            ) > PENDING:
                 self._pending.clear()  # the log has them
             self._pending.extend(records)
         self._wake.set()
@@ -63,14 +63,20 @@ class Pusher:
             context = ssl.create_default_context(cafile=self.cfg.ca_file)
         while True:
             try:
-                async with websockets.connect(self.url, ssl=context, max_size=None,
-                                              open_timeout=10, compression=None) as ws:
+                async with websockets.connect(
+                    self.url, ssl=context, max_size=None, open_timeout=10, compression=None
+                ) as ws:
                     await self._push(ws)
             except PeerRefused as e:
                 log.error("relay %s refused our push: %s", self.cfg.url, e)
             except (OSError, TimeoutError, websockets.WebSocketException) as e:
-                log.warning("cannot push to %s (%s: %s); retrying in %.0f s", self.cfg.url,
-                            type(e).__name__, e, backoff)
+                log.warning(
+                    "cannot push to %s (%s: %s); retrying in %.0f s",
+                    self.cfg.url,
+                    type(e).__name__,
+                    e,
+                    backoff,
+                )
             except Exception:
                 log.exception("pushing to %s failed; retrying in %.0f s", self.cfg.url, backoff)
             else:
@@ -83,8 +89,11 @@ class Pusher:
     async def _push(self, ws: websockets.ClientConnection) -> None:
         # The log's epoch in the stream name: a log started afresh is pushed from its start.
         stream = f"relay:{self.me}:{self.log.epoch}"
-        await ws.send(encode_frame(Hello(role="relay", site=self.me, node=self.me,
-                                         stream=stream, token=self.cfg.token)))
+        await ws.send(
+            encode_frame(
+                Hello(role="relay", site=self.me, node=self.me, stream=stream, token=self.cfg.token)
+            )
+        )
         welcome = decode_to_agent(await ws.recv())
         if isinstance(welcome, Error):
             raise PeerRefused(welcome.message)
@@ -150,8 +159,13 @@ class Pusher:
         return events
 
     def _gap(self, sent: int, lost_to: int) -> Event:
-        log.error("push to %s: ids %d-%d were dropped by retention before they were pushed; "
-                  "sending an overflow event", self.cfg.url, sent + 1, lost_to)
+        log.error(
+            "push to %s: ids %d-%d were dropped by retention before they were pushed; "
+            "sending an overflow event",
+            self.cfg.url,
+            sent + 1,
+            lost_to,
+        )
         gap = lost(self.me, lost_to, time.time_ns())
         gap.id, gap.via, gap.origin_id = lost_to, [self.me], lost_to
         return gap

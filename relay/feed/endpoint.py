@@ -12,11 +12,10 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 
 from storage_events import sse
-
-from .auth import Authenticator, AuthError, bearer
-from .filters import Filter, FilterError, Scope
-from .hub import Hub, Subscription
-from .log import EventLog
+from storage_events.relay.auth import Authenticator, AuthError, bearer
+from storage_events.relay.feed.filters import Filter, FilterError, Scope
+from storage_events.relay.feed.hub import Hub, Subscription
+from storage_events.relay.log.base import EventLog
 
 CATCH_UP_PAGE = 2000
 
@@ -25,8 +24,7 @@ class ResumeError(ValueError):
     pass
 
 
-def resume_point(last_event_id: str | None, since: str | None, head: int,
-                 first: int = 1) -> int:
+def resume_point(last_event_id: str | None, since: str | None, head: int, first: int = 1) -> int:
     """The id after which delivery starts. ``Last-Event-ID`` (a reconnecting browser) wins over
     ``since``; neither means "from now"."""
     if last_event_id is not None:
@@ -55,14 +53,24 @@ def resume_point(last_event_id: str | None, since: str | None, head: int,
 def gap(lost_from: int, lost_to: int) -> bytes:
     """The ``gap`` event: ids ``lost_from..lost_to`` are no longer held; its id is where the
     feed resumes, so a reconnect does not report the same gap again."""
-    data = json.dumps({"type": "gap", "lost_from": lost_from, "lost_to": lost_to,
-                       "resumes_after": lost_to}, separators=(",", ":")).encode()
+    data = json.dumps(
+        {"type": "gap", "lost_from": lost_from, "lost_to": lost_to, "resumes_after": lost_to},
+        separators=(",", ":"),
+    ).encode()
     return sse.render(data, event="gap", id=lost_to)
 
 
 class Feed:
-    def __init__(self, log: EventLog, hub: Hub, *, heartbeat: float, buffer_bytes: int,
-                 auth: Authenticator | None = None, per_identity: int = 64) -> None:
+    def __init__(
+        self,
+        log: EventLog,
+        hub: Hub,
+        *,
+        heartbeat: float,
+        buffer_bytes: int,
+        auth: Authenticator | None = None,
+        per_identity: int = 64,
+    ) -> None:
         self.auth = auth
         self.per_identity = per_identity
         self._open: Counter[str] = Counter()  # subscriptions per identity
@@ -76,15 +84,19 @@ class Feed:
         """(identity name, reading scope) of the caller; raises :class:`AuthError`."""
         if self.auth is None:
             return None, None
-        who = self.auth.reader(bearer(request.headers.get("authorization", ""),
-                                      request.query_params.get("access_token")))
+        who = self.auth.reader(
+            bearer(
+                request.headers.get("authorization", ""), request.query_params.get("access_token")
+            )
+        )
         if who is None:
             return None, None
         wanted = set(request.query_params.getlist("site"))
         allowed = who.scope.sites
         if wanted and allowed is not None and not wanted <= allowed:
-            raise AuthError(f"{who.name!r} may not read site(s) "
-                            f"{', '.join(sorted(wanted - allowed))}", 403)
+            raise AuthError(
+                f"{who.name!r} may not read site(s) {', '.join(sorted(wanted - allowed))}", 403
+            )
         return who.name, who.scope
 
     async def endpoint(self, request: Request) -> Response:
@@ -92,16 +104,20 @@ class Feed:
         try:
             name, scope = self.authorize(request)
         except AuthError as e:
-            return PlainTextResponse(f"{e}\n", status_code=e.status,
-                                     headers={"WWW-Authenticate": "Bearer"})
+            return PlainTextResponse(
+                f"{e}\n", status_code=e.status, headers={"WWW-Authenticate": "Bearer"}
+            )
         if name is not None and self._open[name] >= self.per_identity:
-            return PlainTextResponse(f"{name!r} already has {self.per_identity} open "
-                                     "subscriptions\n", status_code=429)
+            return PlainTextResponse(
+                f"{name!r} already has {self.per_identity} open subscriptions\n", status_code=429
+            )
         try:
-            filter = Filter(q.getlist("path"), q.getlist("site"), q.getlist("node"),
-                            q.getlist("type"), scope)
-            start = resume_point(request.headers.get("last-event-id"), q.get("since"),
-                                 self.log.head, self.log.first)
+            filter = Filter(
+                q.getlist("path"), q.getlist("site"), q.getlist("node"), q.getlist("type"), scope
+            )
+            start = resume_point(
+                request.headers.get("last-event-id"), q.get("since"), self.log.head, self.log.first
+            )
         except (FilterError, ResumeError) as e:
             return PlainTextResponse(f"{e}\n", status_code=400)
         # Subscribe before reading the log: whatever is published from now on is buffered, and
@@ -115,8 +131,7 @@ class Feed:
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
-    async def _stream(self, sub: Subscription, last: int,
-                      name: str | None) -> AsyncIterator[bytes]:
+    async def _stream(self, sub: Subscription, last: int, name: str | None) -> AsyncIterator[bytes]:
         try:
             # The resume point first: a client that sees no event before a drop still knows
             # where to pick up (an id-only block sets EventSource.lastEventId).
@@ -150,8 +165,7 @@ class Feed:
             if name is not None:
                 self._open[name] -= 1
 
-    async def _catch_up(self, filter: Filter,
-                        after: int) -> AsyncIterator[tuple[int, bytes, int]]:
+    async def _catch_up(self, filter: Filter, after: int) -> AsyncIterator[tuple[int, bytes, int]]:
         """(last id examined, SSE bytes to send, events in them), page by page."""
         first = self.log.first
         if after + 1 < first:

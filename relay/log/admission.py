@@ -37,12 +37,22 @@ class Admitted:
 def gap_notice(ev: Event, last: int) -> Event:
     """Stands for seqs ``last + 1 .. ev.seq - 1`` of ``ev``'s stream, which never arrived: an
     overflow of that node's whole tree, numbered ``ev.seq - 1`` (a seq nobody else can have)."""
-    return Event(site=ev.site, node=ev.node, path="/", flags=["IN_Q_OVERFLOW"], is_dir=True,
-                 ts=ev.ts, stream=ev.stream, seq=ev.seq - 1, synthetic=True)
+    return Event(
+        site=ev.site,
+        node=ev.node,
+        path="/",
+        flags=["IN_Q_OVERFLOW"],
+        is_dir=True,
+        ts=ev.ts,
+        stream=ev.stream,
+        seq=ev.seq - 1,
+        synthetic=True,
+    )
 
 
-def admit(events: list[Event], positions: Mapping[str, int], owners: Mapping[str, Owner], *,
-          relayed: bool) -> Admitted:
+def admit(
+    events: list[Event], positions: Mapping[str, int], owners: Mapping[str, Owner], *, relayed: bool
+) -> Admitted:
     """What to store of ``events``; ``relayed``: they came from another relay (pushed or
     pulled), not from the agent that publishes the stream."""
     out = Admitted()
@@ -57,9 +67,11 @@ def admit(events: list[Event], positions: Mapping[str, int], owners: Mapping[str
                 out.refused.append((ev, why))
                 continue
             if owner.node is None or owner.direct is None:  # an old log's row: complete it
-                out.owners[stream] = Owner(owner.site, owner.node or ev.node,
-                                           (not relayed) if owner.direct is None
-                                           else owner.direct)
+                out.owners[stream] = Owner(
+                    owner.site,
+                    owner.node or ev.node,
+                    (not relayed) if owner.direct is None else owner.direct,
+                )
         last = out.positions.get(stream, positions.get(stream, 0))
         if ev.seq <= last:
             continue  # already stored: a resend after a lost ack, or a second route
@@ -75,8 +87,9 @@ def admit(events: list[Event], positions: Mapping[str, int], owners: Mapping[str
 
 def _claim_problem(owner: Owner, ev: Event, relayed: bool) -> str | None:
     if owner.site != ev.site or (owner.node is not None and owner.node != ev.node):
-        return (f"that stream belongs to {owner.site}/{owner.node or '?'}, not to "
-                f"{ev.site}/{ev.node}")
+        return (
+            f"that stream belongs to {owner.site}/{owner.node or '?'}, not to {ev.site}/{ev.node}"
+        )
     if owner.direct and relayed:
         return "that stream is published here by its own agent, not through federation"
     if owner.direct is False and not relayed:

@@ -9,9 +9,8 @@ import asyncio
 from collections.abc import Callable
 
 from storage_events import sse
-
-from .filters import Filter
-from .log import Record
+from storage_events.relay.feed.filters import Filter
+from storage_events.relay.log.base import Record
 
 
 class Mailbox:

@@ -8,9 +8,8 @@ from typing import Protocol
 import msgspec
 
 from storage_events import sse
+from storage_events.relay.log.admission import Owner
 from storage_events.wire import Event, Flag, event_from_json, event_json
-
-from .admission import Owner
 
 
 @dataclass(slots=True)
@@ -38,8 +37,9 @@ class Record:
     def redacted(self) -> bytes:
         """The SSE bytes without where a move came from (for readers not allowed there)."""
         if self._redacted is None:
-            ev = msgspec.structs.replace(self.event(), old_path=None, raw_old_path=None,
-                                         cookie=None)
+            ev = msgspec.structs.replace(
+                self.event(), old_path=None, raw_old_path=None, cookie=None
+            )
             self._redacted = sse.render(event_json(ev), event=sse_type(self.flags), id=self.id)
         return self._redacted
 
@@ -85,11 +85,13 @@ def sse_type(flags: int) -> str:
     return "overflow" if flags & _OVERFLOW else "inotify"
 
 
-def make_record(id: int, site: str, node: str, path: str, flags: int, data: bytes,
-                event: Event | None = None) -> Record:
+def make_record(
+    id: int, site: str, node: str, path: str, flags: int, data: bytes, event: Event | None = None
+) -> Record:
     """``event``: the decoded form, when the caller has it (saves decoding ``data`` later)."""
-    return Record(id, site, node, path, flags, sse.render(data, event=sse_type(flags), id=id),
-                  data, event)
+    return Record(
+        id, site, node, path, flags, sse.render(data, event=sse_type(flags), id=id), data, event
+    )
 
 
 class EventLog(Protocol):
@@ -126,8 +128,9 @@ class EventLog(Protocol):
     def position(self, stream: str) -> int:
         """The highest ``seq`` held for ``stream`` (0 if none)."""
 
-    def append(self, events: list[Event],
-               checkpoint: tuple[str, int] | None = None) -> list[Record]:
+    def append(
+        self, events: list[Event], checkpoint: tuple[str, int] | None = None
+    ) -> list[Record]:
         """Store new events, giving each its id and adding this relay to its ``via``; returns
         what was stored, in id order. ``checkpoint`` (key, value) is stored in the same
         transaction, readable with :meth:`position`: how far a peer's feed was taken in."""

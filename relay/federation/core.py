@@ -62,7 +62,8 @@ class LoopGuard:
                     f"relay ({self.me}), e.g. {example.site}/{example.stream} seq {example.seq} "
                     f"via {' → '.join(example.via)}; they were dropped. Check the [[upstream]] "
                     "and [[push]] entries of the relays on that path: each event needs one way "
-                    "to each relay.")
+                    "to each relay."
+                )
         return fresh
 
 
@@ -99,8 +100,9 @@ class FeedReader:
                 try:
                     ev = event_from_json(m.data)
                 except (msgspec.ValidationError, msgspec.DecodeError) as e:
-                    raise BadFeed(f"upstream {self.upstream} sent an event that is not one: "
-                                  f"{e}") from None
+                    raise BadFeed(
+                        f"upstream {self.upstream} sent an event that is not one: {e}"
+                    ) from None
                 out.events.append(ev)
                 out.last_id = ev.id
             elif m.event == "gap":
@@ -108,8 +110,9 @@ class FeedReader:
                     gap = json.loads(m.data)
                     lost_to, resumes = int(gap["lost_to"]), int(gap["resumes_after"])
                 except (ValueError, KeyError, TypeError) as e:
-                    raise BadFeed(f"upstream {self.upstream} sent a gap that is not one: "
-                                  f"{m.data[:200]!r}") from e
+                    raise BadFeed(
+                        f"upstream {self.upstream} sent a gap that is not one: {m.data[:200]!r}"
+                    ) from e
                 notice = self.lost(lost_to, now)
                 notice.id = out.last_id = resumes
                 out.events.append(notice)
@@ -125,5 +128,13 @@ class FeedReader:
 def lost(relay: str, lost_to: int, now: int) -> Event:
     """An overflow event for the whole tree: ids up to ``lost_to`` of ``relay`` can no longer
     be had. It has a stream of its own, so it is stored once wherever the news spreads."""
-    return Event(site=relay, node=relay, path="/", flags=["IN_Q_OVERFLOW"], is_dir=True, ts=now,
-                 stream=f"{relay}.gap", seq=lost_to)
+    return Event(
+        site=relay,
+        node=relay,
+        path="/",
+        flags=["IN_Q_OVERFLOW"],
+        is_dir=True,
+        ts=now,
+        stream=f"{relay}.gap",
+        seq=lost_to,
+    )

@@ -19,11 +19,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Match, Route
 
 from storage_events import sse
-from storage_events.wire import Flag
-
-from .auth import EVERYTHING, Authenticator, AuthError, bearer
-from .channel_store import ChannelStore, Snapshot, saved, snapshot
-from .channels import (
+from storage_events.relay.auth import EVERYTHING, Authenticator, AuthError, bearer
+from storage_events.relay.dcache.channels import (
     EVENTS,
     MACROS,
     MODIFIERS,
@@ -36,9 +33,11 @@ from .channels import (
     resume,
     system,
 )
-from .filters import Scope
-from .hub import Mailbox
-from .log import EventLog, Record, make_record
+from storage_events.relay.dcache.store import ChannelStore, Snapshot, saved, snapshot
+from storage_events.relay.feed.filters import Scope
+from storage_events.relay.feed.hub import Mailbox
+from storage_events.relay.log.base import EventLog, Record, make_record
+from storage_events.wire import Flag
 
 log = logging.getLogger("storage_events.relay")
 
@@ -46,20 +45,35 @@ PREFIX = "/api/v1/events"
 ANONYMOUS = "anonymous"
 MAX_BODY = 64 * 1024
 REPLAY_PAGE = 2000
-_TITLES = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
-           405: "Method Not Allowed", 413: "Payload Too Large", 415: "Unsupported Media Type",
-           429: "Too Many Requests"}
+_TITLES = {
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    413: "Payload Too Large",
+    415: "Unsupported Media Type",
+    429: "Too Many Requests",
+}
 
 SELECTOR_SCHEMA = {
     "$schema": "http://json-schema.org/draft-07/schema#",
     "type": "object",
     "properties": {
-        "path": {"type": "string", "pattern": "^/(.*[^/])?$",
-                 "description": "The file or directory to watch (not recursive)."},
-        "flags": {"type": "array", "uniqueItems": True,
-                  "items": {"enum": [*EVENTS, *MACROS, *MODIFIERS]}},
-        "site": {"type": "string",
-                 "description": "Only this site's events (default: every site you may read)."},
+        "path": {
+            "type": "string",
+            "pattern": "^/(.*[^/])?$",
+            "description": "The file or directory to watch (not recursive).",
+        },
+        "flags": {
+            "type": "array",
+            "uniqueItems": True,
+            "items": {"enum": [*EVENTS, *MACROS, *MODIFIERS]},
+        },
+        "site": {
+            "type": "string",
+            "description": "Only this site's events (default: every site you may read).",
+        },
     },
     "required": ["path"],
     "additionalProperties": False,
@@ -70,8 +84,11 @@ EVENT_SCHEMA = {
     "properties": {
         "name": {"type": "string", "description": "The child's name, for directory watches."},
         "cookie": {"type": "string", "description": "Shared by the two halves of a rename."},
-        "mask": {"type": "array", "minItems": 1, "items": {
-            "enum": [*EVENTS, "IN_IGNORED", "IN_ISDIR", "IN_Q_OVERFLOW"]}},
+        "mask": {
+            "type": "array",
+            "minItems": 1,
+            "items": {"enum": [*EVENTS, "IN_IGNORED", "IN_ISDIR", "IN_Q_OVERFLOW"]},
+        },
     },
     "required": ["mask"],
 }
@@ -79,16 +96,27 @@ EVENT_SCHEMA = {
 
 def _problem(status: int, detail: str) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    return JSONResponse({"status": str(status), "title": _TITLES.get(status, "Error"),
-                         "detail": detail}, status_code=status, headers=headers)
+    return JSONResponse(
+        {"status": str(status), "title": _TITLES.get(status, "Error"), "detail": detail},
+        status_code=status,
+        headers=headers,
+    )
 
 
 Handler = Callable[[Request], Awaitable[Response]]
 
 
 class ChannelService:
-    def __init__(self, registry: Registry, store: ChannelStore, log: EventLog,
-                 auth: Authenticator, *, heartbeat: float, buffer_bytes: int) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        store: ChannelStore,
+        log: EventLog,
+        auth: Authenticator,
+        *,
+        heartbeat: float,
+        buffer_bytes: int,
+    ) -> None:
         self.registry = registry
         self.store = store
         self.log = log
@@ -135,8 +163,12 @@ class ChannelService:
             # Retention may have dropped records before they were routed: every watch is told.
             lost_to = (pending[0].id if pending else self.log.first) - 1
             if lost_to > self.cursor:
-                log.error("dCache channels: events %d-%d were dropped by retention before "
-                          "they were routed; sending IN_Q_OVERFLOW", self.cursor + 1, lost_to)
+                log.error(
+                    "dCache channels: events %d-%d were dropped by retention before "
+                    "they were routed; sending IN_Q_OVERFLOW",
+                    self.cursor + 1,
+                    lost_to,
+                )
                 notice = make_record(lost_to, "", "", "/", int(Flag.Q_OVERFLOW), b"{}")
                 await self._apply(self.registry.route([notice]), lost_to)
                 continue
@@ -164,8 +196,11 @@ class ChannelService:
         for ch in touched.values():
             self.registry.trimmed(ch)
         live = self.registry.channels
-        rows = [(ch.id, i, data, origin) for ch, i, data, origin in routed.events
-                if live.get(ch.id) is ch]
+        rows = [
+            (ch.id, i, data, origin)
+            for ch, i, data, origin in routed.events
+            if live.get(ch.id) is ch
+        ]
         self.routed += len(rows)
         if not rows and not touched:
             # Nothing reached a channel: the cursor moves on in memory only, and is stored with
@@ -177,8 +212,9 @@ class ChannelService:
             return
         async with self._commit:
             snaps = self._snapshots(touched.values())
-            await asyncio.to_thread(self.store.save, snaps, cursor, rows, None,
-                                    sorted(self.registry.deferred))
+            await asyncio.to_thread(
+                self.store.save, snaps, cursor, rows, None, sorted(self.registry.deferred)
+            )
             self._saved(snaps)
             if cursor is not None:
                 self.cursor = cursor
@@ -190,8 +226,7 @@ class ChannelService:
             # narrower token while this batch was being stored.
             allowed = deliverable(ch.scope, origin, data)
             if allowed is not None:
-                items.setdefault(ch.id, []).append((i, sse.render(allowed, event="inotify",
-                                                                  id=i)))
+                items.setdefault(ch.id, []).append((i, sse.render(allowed, event="inotify", id=i)))
         for cid, batch in items.items():
             self.streams[cid].push(batch, sum(len(b) for _, b in batch))
         for w in routed.closed:
@@ -206,8 +241,9 @@ class ChannelService:
     async def _save(self, ch: Channel) -> None:
         async with self._commit:  # so self.cursor is a committed one
             snaps = self._snapshots([ch])
-            await asyncio.to_thread(self.store.save, snaps, self.cursor, None, None,
-                                    sorted(self.registry.deferred))
+            await asyncio.to_thread(
+                self.store.save, snaps, self.cursor, None, None, sorted(self.registry.deferred)
+            )
             self._saved(snaps)
 
     async def expire(self, every: float = 1.0) -> None:
@@ -219,8 +255,12 @@ class ChannelService:
                 for ch in self.registry.expired(time.time()):
                     if ch.connected or ch.id not in self.registry.channels:
                         continue  # a client came back, or it went, while we waited
-                    log.info("channel %s of %s expired after %d s without a client",
-                             ch.id, ch.owner, ch.timeout)
+                    log.info(
+                        "channel %s of %s expired after %d s without a client",
+                        ch.id,
+                        ch.owner,
+                        ch.timeout,
+                    )
                     await self._delete(ch)
             except Exception:
                 log.exception("expiring dCache channels failed; trying again")
@@ -232,8 +272,11 @@ class ChannelService:
             await asyncio.to_thread(self.store.save, [], None, None, [ch.id])
         box = self.streams.pop(ch.id, None)
         if box is not None:
-            box.close(b"".join(sse.render(system("SUBSCRIPTION_CLOSED", w.url), event="SYSTEM")
-                               for w in ended))
+            box.close(
+                b"".join(
+                    sse.render(system("SUBSCRIPTION_CLOSED", w.url), event="SYSTEM") for w in ended
+                )
+            )
 
     def close(self) -> None:
         """The relay is stopping: connected clients are told, as dCache does."""
@@ -245,8 +288,11 @@ class ChannelService:
     def _caller(self, request: Request) -> tuple[str, Scope]:
         if not self.auth.enabled:
             return ANONYMOUS, Scope()
-        who = self.auth.reader(bearer(request.headers.get("authorization", ""),
-                                      request.query_params.get("access_token")))
+        who = self.auth.reader(
+            bearer(
+                request.headers.get("authorization", ""), request.query_params.get("access_token")
+            )
+        )
         assert who is not None  # enabled: no anonymous callers
         return who.name, who.scope
 
@@ -268,6 +314,7 @@ class ChannelService:
                     return _problem(e.status, e.detail)
                 except AuthError as e:
                     return _problem(e.status, str(e))
+
             return wrapped
 
         channel = PREFIX + "/channels/{cid}"
@@ -294,15 +341,29 @@ class ChannelService:
                 return _problem(405, f"{request.method} is not allowed on {request.url.path}")
             return _problem(404, f"there is no {request.url.path} in this API")
 
-        return [*routes, Route(PREFIX + "{rest:path}", elsewhere,
-                               methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"])]
+        return [
+            *routes,
+            Route(
+                PREFIX + "{rest:path}",
+                elsewhere,
+                methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"],
+            ),
+        ]
 
     async def info(self, request: Request) -> Response:
         lim = self.registry.limits
-        return JSONResponse({"channels": {
-            "maximumPerUser": lim.per_user,
-            "lifetimeWhenDisconnected": {"minimum": 1, "maximum": lim.max_timeout,
-                                         "default": lim.timeout}}})
+        return JSONResponse(
+            {
+                "channels": {
+                    "maximumPerUser": lim.per_user,
+                    "lifetimeWhenDisconnected": {
+                        "minimum": 1,
+                        "maximum": lim.max_timeout,
+                        "default": lim.timeout,
+                    },
+                }
+            }
+        )
 
     async def event_types(self, request: Request) -> Response:
         self._caller(request)
@@ -311,14 +372,17 @@ class ChannelService:
     def _type(self, request: Request) -> None:
         kind = request.path_params["type"]
         if kind != "inotify":
-            raise ChannelError(404, f"unknown event type {kind[:40]!r}: this relay has "
-                                    "'inotify'")
+            raise ChannelError(404, f"unknown event type {kind[:40]!r}: this relay has 'inotify'")
 
     async def event_type(self, request: Request) -> Response:
         self._caller(request)
         self._type(request)
-        return JSONResponse({"description": "Changes to files and directories, as inotify(7) "
-                                            "reports them, from every site of this relay"})
+        return JSONResponse(
+            {
+                "description": "Changes to files and directories, as inotify(7) "
+                "reports them, from every site of this relay"
+            }
+        )
 
     async def schema(self, request: Request) -> Response:
         self._caller(request)
@@ -332,8 +396,11 @@ class ChannelService:
         owner, scope = self._caller(request)
         body = await _json_body(request, required=False)
         client_id = body.get("client-id") if isinstance(body, dict) else None
-        if body is not None and (not isinstance(body, dict) or not isinstance(
-                client_id, str | None) or set(body) - {"client-id"}):
+        if body is not None and (
+            not isinstance(body, dict)
+            or not isinstance(client_id, str | None)
+            or set(body) - {"client-id"}
+        ):
             raise ChannelError(400, 'the body may only be {"client-id": "<string>"}')
         ch = self.registry.create(owner, scope, client_id, self._base(request), time.time())
         await self._save(ch)
@@ -374,8 +441,7 @@ class ChannelService:
         ch = self._channel(request)
         kind = request.path_params["type"]
         if kind != "inotify":
-            raise ChannelError(400, f"unknown event type {kind[:40]!r}: this relay has "
-                                    "'inotify'")
+            raise ChannelError(400, f"unknown event type {kind[:40]!r}: this relay has 'inotify'")
         w, new = self.registry.subscribe(ch, parse_selector(body))
         await self._save(ch)
         if not new:
@@ -387,9 +453,16 @@ class ChannelService:
         ch = self._channel(request)
         self._type(request)
         sel = self.registry.watch(ch, request.path_params["sid"]).selector
-        return Response(json.dumps({k: v for k, v in (("path", sel.path), ("flags", sel.flags),
-                                                      ("site", sel.site)) if v is not None}),
-                        media_type="application/json")
+        return Response(
+            json.dumps(
+                {
+                    k: v
+                    for k, v in (("path", sel.path), ("flags", sel.flags), ("site", sel.site))
+                    if v is not None
+                }
+            ),
+            media_type="application/json",
+        )
 
     async def delete_watch(self, request: Request) -> Response:
         ch = self._channel(request)
@@ -410,12 +483,15 @@ class ChannelService:
         self.registry.connect(ch)
         # Live only: from the next id on (anything already pushed to the box is newer).
         last = ch.next_id - 1 if start is None else start
-        return StreamingResponse(self._stream(ch, box, last, start is not None, loss),
-                                 media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            self._stream(ch, box, last, start is not None, loss),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
 
-    async def _stream(self, ch: Channel, box: Mailbox, last: int, replay: bool,
-                      loss: bool) -> AsyncIterator[bytes]:
+    async def _stream(
+        self, ch: Channel, box: Mailbox, last: int, replay: bool, loss: bool
+    ) -> AsyncIterator[bytes]:
         try:
             if loss:
                 yield sse.render(system("EVENT_LOSS"), event="SYSTEM")
@@ -483,8 +559,11 @@ async def _body(request: Request) -> bytes:
     media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
     body = await request.body()
     if body and media != "application/json" and not media.endswith("+json"):
-        raise ChannelError(415, f"the request body must be JSON, sent with Content-Type: "
-                                f"application/json (not {media[:60] or 'none'!r})")
+        raise ChannelError(
+            415,
+            f"the request body must be JSON, sent with Content-Type: "
+            f"application/json (not {media[:60] or 'none'!r})",
+        )
     if len(body) > MAX_BODY:
         raise ChannelError(413, f"the request body is larger than {MAX_BODY} bytes")
     return body
@@ -500,4 +579,3 @@ async def _json_body(request: Request, required: bool = True) -> Any:
         return json.loads(body)
     except ValueError as e:
         raise ChannelError(400, f"the body is not valid JSON: {e}") from None
-

@@ -5,9 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from storage_events.relay.log.base import Record
 from storage_events.wire import Flag, flags_mask
-
-from .log import Record
 
 MAX_PREFIXES = 64
 MAX_VALUE_LENGTH = 4096
@@ -75,8 +74,9 @@ class Filter:
             raise FilterError(f"at most {MAX_PREFIXES} path filters per subscription")
         normalized = {normalize_prefix(p) for p in prefixes}
         # "/" covers everything; a prefix under another one adds nothing.
-        self.prefixes = tuple(sorted(p for p in normalized if p != "/")) if "/" not in normalized \
-            else ()
+        self.prefixes = (
+            tuple(sorted(p for p in normalized if p != "/")) if "/" not in normalized else ()
+        )
         self.sites = _names("site", sites)
         self.nodes = _names("node", nodes)
         try:
@@ -84,8 +84,9 @@ class Filter:
         except ValueError as e:
             raise FilterError(str(e)) from None
         self.scope = scope if scope is not None and scope != Scope() else None
-        self.matches_all = not (self.prefixes or self.sites or self.nodes or self.flags
-                                or self.scope)
+        self.matches_all = not (
+            self.prefixes or self.sites or self.nodes or self.flags or self.scope
+        )
 
     def matches(self, r: Record) -> bool:
         if self.sites and r.site not in self.sites:
@@ -97,8 +98,9 @@ class Filter:
         overflow = r.flags & _OVERFLOW
         if self.flags and not (r.flags & self.flags or overflow):
             return False
-        if self.scope is not None and not self.scope.allows(r.site, r.path,
-                                                            overflow=bool(overflow)):
+        if self.scope is not None and not self.scope.allows(
+            r.site, r.path, overflow=bool(overflow)
+        ):
             return False
         if self.prefixes:
             path = r.path

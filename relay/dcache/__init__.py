@@ -1,0 +1,1 @@
+"""The dCache-compatible events API (channels, subscriptions, SSE)."""

@@ -1,0 +1,1 @@
+"""Relays feeding relays: pulling upstream feeds, pushing to other relays."""

@@ -1,0 +1,1 @@
+"""What subscribers get: live fan-out, filters, the SSE feed and the web page."""

@@ -1,0 +1,1 @@
+"""``/ingest``: where agents and pushing relays publish."""
