@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
-import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -28,7 +26,7 @@ from storage_events.relay.feed.hub import Hub
 from storage_events.relay.feed.page import page
 from storage_events.relay.ingest.endpoint import Ingest
 from storage_events.relay.ingest.session import IngestLimits
-from storage_events.relay.log.base import EventLog, StoreError
+from storage_events.relay.log.base import EventLog, Retention, StoreError
 from storage_events.relay.log.sqlite import SQLiteLog
 from storage_events.relay.ops.health import health_endpoint
 from storage_events.relay.ops.metrics import metrics_endpoint
@@ -37,29 +35,32 @@ from storage_events.relay.ops.sites import sites_endpoint
 logger = logging.getLogger("storage_events.relay")
 
 
-def create_app(cfg: RelayConfig) -> Starlette:
+def open_log(cfg: RelayConfig) -> EventLog:
+    """The configured backend, not yet started (see :meth:`EventLog.start`)."""
+    retention = Retention(cfg.retention_days * 86400, cfg.retention_events, cfg.retention_bytes)
     servers = cfg.nats_servers()
-    log: EventLog
-    shared = None  # the NATS log, whose subscription feeds this relay's hub
     if servers:
         from storage_events.relay.log.nats import NATSLog
 
-        log = shared = NATSLog(
+        return NATSLog(
             servers,
             name=cfg.name,
             stream=cfg.nats_stream,
             replicas=cfg.nats_replicas,
-            max_age=cfg.retention_days * 86400,
-            max_events=cfg.retention_events,
-            max_bytes=cfg.retention_bytes,
+            retention=retention,
         )
-    else:
-        log = SQLiteLog(Path(cfg.data), synchronous=cfg.durability.upper(), name=cfg.name)
+    return SQLiteLog(
+        Path(cfg.data), synchronous=cfg.durability.upper(), name=cfg.name, retention=retention
+    )
+
+
+def create_app(cfg: RelayConfig) -> Starlette:
+    log = open_log(cfg)
     hub = Hub()
     auth = Authenticator(cfg.token, cfg.jwt)
+    log.follow(hub.publish)  # whoever stored them: this relay, or another on a shared store
     ingest = Ingest(
         log,
-        hub,
         IngestLimits(max_batch=cfg.max_batch, hello_timeout=cfg.request_head_timeout),
         auth,
         me=cfg.name,
@@ -95,21 +96,13 @@ def create_app(cfg: RelayConfig) -> Starlette:
     async def retention() -> None:
         while True:
             try:
-                await ingest.trim(
-                    max_age=cfg.retention_days * 86400,
-                    max_events=cfg.retention_events,
-                    max_bytes=cfg.retention_bytes,
-                )
-            except (StoreError, sqlite3.Error) as e:  # a full disk, say: try again next time
+                await log.trim()
+            except StoreError as e:  # a full disk, say: try again next time
                 logger.error("retention could not run: %s", e)
             await asyncio.sleep(cfg.retention_check)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        if shared is not None:
-            shared.listener = functools.partial(
-                asyncio.get_running_loop().call_soon_threadsafe, hub.publish
-            )
         tasks = [
             asyncio.create_task(job)
             for job in (
@@ -128,9 +121,8 @@ def create_app(cfg: RelayConfig) -> Starlette:
                 task.cancel()
             hub.close()
             channels.close()
-            ingest.close()
             store.close()
-            log.close()
+            await log.close()
 
     policy = Policy.make(
         cfg.allowed_hosts,
@@ -167,5 +159,6 @@ def create_app(cfg: RelayConfig) -> Starlette:
     )
     # For the server's shutdown: every stream is told to reconnect (elsewhere, or later).
     app.state.hub = hub
+    app.state.log = log  # started by the server, on its loop
     app.state.channels = channels
     return app

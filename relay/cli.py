@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import sqlite3
 from pathlib import Path
@@ -122,7 +123,17 @@ def serve(
         stop(sig, frame)  # type: ignore[arg-type]
 
     server.handle_exit = handle_exit  # type: ignore[method-assign]
-    server.run()
+
+    async def serve() -> None:
+        # The log opens on the server's loop (a shared store's connection lives there), and
+        # before anything listens: a store that cannot be used is an error, not a 503.
+        await app.state.log.start()
+        await server.serve()
+
+    try:
+        asyncio.run(serve())
+    except StoreError as e:
+        raise click.ClickException(f"cannot start: {e}") from None
 
 
 @main.command()

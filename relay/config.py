@@ -69,7 +69,8 @@ class RelayConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # every relay given the same servers and stream (scale-out).
     store: str | None = None
     nats_stream: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")] = "STORAGE_EVENTS"
-    nats_replicas: Annotated[int, msgspec.Meta(ge=1, le=5)] = 1
+    # Copies of the stream JetStream keeps (default: the cluster's size, up to 3).
+    nats_replicas: Annotated[int, msgspec.Meta(ge=1, le=5)] | None = None
     # Serving anonymous agents and readers on a non-loopback address needs this, explicitly.
     insecure: bool = False
     heartbeat: Positive = 15.0  # seconds between SSE heartbeat comments on an idle feed
@@ -111,11 +112,6 @@ class RelayConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         for server in servers:
             if not server.startswith(("nats://", "tls://")):
                 raise ValueError(f"store {server!r}: give NATS servers as nats://HOST:PORT")
-        if self.store and (self.upstream or self.push):
-            raise ValueError(
-                "federation ([[upstream]], [[push]]) is not available with the "
-                "NATS store yet: use it with the embedded log"
-            )
         return servers
 
     def host_port(self) -> tuple[str, int]:

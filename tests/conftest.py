@@ -291,3 +291,36 @@ class ChannelReader:
     def stop(self) -> None:
         self._stop.set()  # noticed at the next heartbeat
         assert self.ended.wait(10), "the stream did not end"
+
+
+class NatsCluster:
+    def __init__(self, tmp: Path, procs: list[Proc], size: int = 3) -> None:
+        clients = [free_port() for _ in range(size)]
+        routes = [free_port() for _ in range(size)]
+        self.procs: list[Proc] = []
+        for i in range(size):
+            conf = tmp / f"nats{i}.conf"
+            others = ", ".join(
+                f"nats-route://127.0.0.1:{p}" for j, p in enumerate(routes) if j != i
+            )
+            conf.write_text(f"""
+server_name: n{i}
+listen: 127.0.0.1:{clients[i]}
+jetstream {{ store_dir: "{tmp / f"js{i}"}" }}
+cluster {{ name: storage-events-test, listen: 127.0.0.1:{routes[i]}, routes: [{others}] }}
+""")
+            proc = Proc([command("nats-server"), "-c", str(conf)], tmp / f"nats{i}.log")
+            procs.append(proc)
+            self.procs.append(proc)
+        self.urls = [f"nats://127.0.0.1:{p}" for p in clients]
+        self.store = ",".join(self.urls)
+        # The cluster is ready once it has elected a JetStream meta leader.
+        wait_for(
+            lambda: any(
+                "JetStream cluster new metadata leader" in p.output()
+                or "Self is new JetStream cluster metadata leader" in p.output()
+                for p in self.procs
+            ),
+            30,
+            "a JetStream meta leader",
+        )

@@ -15,7 +15,6 @@ from storage_events.relay.feed.endpoint import ResumeError, resume_point
 from storage_events.relay.feed.filters import Filter, FilterError, normalize_prefix
 from storage_events.relay.ingest.session import IngestLimits, IngestSession, ProtocolError
 from storage_events.relay.log.base import make_record
-from storage_events.relay.log.sqlite import SQLiteLog
 from storage_events.wire import (
     MAX_PATH,
     Batch,
@@ -280,43 +279,3 @@ def test_ingest_session_answers_any_bytes_with_a_protocol_error_or_a_message(fra
     except ProtocolError as e:
         assert str(e) and e.code in (1003, 1007, 1008, 1009)
 
-
-# -- SQLite log ---------------------------------------------------------------------------------
-
-
-def test_sqlite_log_numbers_dedups_and_survives_reopening(tmp_path):
-    log = SQLiteLog(tmp_path)
-    stored = log.append([ev(1), ev(2), ev(1, stream="m:1")])
-    assert [r.id for r in stored] == [1, 2, 3]
-    assert log.append([ev(2), ev(3)])[0].id == 4  # seq 2 was already held
-    assert (log.head, log.position("n:1"), log.position("m:1")) == (4, 3, 1)
-    log.close()
-    log = SQLiteLog(tmp_path)
-    assert (log.head, log.position("n:1")) == (4, 3)
-    rows = log.read(1, 10)
-    assert [r.id for r in rows] == [2, 3, 4]
-    assert b'id: 2\nevent: inotify\ndata: {"id":2,' in rows[0].sse
-    assert log.read(4, 10) == []
-
-
-def test_sqlite_log_retention_by_count_bytes_and_age(tmp_path):
-    import time
-
-    log = SQLiteLog(tmp_path)
-    log.append([ev(i, path=f"/d/{i:04d}") for i in range(1, 101)])
-    per_event = log.size // 100
-    assert log.trim(max_age=0, max_events=80, max_bytes=0) == 20
-    assert (log.first, log.head) == (21, 100)
-    limit = 50 * per_event
-    gone = log.trim(max_age=0, max_events=0, max_bytes=limit)
-    assert log.size <= limit  # under the limit, having dropped no more than needed:
-    last_dropped = 20 + gone
-    assert gone in (30, 31) and log.first == last_dropped + 1
-    assert [r.id for r in log.read(0, 1)] == [log.first]
-    time.sleep(0.05)
-    log.append([ev(101, path="/d/new")])
-    assert log.trim(max_age=0.03, max_events=0, max_bytes=0) == 100 - last_dropped
-    assert (log.first, log.head) == (101, 101)
-    log.close()
-    reopened = SQLiteLog(tmp_path)
-    assert (reopened.first, reopened.head, reopened.size) == (101, 101, log.size)

@@ -135,7 +135,7 @@ def test_healthz_and_metrics_say_when_the_log_cannot_store(tmp_path):
     log = SQLiteLog(tmp_path / "data", name="r1")
     hub = Hub()
     auth = Authenticator([TokenConfig(name="prom", role="metrics", hash=h("m"))], None)
-    ingest = Ingest(log, hub, IngestLimits(), auth, me="r1")
+    ingest = Ingest(log, IngestLimits(), auth, me="r1")
     feed = Feed(log, hub, heartbeat=1, buffer_bytes=1 << 20, auth=auth)
     store = ChannelStore(tmp_path / "data")
     channels = ChannelService(
@@ -173,9 +173,8 @@ def test_healthz_and_metrics_say_when_the_log_cannot_store(tmp_path):
     try:
         asyncio.run(check())
     finally:
-        ingest.close()
         store.close()
-        log.close()
+        asyncio.run(log.close())
 
 
 HEAD = b"GET /events HTTP/1.1\r\nHost: 127.0.0.1\r\n"

@@ -159,7 +159,7 @@ class ChannelService:
             pending = [r for r in self._pending if r.id > self.cursor]
             self._pending.clear()
             if not pending or pending[0].id != self.cursor + 1:
-                pending = await asyncio.to_thread(self.log.read, self.cursor, REPLAY_PAGE)
+                pending = await self.log.read(self.cursor, REPLAY_PAGE)
             # Retention may have dropped records before they were routed: every watch is told.
             lost_to = (pending[0].id if pending else self.log.first) - 1
             if lost_to > self.cursor:

@@ -37,7 +37,8 @@ class Puller:
 
     @property
     def checkpoint(self) -> int:
-        return self.ingest.log.position(self.key) if self.key else 0
+        """The last of the upstream's ids stored here (by this relay: for status pages)."""
+        return self.ingest.log.held(self.key) if self.key else 0
 
     async def run(self) -> None:
         backoff = 0.5
@@ -89,7 +90,8 @@ class Puller:
         except (ValueError, TypeError, AttributeError):
             raise PeerRefused(f"{health.url} did not answer as a storage-events relay") from None
         self.key = UPSTREAM_KEY.format(self.name, epoch)
-        since = self.checkpoint
+        # (From the store: on a shared one, another relay may have taken in more.)
+        since = await self.ingest.log.position(self.key)
         url = base + "/events"
         params = {"since": str(since) if since else "earliest"}
         async with client.stream("GET", url, params=params) as r:

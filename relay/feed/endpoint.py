@@ -3,7 +3,6 @@ a duplicate at the hand-over."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -173,7 +172,7 @@ class Feed:
             yield first - 1, gap(after + 1, first - 1), 0
             after = first - 1
         while after < self.log.head:
-            records = await asyncio.to_thread(self.log.read, after, CATCH_UP_PAGE)
+            records = await self.log.read(after, CATCH_UP_PAGE)
             if not records:
                 return
             if records[0].id > after + 1:  # retention ran between two pages

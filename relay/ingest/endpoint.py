@@ -1,20 +1,17 @@
-"""``/ingest``: the WebSocket shell around :class:`~.session.IngestSession`. Batches from all
-connections are stored one at a time and acknowledged once the log holds them."""
+"""``/ingest``: the WebSocket shell around :class:`~.session.IngestSession`. Each batch is
+acknowledged once the log holds it; the log hands what it stored to the hub itself."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
 
 from storage_events.relay.auth import Authenticator
 from storage_events.relay.federation.core import PUSHED_KEY, LoopGuard
-from storage_events.relay.feed.hub import Hub
 from storage_events.relay.ingest.session import IngestLimits, IngestSession, ProtocolError
 from storage_events.relay.log.base import EventLog, StoreError
 from storage_events.wire import (
@@ -30,13 +27,12 @@ log = logging.getLogger("storage_events.relay")
 
 
 class Ingest:
-    """The WebSocket endpoint. Batches from all connections are stored one at a time by a
-    single writer thread, and published to the hub in id order."""
+    """The WebSocket endpoint, and the one way events from outside enter the log (agents,
+    pushing relays, and the feeds of upstream relays)."""
 
     def __init__(
         self,
         log: EventLog,
-        hub: Hub,
         limits: IngestLimits,
         auth: Authenticator | None = None,
         me: str = "relay",
@@ -44,10 +40,7 @@ class Ingest:
         self.auth = auth
         self.me = me
         self.log = log
-        self.hub = hub
         self.limits = limits
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="log-writer")
-        self._lock = asyncio.Lock()
         self.connections = 0
         self.by_site: Counter[str] = Counter()  # open agent connections
         self.relays: Counter[str] = Counter()  # open connections of relays pushing to us
@@ -61,30 +54,24 @@ class Ingest:
         self._closing: set[asyncio.Future[None]] = set()  # connections being told they lost it
 
     async def store(self, events: list[Event], checkpoint: tuple[str, int] | None = None) -> None:
-        """Store and publish; a ``checkpoint`` says they came from a peer relay. While the log
-        cannot store, this waits and retries: the senders' batches stay unacknowledged (they
-        keep them) and no connection is dropped, so nobody reconnects in a loop."""
+        """Store; a ``checkpoint`` says they came from a peer relay. While the log cannot
+        store, this waits and retries: the senders' batches stay unacknowledged (they keep
+        them) and no connection is dropped, so nobody reconnects in a loop."""
         delay = 0.2
-        async with self._lock:
-            loop = asyncio.get_running_loop()
-            while True:
-                try:
-                    records = await loop.run_in_executor(
-                        self._writer, functools.partial(self.log.append, events, checkpoint)
-                    )
-                    break
-                except StoreError as e:
-                    if self.store_error is None:
-                        log.error("%s", e)
-                    self.store_error = str(e)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-            if self.store_error is not None:
-                log.warning("the event log stores again")
-                self.store_error = None
-            self.hub.publish(records)
-        # Only what was stored moves a site's health (a shared log's records come back later,
-        # through its subscription: there, what was sent stands for them).
+        while True:
+            try:
+                records = await self.log.append(events, checkpoint)
+                break
+            except StoreError as e:
+                if self.store_error is None:
+                    log.error("%s", e)
+                self.store_error = str(e)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+        if self.store_error is not None:
+            log.warning("the event log stores again")
+            self.store_error = None
+        # Only what was stored moves a site's health (what was held already stands for itself).
         if checkpoint is None:  # an agent's batch: one site
             last = records[-1].event() if records else events[-1] if events else None
             if last is not None:
@@ -102,14 +89,6 @@ class Ingest:
             guard.report = None
         self.looped, guard.looped = self.looped + guard.looped, 0
 
-    async def trim(self, **limits: float) -> int:
-        """Apply retention on the writer thread, between two batches."""
-        async with self._lock:
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(
-                self._writer, functools.partial(self.log.trim, **limits)
-            )
-
     async def endpoint(self, ws: WebSocket) -> None:
         await ws.accept()
         session = IngestSession(self.limits, self.auth, self.me)
@@ -126,11 +105,7 @@ class Ingest:
             peer = f"{hello.role} {hello.site}/{hello.node} ({peer})"
             # A relay's position is the last of its ids we hold; an agent's, its stream's seq.
             key = PUSHED_KEY.format(hello.stream) if hello.role == "relay" else hello.stream
-            session.checkpoint = (
-                await asyncio.to_thread(self.log.position, key)
-                if self.log.position_io
-                else self.log.position(key)
-            )
+            session.checkpoint = await self.log.position(key)
             if hello.role == "agent":
                 # Checked and taken with no await between: no other hello comes in between.
                 self._check_owner(hello)
@@ -148,13 +123,13 @@ class Ingest:
                 if session.loops is not None:
                     self.count_loops(session.loops)
                     await self.store(events, (key, session.checkpoint))
-                    acked = self.log.position(key)
+                    acked = self.log.held(key)
                 else:
                     if events and not session.replaced:
                         await self.store(events)
                     if session.replaced:
                         break  # (its events may be stored, but the newer connection is told)
-                    acked = session.ack(self.log.position(key))
+                    acked = session.ack(self.log.held(key))
                 await ws.send_bytes(encode_frame(Ack(hello.stream, acked)))
         except ProtocolError as e:
             log.warning("closing ingest connection from %s: %s", peer, e)
@@ -217,9 +192,6 @@ class Ingest:
                 f"stream {hello.stream!r} reaches this relay through "
                 "federation: its agent publishes to one relay only"
             )
-
-    def close(self) -> None:
-        self._writer.shutdown(wait=True)
 
 
 async def _receive(ws: WebSocket, timeout: float | None = None) -> bytes | str:

@@ -11,10 +11,13 @@ stream that skips seqs is announced as loss, never passed over in silence.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from storage_events.wire import Event
+
+log = logging.getLogger("storage_events.relay")
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,3 +98,34 @@ def _claim_problem(owner: Owner, ev: Event, relayed: bool) -> str | None:
     if owner.direct is False and not relayed:
         return "that stream reaches this relay through federation, not from an agent"
     return None
+
+
+class Reporter:
+    """Logs what admission refused or found missing, each forged claim once: a forger must not
+    flood the relay's log."""
+
+    def __init__(self) -> None:
+        self._claims: set[tuple[str, str]] = set()  # (stream, claimant) already logged
+
+    def __call__(self, taken: Admitted) -> None:
+        for ev, why in taken.refused:
+            claim = (ev.stream, f"{ev.site}/{ev.node}")
+            if claim not in self._claims:
+                self._claims.add(claim)
+                log.error(
+                    "dropped events of stream %s from %s/%s: %s (a forged or misconfigured sender)",
+                    ev.stream,
+                    ev.site,
+                    ev.node,
+                    why,
+                )
+        for stream, last, seq in taken.jumps:
+            log.warning(
+                "stream %s jumps from seq %d to %d: events %d-%d never arrived; stored an "
+                "overflow notice in their place",
+                stream,
+                last,
+                seq,
+                last + 1,
+                seq - 1,
+            )

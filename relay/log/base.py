@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -44,18 +45,28 @@ class Record:
         return self._redacted
 
 
-class LogCounters:
-    """What both logs keep in memory and hand out without I/O."""
+@dataclass(frozen=True, slots=True)
+class Retention:
+    """How much of the log is kept: the oldest events beyond any limit go (0: no limit)."""
 
-    # Whether position() may wait on I/O (a shared store asking its servers): callers on the
-    # event loop then run it in a thread, and only then (a thread hop for each of thousands of
-    # connections is what a flood of hellos would cost otherwise).
-    position_io = False
+    max_age: float = 0.0  # seconds since the relay stored it
+    max_events: int = 0
+    max_bytes: int = 0
+
+
+KEEP_ALL = Retention()
+
+Listener = Callable[[list[Record]], None]
+
+
+class LogState:
+    """What every log keeps in memory and hands out without I/O, and its listeners."""
 
     _head: int
     _first: int
     _bytes: int
     _owners: dict[str, Owner]
+    _listeners: list[Listener]
 
     @property
     def head(self) -> int:
@@ -71,6 +82,13 @@ class LogCounters:
 
     def stream_owner(self, stream: str) -> Owner | None:
         return self._owners.get(stream)
+
+    def follow(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    def _publish(self, records: list[Record]) -> None:
+        for listener in self._listeners:
+            listener(records)
 
 
 class StoreError(Exception):
@@ -95,11 +113,18 @@ def make_record(
 
 
 class EventLog(Protocol):
-    """Durable, totally ordered store of events with global ids 1, 2, 3, …
+    """Durable, totally ordered store of events with global ids 1, 2, 3, … (a shared store may
+    leave ids unused), read and written from the event loop.
 
-    Implementations drop an event whose (stream, seq) they already hold, so a batch sent twice
-    is stored once.
+    Every backend keeps the same promises, checked by ``tests/test_log_conformance.py``:
+    an event whose (stream, seq) it holds is dropped, so a batch sent twice, or through two
+    relays of one shared store, is stored once; :mod:`.admission` decides what a batch may
+    store; every stored record reaches every :meth:`follow` listener once, in id order, whoever
+    stored it.
     """
+
+    name: str  # this relay's name, added to the ``via`` of every event it stores
+    stored: int  # events this relay stored since it started
 
     @property
     def head(self) -> int:
@@ -114,31 +139,41 @@ class EventLog(Protocol):
     def size(self) -> int:
         """Bytes of event data held."""
 
-    stored: int  # events this relay stored since it started
-    position_io: bool  # position() may wait on I/O (see LogCounters)
-
     @property
     def epoch(self) -> int:
         """A random number fixed when the log was created: a new log is a new epoch."""
 
     def stream_owner(self, stream: str) -> Owner | None:
-        """Who a stream belongs to (see :mod:`.admission`): events of that stream from anyone
-        else are dropped, so no sender can take over another's positions."""
+        """Who a stream belongs to (see :mod:`.admission`), as far as :meth:`position` or
+        :meth:`append` have learnt: events of that stream from anyone else are dropped."""
 
-    def position(self, stream: str) -> int:
-        """The highest ``seq`` held for ``stream`` (0 if none)."""
+    def follow(self, listener: Listener) -> None:
+        """Hand ``listener`` every record stored from now on (on the event loop)."""
 
-    def append(
+    async def start(self) -> None:
+        """Open the store; raises :class:`StoreError` saying what is wrong with it."""
+
+    async def position(self, key: str) -> int:
+        """The highest ``seq`` stored of stream ``key`` (0 if none), or the value of checkpoint
+        ``key`` (keys starting with ``@``): what may be acknowledged to its sender."""
+
+    def held(self, key: str) -> int:
+        """What this relay knows to be stored of ``key``, without I/O: at least what its own
+        appends stored (:meth:`position` may know more, from the other relays of a store)."""
+
+    async def append(
         self, events: list[Event], checkpoint: tuple[str, int] | None = None
     ) -> list[Record]:
-        """Store new events, giving each its id and adding this relay to its ``via``; returns
-        what was stored, in id order. ``checkpoint`` (key, value) is stored in the same
-        transaction, readable with :meth:`position`: how far a peer's feed was taken in."""
+        """Store new events, giving each its id, adding this relay to its ``via`` and setting
+        ``origin_id`` where it first enters a relay; returns what this call stored, in id order
+        (nothing of what was held already). ``checkpoint`` (key, value): how far a peer's feed
+        was taken in, readable with :meth:`position` once the events are stored. The events
+        given are not changed: on :class:`StoreError` the caller passes them again."""
 
-    def trim(self, *, max_age: float, max_events: int, max_bytes: int) -> int:
-        """Drop the oldest events beyond any of the limits (0: no limit)."""
+    async def trim(self) -> int:
+        """Apply the log's :class:`Retention`; returns how many events went since last time."""
 
-    def read(self, after: int, limit: int) -> list[Record]:
+    async def read(self, after: int, limit: int) -> list[Record]:
         """Up to ``limit`` records with ids greater than ``after``, in id order."""
 
-    def close(self) -> None: ...
+    async def close(self) -> None: ...

@@ -1,17 +1,20 @@
 """The event log on a NATS JetStream stream (``--store nats://…``): for scale-out.
 
-Relays on the same stream are stateless replicas: an event stored through any of them gets the
-stream's sequence number as its global id, and every relay hears every event from its own
+Relays on the same stream are replicas: an event stored through any of them gets the stream's
+sequence number as its global id, and every relay hears every event from its own ordered
 subscription to the stream, in stream order, so all of them serve the same feed and the same
-catch-up. JetStream replicates the stream over its cluster (``nats_replicas``) and applies
-retention itself.
+catch-up. JetStream replicates the stream over its cluster and applies retention itself.
 
-Exactly once: each event is published with ``Nats-Msg-Id: <stream>:<seq>``, so JetStream drops
-a copy published again within its duplicate window (an agent resending after a lost ack, or
-reconnecting through another relay); positions of streams are read back from the stream.
+What a relay acknowledges lives beside the stream, in a JetStream key-value bucket shared by all
+replicas: per stream, the last seq stored *with everything before it* and who owns the stream;
+per federation peer, how far its feed was taken in. A key is written only once the whole batch
+is stored, so when JetStream fails part-way through a batch, the sender, wherever it reconnects,
+is told to resend from before that batch; each event is published with
+``Nats-Msg-Id: <stream>:<seq>``, so JetStream drops the copies it already holds (within its
+duplicate window, ``duplicate_window``), and a second route of one event is stored once.
 
-The nats-py client is asyncio; this class keeps it on a loop of its own, in a thread, so the
-log offers the same blocking interface as :class:`~.sqlite_log.SQLiteLog`.
+Everything runs on the relay's event loop (nats-py is asyncio): no thread, no lock around state.
+This module is imported only when the store is NATS (``nats-py`` is needed then alone).
 """
 
 from __future__ import annotations
@@ -20,70 +23,97 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import threading
-from collections.abc import Callable, Coroutine
 from typing import Any
 
 import msgspec
+import nats
+from nats.errors import Error as NATSError
+from nats.errors import TimeoutError as NATSTimeout
+from nats.js import api
+from nats.js.errors import (
+    BucketNotFoundError,
+    KeyNotFoundError,
+    KeyWrongLastSequenceError,
+    NotFoundError,
+)
 
-from storage_events.relay.log.admission import Owner, admit
-from storage_events.relay.log.base import LogCounters, Record, StoreError, make_record
+from storage_events.relay.log.admission import Owner, Reporter, admit
+from storage_events.relay.log.base import (
+    KEEP_ALL,
+    LogState,
+    Record,
+    Retention,
+    StoreError,
+    make_record,
+)
 from storage_events.wire import Event, event_from_json, event_json, flags_mask
 
 log = logging.getLogger("storage_events.relay")
 
-SUBJECTS = "storage-events.stream"
 ACK_TIMEOUT = 10.0  # seconds JetStream may take to acknowledge a batch
-_ID0 = b'{"id":0,'  # every event is stored with id 0: its id is the sequence JetStream gives it
+MAX_REPLICAS = 3  # the default replication: the cluster's size, up to this
+# Every event is stored with id 0 and, where it first enters a relay here, no origin_id: both
+# are the sequence JetStream gives it, filled in as it is read.
+_ID0 = b'{"id":0,'
+_NO_ORIGIN = b',"origin_id":null,'
 
 
-def subject(stream: str) -> str:
-    return f"{SUBJECTS}.{stream.encode().hex()}"  # any stream name, as one subject token
+def subjects(log_stream: str) -> str:
+    """The subjects of one JetStream stream (several logs may share a cluster)."""
+    return f"storage-events.{log_stream}.*"
 
 
-class NATSLog(LogCounters):
-    position_io = True  # a stream's position is read back from JetStream on its first hello
+def subject(log_stream: str, stream: str) -> str:
+    return f"storage-events.{log_stream}.{stream.encode().hex()}"  # any name, as one token
 
+
+def _key(key: str) -> str:
+    return key.encode().hex()  # stream names and checkpoint keys hold ':' and '@'
+
+
+class Mark(msgspec.Struct, omit_defaults=True):
+    """A key's value in the state bucket."""
+
+    seq: int  # the last seq stored with all before it (a checkpoint: its value)
+    site: str | None = None  # the stream's owner (None for checkpoints)
+    node: str | None = None
+    direct: bool | None = None
+
+
+_marks = msgspec.msgpack.Decoder(Mark)
+
+
+class NATSLog(LogState):
     def __init__(
         self,
         servers: list[str],
         *,
         name: str,
         stream: str = "STORAGE_EVENTS",
-        replicas: int = 1,
-        max_age: float = 0,
-        max_events: int = 0,
-        max_bytes: int = 0,
+        replicas: int | None = None,
+        retention: Retention = KEEP_ALL,
         duplicate_window: float = 600.0,
     ) -> None:
         self.name = name
+        self.servers = servers
         self.stream = stream
-        self.listener: Callable[[list[Record]], None] | None = None  # called on the NATS thread
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="nats", daemon=True)
-        self._thread.start()
-        self._head = self._first = 0
-        self._bytes = 0
-        self._epoch = 0
+        self.replicas = replicas  # None: the cluster's size, up to MAX_REPLICAS
+        self.retention = retention
+        self.duplicate_window = duplicate_window
         self.stored = 0
-        self._positions: dict[str, int] = {}  # per stream: the last seq stored, as acknowledged
-        self._suspect: dict[str, int] = {}  # per stream: resend after this (a batch failed)
-        self._owners: dict[str, Owner] = {}  # only agents publish to a NATS log
-        self._limits = (replicas, max_age, max_events, max_bytes, duplicate_window)
-        try:
-            self._call(self._start(servers), timeout=60)
-        except Exception:
-            self.close()
-            raise
+        self._listeners = []
+        self._head = self._first = self._bytes = self._epoch = 0
+        self._positions: dict[str, int] = {}  # what is known stored (state bucket, own writes)
+        self._revisions: dict[str, int] = {}  # of each key in the bucket, for updates
+        self._owners: dict[str, Owner] = {}
+        self._report = Reporter()
+        self._lock = asyncio.Lock()  # admission reads positions that the append then advances
+        self._pending: list[Record] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
 
-    def _call(self, coro: Coroutine[Any, Any, Any], timeout: float = 30) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+    # -- opening ---------------------------------------------------------------------------
 
-    async def _start(self, servers: list[str]) -> None:
-        import nats
-        from nats.errors import Error as NATSError
-        from nats.js import api
-        from nats.js.errors import NotFoundError
+    async def start(self) -> None:
 
         async def error(e: Exception) -> None:
             log.warning("NATS: %s", e)
@@ -95,11 +125,12 @@ class NATSLog(LogCounters):
             log.info("NATS: reconnected to %s", self._nc.connected_url.netloc)
 
         options: dict[str, Any] = {
-            "servers": servers,
+            "servers": self.servers,
             "connect_timeout": 5,
             "name": f"storage-events-relay {self.name}",
             "error_cb": error,
         }
+        where = ", ".join(self.servers)
         try:  # once without retrying, so that a wrong address is an error at start
             probe = await asyncio.wait_for(
                 nats.connect(allow_reconnect=False, max_reconnect_attempts=0, **options), 10
@@ -107,7 +138,7 @@ class NATSLog(LogCounters):
             await probe.close()
         except Exception as e:
             raise StoreError(
-                f"cannot connect to NATS at {', '.join(servers)}: "
+                f"cannot connect to NATS at {where}: "
                 f"{str(e) or 'no server answered within 10 s'}; check the "
                 "addresses and that nats-server runs with JetStream"
             ) from None
@@ -119,47 +150,18 @@ class NATSLog(LogCounters):
             **options,
         )
         self._js = self._nc.jetstream()
-        replicas, max_age, max_events, max_bytes, window = self._limits
-        config = api.StreamConfig(
-            name=self.stream,
-            subjects=[f"{SUBJECTS}.*"],
-            storage=api.StorageType.FILE,
-            num_replicas=replicas,
-            max_age=max_age or None,
-            max_msgs=max_events or None,
-            max_bytes=max_bytes or None,
-            duplicate_window=window,
-            discard=api.DiscardPolicy.OLD,
-        )
-        # A cluster that is starting with us may not have a JetStream leader yet: keep asking
-        # for a while before calling it an error.
-        deadline = asyncio.get_running_loop().time() + 30
-        while True:
-            try:
-                try:
-                    await self._js.stream_info(self.stream)
-                    info = await self._js.update_stream(config)
-                except NotFoundError:
-                    info = await self._js.add_stream(config)
-                break
-            except NATSError as e:
-                if asyncio.get_running_loop().time() > deadline:
-                    raise StoreError(
-                        f"cannot use JetStream stream {self.stream!r}: {e} (is "
-                        "JetStream enabled, with enough servers for "
-                        f"{replicas} replicas?)"
-                    ) from None
-                log.warning("JetStream not ready (%s); asking again", e)
-                await asyncio.sleep(1)
+        info = await self._open_stream()
         self._state(info.state)
+        self._trimmed_to = self._first  # where the last trim() found the log to start
         self._epoch = int.from_bytes(
             hashlib.blake2b(str(info.created).encode(), digest_size=6).digest(), "big"
         )
-        self._pending: list[Record] = []
-        self._delivered = self._head  # the last sequence handed to the listener
+        self._kv = await self._ready(self._open_bucket, f"state bucket {self.stream}_STATE")
+        self._delivered = self._head  # the last sequence handed to listeners
         # Every relay hears every event, in stream order, from the next one on.
+
         self._sub = await self._js.subscribe(
-            f"{SUBJECTS}.*",
+            subjects(self.stream),
             stream=self.stream,
             cb=self._received,
             ordered_consumer=True,
@@ -174,12 +176,107 @@ class NATSLog(LogCounters):
         jsi = getattr(self._sub, "_jsi", None)
         if jsi is not None and hasattr(jsi, "_sseq"):
             jsi._sseq = self._head
-        self._refresher = asyncio.get_running_loop().create_task(self._refresh())
+        self._spawn(self._refresh())
+
+    def cluster_size(self) -> int:
+        """Servers in the cluster, as the one we reached announces them (or as configured)."""
+        announced = self._nc._server_info.get("connect_urls") or []
+        return max(len(set(announced)), len(set(self.servers)), 1)
+
+    async def _open_stream(self) -> Any:
+
+        size = self.cluster_size()
+        config = self._config(self.replicas or min(size, MAX_REPLICAS))
+        replicas = config.num_replicas
+
+        async def open() -> Any:
+            try:
+                await self._js.stream_info(self.stream)
+                return await self._js.update_stream(config)
+            except NotFoundError:
+                return await self._js.add_stream(config)
+
+        info = await self._ready(open, f"JetStream stream {self.stream!r} ({replicas} replicas)")
+        cluster = info.cluster
+        peers = [cluster.leader, *(p.name for p in cluster.replicas or [])] if cluster else []
+        log.info(
+            "event log: JetStream stream %s, %d replica%s (%s) on a cluster of %d server%s%s",
+            self.stream,
+            info.config.num_replicas,
+            "" if info.config.num_replicas == 1 else "s",
+            ", ".join(p for p in peers if p) or "no cluster",
+            size,
+            "" if size == 1 else "s",
+            "" if self.replicas else " (nats_replicas not set: the cluster's size, up to 3)",
+        )
+        if info.config.num_replicas == 1 and size > 1:
+            log.warning(
+                "JetStream stream %s has one replica: losing its server stops ingest",
+                self.stream,
+            )
+        return info
+
+    def _config(self, replicas: int) -> Any:
+
+        r = self._applied = self.retention
+        return api.StreamConfig(
+            name=self.stream,
+            subjects=[subjects(self.stream)],
+            storage=api.StorageType.FILE,
+            num_replicas=replicas,
+            max_age=r.max_age or None,
+            max_msgs=r.max_events or None,
+            max_bytes=r.max_bytes or None,
+            # (JetStream wants the window within the age limit.)
+            duplicate_window=min(self.duplicate_window, r.max_age or self.duplicate_window),
+            discard=api.DiscardPolicy.OLD,
+        )
+
+    async def _open_bucket(self) -> Any:
+
+        bucket = f"{self.stream}_STATE"
+        try:
+            return await self._js.key_value(bucket)
+        except BucketNotFoundError:
+            replicas = self.replicas or min(self.cluster_size(), MAX_REPLICAS)
+            return await self._js.create_key_value(
+                api.KeyValueConfig(
+                    bucket=bucket, history=1, replicas=replicas, storage=api.StorageType.FILE
+                )
+            )
+
+    async def _ready(self, attempt: Any, what: str) -> Any:
+        """A cluster that is starting with us may not have a JetStream leader yet: keep asking
+        for a while before calling it an error."""
+
+        deadline = asyncio.get_running_loop().time() + 30
+        while True:
+            try:
+                return await attempt()
+            except NATSError as e:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise StoreError(
+                        f"cannot use {what}: {e} (is JetStream enabled, with enough servers for "
+                        "the replicas?)"
+                    ) from None
+                log.warning("JetStream not ready for %s (%s); asking again", what, e)
+                await asyncio.sleep(1)
+
+    def _spawn(self, job: Any) -> None:
+        task = asyncio.get_running_loop().create_task(job)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _state(self, state: Any) -> None:
         self._head = max(self._head, state.last_seq)
         self._first = state.first_seq if state.messages else self._head + 1
         self._bytes = state.bytes
+
+    def _saw(self, seq: int) -> None:
+        """Message ``seq`` is in the stream (heard, or acknowledged to this relay)."""
+        if self._first > self._head:  # it was empty
+            self._first = seq
+        self._head = max(self._head, seq)
 
     async def _refresh(self) -> None:
         """first and size move with JetStream's retention, which happens over there."""
@@ -190,12 +287,15 @@ class NATSLog(LogCounters):
             except Exception as e:  # the cluster may be electing a leader: keep going
                 log.warning("NATS stream %s: no state (%s)", self.stream, e)
 
+    # -- from the stream to the listeners --------------------------------------------------
+
     def _record(self, seq: int, data: bytes) -> Record:
         if not data.startswith(_ID0):
             raise ValueError(f"message {seq} of stream {self.stream} is not a stored event")
         data = b'{"id":%d,' % seq + data[len(_ID0) :]
+        # (A JSON string cannot hold this byte sequence: its quotes would be escaped.)
+        data = data.replace(_NO_ORIGIN, b',"origin_id":%d,' % seq, 1)
         ev = event_from_json(data)
-        self._owners.setdefault(ev.stream, Owner(ev.site, ev.node, True))
         return make_record(seq, ev.site, ev.node, ev.path, flags_mask(ev.flags), data, ev)
 
     async def _received(self, msg: Any) -> None:
@@ -207,14 +307,14 @@ class NATSLog(LogCounters):
             self._pending.append(self._record(seq, msg.data))
         except (ValueError, msgspec.DecodeError, msgspec.ValidationError) as e:
             log.error("skipping message %d of NATS stream %s: %s", seq, self.stream, e)
-        self._head = max(self._head, seq)
+        self._saw(seq)
         if len(self._pending) == 1:  # hand them over together, once this burst is read
-            self._loop.call_soon(self._flush)
+            asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
         records, self._pending = self._pending, []
-        if records and self.listener is not None:
-            self.listener(records)
+        if records:
+            self._publish(records)
 
     # -- the EventLog interface ------------------------------------------------------------
 
@@ -222,107 +322,144 @@ class NATSLog(LogCounters):
     def epoch(self) -> int:
         return self._epoch
 
-    def position(self, stream: str) -> int:
-        """The last seq of ``stream`` this relay knows to be stored: what it acknowledged, or
-        on a first hello the stream's last message (read off the event loop)."""
-        if stream.startswith("@"):
-            raise StoreError("federation checkpoints are not kept in the NATS store")
-        return self._call(self._position(stream), timeout=15)
+    async def position(self, key: str) -> int:
+        """Read from the state bucket each time: another replica may have stored more."""
+        await self._learn([key])
+        return self._positions.get(key, 0)
 
-    async def _position(self, stream: str) -> int:
-        from nats.errors import Error as NATSError
-        from nats.js.errors import NotFoundError
+    async def _learn(self, keys: list[str]) -> None:
 
-        if stream not in self._positions:
+        async def one(key: str) -> None:
             try:
-                msg = await self._js.get_last_msg(self.stream, subject(stream))
-                ev = event_from_json(msg.data)
-                self._owners.setdefault(stream, Owner(ev.site, ev.node, True))
-                seq = ev.seq
-            except NotFoundError:
-                seq = 0
+                entry = await self._kv.get(_key(key))
+            except KeyNotFoundError:
+                return
             except NATSError as e:
-                raise StoreError(f"cannot read stream {stream}'s position: {e}") from None
-            self._positions[stream] = max(self._positions.get(stream, 0), seq)
-        # After a batch that failed part-way, later events of it may be stored while an
-        # earlier one is not: have the sender resend from the start of that batch.
-        return min(self._positions[stream], self._suspect.get(stream, self._positions[stream]))
+                raise StoreError(f"cannot read the position of {key} from JetStream: {e}") from e
+            mark = _marks.decode(entry.value or b"")
+            self._revisions[key] = entry.revision or 0
+            self._positions[key] = max(self._positions.get(key, 0), mark.seq)
+            if mark.site is not None:
+                self._owners[key] = Owner(mark.site, mark.node, mark.direct)
 
-    def append(
+        await asyncio.gather(*(one(k) for k in keys))
+
+    async def append(
         self, events: list[Event], checkpoint: tuple[str, int] | None = None
     ) -> list[Record]:
-        """Publish; returns no records: they reach the hub through the subscription, on every
-        relay of the stream alike."""
-        if checkpoint is not None:
-            raise StoreError("federation checkpoints are not kept in the NATS store")
-        return self._call(self._append(events), timeout=ACK_TIMEOUT + 5)
 
-    async def _append(self, events: list[Event]) -> list[Record]:
-        taken = admit(events, self._positions, self._owners, relayed=False)
-        for ev, why in taken.refused:
-            log.error(
-                "dropped an event of stream %s from %s/%s: %s", ev.stream, ev.site, ev.node, why
-            )
-        for stream, last, seq in taken.jumps:
-            log.warning(
-                "stream %s jumps from seq %d to %d: stored an overflow notice for "
-                "events %d-%d, which never arrived",
-                stream,
-                last,
-                seq,
-                last + 1,
-                seq - 1,
-            )
-        futures = []
-        firsts: dict[str, int] = {}
-        for ev in taken.events:
-            firsts.setdefault(ev.stream, ev.seq)
-            ev = msgspec.structs.replace(ev, id=0, via=[*ev.via, self.name])
-            futures.append(
-                await self._js.publish_async(
-                    subject(ev.stream),
-                    event_json(ev),
-                    stream=self.stream,
-                    headers={"Nats-Msg-Id": f"{ev.stream}:{ev.seq}"},
+        async with self._lock:
+            streams = {ev.stream for ev in events} - self._positions.keys()
+            await self._learn(sorted(streams))
+            taken = admit(events, self._positions, self._owners, relayed=checkpoint is not None)
+            self._report(taken)
+            publishing = []
+            for ev in taken.events:
+                ev = msgspec.structs.replace(ev, id=0, via=[*ev.via, self.name])
+                publishing.append(
+                    self._js.publish_async(
+                        subject(self.stream, ev.stream),
+                        event_json(ev),
+                        stream=self.stream,
+                        headers={"Nats-Msg-Id": f"{ev.stream}:{ev.seq}"},
+                    )
                 )
-            )
+            futures = [await p for p in publishing]
+            try:
+                acks = await asyncio.wait_for(asyncio.gather(*futures), ACK_TIMEOUT)
+            except (TimeoutError, NATSError) as e:
+                for future in futures:
+                    future.cancel()
+                raise StoreError(
+                    f"JetStream did not store a batch of {len(futures)} events "
+                    f"({str(e) or type(e).__name__}); the sender resends it"
+                ) from None
+            marks = {
+                s: Mark(seq, *self._owner_fields(taken.owners.get(s) or self._owners.get(s)))
+                for s, seq in taken.positions.items()
+            }
+            for s, owner in taken.owners.items():
+                marks.setdefault(s, Mark(self._positions.get(s, 0), *self._owner_fields(owner)))
+            if checkpoint is not None:
+                marks[checkpoint[0]] = Mark(checkpoint[1])
+            await self._write_marks(marks)
+            self._owners.update(taken.owners)
+            records = []
+            for ev, ack in zip(taken.events, acks, strict=True):
+                self._saw(ack.seq)
+                if ack.duplicate:
+                    continue  # stored already (a resend, or another route through a replica)
+                records.append(self._stored(ev, ack.seq))
+            self.stored += len(records)
+            self._bytes += sum(len(r.data) for r in records)  # (until the next state read)
+            records.sort(key=lambda r: r.id)
+            return records
+
+    def _stored(self, ev: Event, seq: int) -> Record:
+        ev = msgspec.structs.replace(
+            ev, id=seq, via=[*ev.via, self.name], origin_id=ev.origin_id if ev.via else seq
+        )
+        return make_record(seq, ev.site, ev.node, ev.path, flags_mask(ev.flags), event_json(ev), ev)
+
+    @staticmethod
+    def _owner_fields(owner: Owner | None) -> tuple[str | None, str | None, bool | None]:
+        return (owner.site, owner.node, owner.direct) if owner else (None, None, None)
+
+    async def _write_marks(self, marks: dict[str, Mark]) -> None:
+        """Advance each key to at least its mark (another replica may have written more)."""
+
+        async def one(key: str, mark: Mark) -> None:
+            for _ in range(10):
+                rev = self._revisions.get(key)
+                value = msgspec.msgpack.encode(mark)
+                try:
+                    if rev is None:
+                        self._revisions[key] = await self._kv.create(_key(key), value)
+                    else:
+                        self._revisions[key] = await self._kv.update(_key(key), value, last=rev)
+                except KeyWrongLastSequenceError:
+                    # Written meanwhile by another replica: take what it says, keep the higher.
+                    self._revisions.pop(key, None)
+                    await self._learn([key])
+                    mark = msgspec.structs.replace(
+                        mark, seq=max(mark.seq, self._positions.get(key, 0))
+                    )
+                    continue
+                except NATSError as e:
+                    raise StoreError(
+                        f"JetStream stored the events but not the position of {key} ({e}); "
+                        "the sender resends them and the copies are dropped"
+                    ) from None
+                self._positions[key] = max(self._positions.get(key, 0), mark.seq)
+                return
+            raise StoreError(f"the position of {key} keeps changing under this relay")
+
+        await asyncio.gather(*(one(k, m) for k, m in marks.items()))
+
+    def held(self, key: str) -> int:
+        return self._positions.get(key, 0)
+
+    async def trim(self) -> int:
+        """JetStream applies the stream's limits itself; this hands it changed limits and
+        reads what it dropped."""
         try:
-            acks = await asyncio.wait_for(asyncio.gather(*futures), ACK_TIMEOUT)
+            if self.retention != self._applied:
+                info = await self._js.stream_info(self.stream)
+                await self._js.update_stream(self._config(info.config.num_replicas))
+            self._state((await self._js.stream_info(self.stream)).state)
         except Exception as e:
-            for future in futures:
-                future.cancel()
-            for stream, first in firsts.items():
-                self._suspect[stream] = min(self._suspect.get(stream, first - 1), first - 1)
-            raise StoreError(
-                f"JetStream did not store a batch of {len(futures)} events "
-                f"({str(e) or type(e).__name__})"
-            ) from None
-        self.stored += sum(not a.duplicate for a in acks)
-        for stream, seq in taken.positions.items():
-            self._positions[stream] = max(self._positions.get(stream, 0), seq)
-            self._suspect.pop(stream, None)
-        for stream, owner in taken.owners.items():
-            self._owners.setdefault(stream, owner)
-        if acks:
-            self._head = max(self._head, max(a.seq for a in acks))
-        return []
+            raise StoreError(f"retention: cannot read the NATS stream {self.stream}: {e}") from e
+        gone, self._trimmed_to = max(0, self._first - self._trimmed_to), self._first
+        return gone
 
-    def trim(self, *, max_age: float, max_events: int, max_bytes: int) -> int:
-        return 0  # JetStream applies the stream's limits itself
+    async def read(self, after: int, limit: int) -> list[Record]:
 
-    def read(self, after: int, limit: int) -> list[Record]:
-        if after >= self._head:
+        head = self._head
+        if after >= head:
             return []
-        return self._call(self._read(after, limit, self._head))
-
-    async def _read(self, after: int, limit: int, head: int) -> list[Record]:
-        from nats.errors import Error as NATSError
-        from nats.errors import TimeoutError as NATSTimeout
-        from nats.js import api
-
         try:
             sub = await self._js.pull_subscribe(
-                f"{SUBJECTS}.*",
+                subjects(self.stream),
                 stream=self.stream,
                 config=api.ConsumerConfig(
                     deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
@@ -356,17 +493,11 @@ class NATSLog(LogCounters):
                 await self._js.delete_consumer(self.stream, name)
         return records
 
-    def close(self) -> None:
-        async def stop() -> None:
-            if hasattr(self, "_refresher"):
-                self._refresher.cancel()
-            if hasattr(self, "_nc"):
-                await self._nc.drain()
-
-        if self._thread.is_alive():
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if hasattr(self, "_nc"):
             try:
-                self._call(stop(), timeout=10)
+                await asyncio.wait_for(self._nc.drain(), 10)
             except Exception as e:
                 log.warning("closing the NATS connection: %s", e)
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(5)

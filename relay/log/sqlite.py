@@ -1,11 +1,13 @@
 """The default, embedded event log: one SQLite database in WAL mode under ``--data DIR``.
 
-One writer (the caller serializes :meth:`SQLiteLog.append`), any number of readers, each on its
-own connection per thread; WAL lets catch-up reads run while events are being written.
+One writer thread (appends and retention, one at a time), any number of readers, each on its
+own connection per thread; WAL lets catch-up reads run while events are being written. The
+event loop never waits on the disk.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import secrets
@@ -13,15 +15,27 @@ import shutil
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, TypeVar
 
 import msgspec
 
-from storage_events.relay.log.admission import Admitted, Owner, admit
-from storage_events.relay.log.base import LogCounters, Record, StoreError, make_record
+from storage_events.relay.log.admission import Owner, Reporter, admit
+from storage_events.relay.log.base import (
+    KEEP_ALL,
+    LogState,
+    Record,
+    Retention,
+    StoreError,
+    make_record,
+)
 from storage_events.wire import Event, event_json, flags_mask
 
 log = logging.getLogger("storage_events.relay")
+
+T = TypeVar("T")
 
 EPOCH = "@epoch"
 
@@ -52,12 +66,21 @@ def _owner_row(owner: Owner | None) -> tuple[str | None, str | None, int | None]
     return owner.site, owner.node, None if owner.direct is None else int(owner.direct)
 
 
-class SQLiteLog(LogCounters):
+class SQLiteLog(LogState):
     def __init__(
-        self, directory: Path, *, synchronous: str = "NORMAL", name: str = "relay"
+        self,
+        directory: Path,
+        *,
+        synchronous: str = "NORMAL",
+        name: str = "relay",
+        retention: Retention = KEEP_ALL,
     ) -> None:
         self.name = name  # this relay's name, stamped on every event it stores
+        self.retention = retention
         self.stored = 0
+        self._listeners = []
+        self._writing = ThreadPoolExecutor(1, thread_name_prefix="log-writer")
+        self._lock = asyncio.Lock()  # one batch's records reach listeners before the next's
         directory.mkdir(parents=True, exist_ok=True)
         self.path = directory / "events.sqlite3"
         self._synchronous = synchronous
@@ -87,7 +110,7 @@ class SQLiteLog(LogCounters):
             for stream, _, site, node, direct in rows
             if site
         }
-        self._refused: set[tuple[str, str]] = set()  # (stream, claimant) already logged
+        self._report = Reporter()
         if EPOCH not in self._positions:
             # Identifies this log: peers keep checkpoints per epoch, so a log that was deleted
             # and started again is read from its beginning, not from where the old one was.
@@ -111,13 +134,28 @@ class SQLiteLog(LogCounters):
         conn.execute("PRAGMA busy_timeout=10000")
         return conn
 
-    def position(self, stream: str) -> int:
-        return self._positions.get(stream, 0)
+    async def start(self) -> None:
+        pass  # opened by the constructor: a bad --data is an error before anything listens
 
-    def append(
+    async def position(self, key: str) -> int:
+        return self._positions.get(key, 0)
+
+    def held(self, key: str) -> int:
+        return self._positions.get(key, 0)
+
+    async def append(
         self, events: list[Event], checkpoint: tuple[str, int] | None = None
     ) -> list[Record]:
-        # The events given are not changed: when the write fails they are passed again.
+        async with self._lock:
+            records = await self._on_writer(self._append, events, checkpoint)
+            if records:
+                self._publish(records)
+            return records
+
+    async def _on_writer(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._writing, fn, *args)
+
+    def _append(self, events: list[Event], checkpoint: tuple[str, int] | None) -> list[Record]:
         taken = admit(events, self._positions, self._owners, relayed=checkpoint is not None)
         self._report(taken)
         rows, records = [], []
@@ -183,31 +221,19 @@ class SQLiteLog(LogCounters):
             "senders keep their events until they are stored"
         )
 
-    def _report(self, taken: Admitted) -> None:
-        for ev, why in taken.refused:
-            claim = (ev.stream, f"{ev.site}/{ev.node}")
-            if claim not in self._refused:  # once per claimant: a forger must not flood the log
-                self._refused.add(claim)
-                log.error(
-                    "dropped events of stream %s from %s/%s: %s (a forged or misconfigured sender)",
-                    ev.stream,
-                    ev.site,
-                    ev.node,
-                    why,
-                )
-        for stream, last, seq in taken.jumps:
-            log.warning(
-                "stream %s jumps from seq %d to %d: events %d-%d never arrived; stored "
-                "an overflow notice in their place",
-                stream,
-                last,
-                seq,
-                last + 1,
-                seq - 1,
-            )
+    async def trim(self) -> int:
+        async with self._lock:
+            try:
+                return await self._on_writer(self._trim, self.retention)
+            except sqlite3.Error as e:
+                raise StoreError(f"retention: {self._cannot_write(e)}") from None
 
-    def trim(self, *, max_age: float, max_events: int, max_bytes: int) -> int:
-        """Drop the oldest events beyond any limit (0: none); returns how many went."""
+    def _trim(self, retention: Retention) -> int:
+        max_age, max_events, max_bytes = (
+            retention.max_age,
+            retention.max_events,
+            retention.max_bytes,
+        )
         w = self._writer
         cut = self._first - 1
         if max_events and self._head - cut > max_events:
@@ -246,7 +272,12 @@ class SQLiteLog(LogCounters):
         ).fetchone()
         return total
 
-    def read(self, after: int, limit: int) -> list[Record]:
+    async def read(self, after: int, limit: int) -> list[Record]:
+        if after >= self._head:
+            return []
+        return await asyncio.to_thread(self._read, after, limit)
+
+    def _read(self, after: int, limit: int) -> list[Record]:
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = self._local.conn = self._connect()
@@ -256,5 +287,7 @@ class SQLiteLog(LogCounters):
         ).fetchall()
         return [make_record(*row) for row in rows]
 
-    def close(self) -> None:
-        self._writer.close()
+    async def close(self) -> None:
+        async with self._lock:
+            self._writing.shutdown(wait=True)
+            self._writer.close()
