@@ -28,12 +28,12 @@ def cluster(tmp_path: Path, procs: list[Proc]) -> NatsCluster:
     return NatsCluster(tmp_path, procs)
 
 
-def relay_on(tmp: Path, procs: list[Proc], cluster: NatsCluster, name: str) -> Relay:
+def relay_on(
+    tmp: Path, procs: list[Proc], cluster: NatsCluster, name: str, port: int | None = None
+) -> Relay:
     config = tmp / f"{name}.toml"
-    config.write_text(
-        f'name = "{name}"\nstore = "{cluster.store}"\nnats_replicas = 3\nheartbeat = 1.0\n'
-    )
-    return Relay(tmp, procs, name=name, extra=("--config", str(config)))
+    config.write_text(f'name = "{name}"\nstore = "{cluster.store}"\nheartbeat = 1.0\n')
+    return Relay(tmp, procs, name=name, extra=("--config", str(config)), port=port)
 
 
 def test_two_relays_on_one_stream_serve_one_feed(tmp_path, procs, cluster):
@@ -83,3 +83,43 @@ def test_an_unreachable_store_is_a_clear_error(tmp_path):
     )
     assert proc.popen.wait(60) == 1
     assert f"cannot start: cannot connect to NATS at nats://127.0.0.1:{port}" in proc.output()
+
+
+def test_a_batch_jetstream_failed_part_way_is_resent_through_another_relay(
+    tmp_path, procs, cluster
+):
+    """JetStream loses its quorum while relay a holds an agent's batch; a dies before the
+    quorum is back. The agent reconnects to another relay at the same address (as behind a
+    load balancer): it is told what the stream holds with everything before it, resends the
+    rest, and the feed has every event once, in order."""
+    a = relay_on(tmp_path, procs, cluster, "a")
+    root = tmp_path / "w"
+    root.mkdir()
+    start_agent(tmp_path, procs, a.url, root)
+    wait_for(lambda: agents_connected(a), 10, "agent connection")
+    for i in range(100):
+        write(root / f"f{i:03d}")
+    wait_for(lambda: a.healthy()["head"] >= 200, 30, "the first 200 events stored")
+    followers = [p for i, p in enumerate(cluster.procs) if i != 0]
+    for server in followers:  # two of three gone: nothing can be stored
+        server.send(signal.SIGSTOP)
+    try:
+        for i in range(100):
+            write(root / f"g{i:03d}")
+        time.sleep(3)  # a has the batch and waits for JetStream
+        a.proc.stop(signal.SIGKILL)
+    finally:
+        for server in followers:
+            server.send(signal.SIGCONT)
+    b = relay_on(tmp_path, procs, cluster, "b", port=a.port)
+    tail = Tail(tmp_path, procs, b.url, "--since", "earliest", name="all")
+    tail.wait_count(400, 90)
+    time.sleep(2)  # (a copy would come by now)
+    events = tail.events()
+    assert len(events) == 400  # none twice
+    assert_stream_order(events)
+    assert {e["path"].rsplit("/", 1)[1] for e in events} == {
+        *(f"f{i:03d}" for i in range(100)),
+        *(f"g{i:03d}" for i in range(100)),
+    }
+    assert all(e["origin_id"] == e["id"] for e in events)

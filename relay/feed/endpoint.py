@@ -13,6 +13,7 @@ from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from storage_events import sse
 from storage_events.relay.auth import Authenticator, AuthError, bearer
 from storage_events.relay.feed.filters import Filter, FilterError, Scope
+from storage_events.relay.feed.follow import follow
 from storage_events.relay.feed.hub import Hub, Subscription
 from storage_events.relay.log.base import EventLog
 
@@ -135,34 +136,21 @@ class Feed:
             # The resume point first: a client that sees no event before a drop still knows
             # where to pick up (an id-only block sets EventSource.lastEventId).
             yield b"retry: 1000\nid: %d\n\n" % last
-            while not sub.closed:
-                sub.reset()
-                async for examined, data, count in self._catch_up(sub.filter, last):
-                    last = examined
-                    if data:
-                        self.delivered += count
-                        yield data
-                while not (sub.overflowed or sub.closed):
-                    if not await sub.wait(self.heartbeat):
-                        yield sse.comment("heartbeat")
-                        continue
-                    items = sub.take()
-                    if not items:
-                        continue
-                    if items[0][0] > last:
-                        data = b"".join(b for _, b in items)
-                    else:  # overlaps what catch-up already sent
-                        data = b"".join(b for i, b in items if i > last)
-                    last = max(last, items[-1][0])
-                    if data:
-                        self.delivered += len(items)
-                        yield data
-            if sub.farewell:
-                yield sub.farewell
+            async for data in follow(
+                sub,
+                last,
+                lambda after: self._catch_up(sub.filter, after),
+                heartbeat=self.heartbeat,
+                sent=self._count,
+            ):
+                yield data
         finally:
             self.hub.unsubscribe(sub)
             if name is not None:
                 self._open[name] -= 1
+
+    def _count(self, n: int) -> None:
+        self.delivered += n
 
     async def _catch_up(self, filter: Filter, after: int) -> AsyncIterator[tuple[int, bytes, int]]:
         """(last id examined, SSE bytes to send, events in them), page by page."""

@@ -477,7 +477,7 @@ class NATSLog(LogState):
             # some meanwhile, which a timeout then says.
             while len(records) < limit and last < head:
                 try:
-                    msgs = await sub.fetch(min(limit - len(records), head - last), timeout=2.0)
+                    msgs = await sub.fetch(min(limit - len(records), head - last), timeout=5.0)
                 except NATSTimeout:
                     break
                 for m in msgs:
