@@ -178,6 +178,11 @@ class NATSLog(LogState):
             jsi._sseq = self._head
         self._spawn(self._refresh())
 
+    @property
+    def client(self) -> nats.aio.client.Client:
+        """The connection (after :meth:`start`), for other state kept on the same cluster."""
+        return self._nc
+
     def cluster_size(self) -> int:
         """Servers in the cluster, as the one we reached announces them (or as configured)."""
         announced = self._nc._server_info.get("connect_urls") or []
