@@ -278,4 +278,3 @@ def test_ingest_session_answers_any_bytes_with_a_protocol_error_or_a_message(fra
         s.receive(frame)
     except ProtocolError as e:
         assert str(e) and e.code in (1003, 1007, 1008, 1009)
-
