@@ -16,6 +16,7 @@ from pathlib import Path
 
 import msgspec
 
+from storage_events.errors import StorageEventsError
 from storage_events.wire import (
     MAX_PATH,
     Event,
@@ -41,7 +42,7 @@ _READER_BUFFER = 256 * 1024 * 1024  # raw kernel events held in memory, at most 
 _REFUSALS_LOGGED = 20  # refused events logged one by one per run; then every 1000th
 
 
-class AgentError(Exception):
+class AgentError(StorageEventsError):
     pass
 
 

@@ -28,6 +28,7 @@ from typing import Any
 
 import msgspec
 
+from storage_events.errors import StorageError
 from storage_events.wire import Event
 
 log = logging.getLogger("storage_events.agent")
@@ -62,7 +63,7 @@ _RESERVE = 256 * 1024
 Row = tuple[str, int, bytes]
 
 
-class SpoolError(Exception):
+class SpoolError(StorageError):
     pass
 
 

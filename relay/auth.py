@@ -16,6 +16,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from storage_events.errors import AccessError
 from storage_events.relay.feed.filters import FilterError, Scope, normalize_prefix
 
 EVERYTHING = Scope()
@@ -33,7 +34,7 @@ FIELD_ROLES = {
 }
 
 
-class AuthError(Exception):
+class AuthError(AccessError):
     """Authentication failed (401) or was not enough (403); the message says why."""
 
     def __init__(self, message: str, status: int = 401) -> None:

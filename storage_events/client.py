@@ -16,13 +16,15 @@ from dataclasses import dataclass
 
 import httpx
 
+from storage_events.errors import PeerError
+
 from .sse import MessageTooLarge, SSEParser
 from .wire import Event, event_from_json
 
 log = logging.getLogger("storage_events.client")
 
 
-class FeedError(Exception):
+class FeedError(PeerError):
     """The relay refused the subscription (a 4xx, in ``status``), or sent a feed this client
     cannot read (``status`` None): retrying the same request would not help."""
 

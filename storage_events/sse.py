@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from storage_events.errors import PeerError
+
 
 def render(data: bytes, *, event: str, id: int | None = None) -> bytes:
     """One SSE message. ``data`` must not contain a newline (compact JSON never does)."""
@@ -41,7 +43,7 @@ def _split_lines(chunk: bytes) -> list[bytes]:
     return chunk.split(b"\n")
 
 
-class MessageTooLarge(ValueError):
+class MessageTooLarge(PeerError, ValueError):
     """The stream has a message (or a line) longer than the parser's limit: the sender is broken
     or hostile. The parser is unusable afterwards; drop the connection."""
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import msgspec
 
 from storage_events import sse
+from storage_events.errors import PeerError
 from storage_events.wire import Event, event_from_json
 
 # Checkpoint keys live beside agent stream positions; agents' stream names cannot start with @.
@@ -30,12 +31,12 @@ PUSHED_KEY = "@{}"  # the pushing relay's stream: relay:<name>:<epoch of its log
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
-class PeerRefused(Exception):
+class PeerRefused(PeerError):
     """A peer relay answered, but refused the link (a bad token, a bad resume point, …):
     retrying at once would not help."""
 
 
-class BadFeed(ValueError):
+class BadFeed(PeerError, ValueError):
     """An upstream's feed broke the protocol (an event that is not one, a message beyond the
     parser's limit): the connection is dropped; the upstream may be fixed by the next try."""
 

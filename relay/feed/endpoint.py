@@ -11,6 +11,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 
 from storage_events import sse
+from storage_events.errors import BadInput
 from storage_events.relay.auth import Authenticator, AuthError, bearer
 from storage_events.relay.feed.filters import Filter, FilterError, Scope
 from storage_events.relay.feed.follow import follow
@@ -20,7 +21,7 @@ from storage_events.relay.log.base import EventLog
 CATCH_UP_PAGE = 2000
 
 
-class ResumeError(ValueError):
+class ResumeError(BadInput):
     pass
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from storage_events.errors import BadInput
 from storage_events.relay.log.base import Record
 from storage_events.wire import Flag, flags_mask
 
@@ -13,7 +14,7 @@ MAX_VALUE_LENGTH = 4096
 _OVERFLOW, _MOVED_TO = int(Flag.Q_OVERFLOW), int(Flag.MOVED_TO)
 
 
-class FilterError(ValueError):
+class FilterError(BadInput):
     """A filter value a user sent is unusable; the message says which and why."""
 
 

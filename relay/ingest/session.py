@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import msgspec
 
+from storage_events.errors import PeerError
 from storage_events.relay.auth import Authenticator, AuthError, Identity
 from storage_events.relay.federation.core import LoopGuard
 from storage_events.wire import (
@@ -22,7 +23,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _STREAM = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
 
-class ProtocolError(Exception):
+class ProtocolError(PeerError):
     """The peer broke the ingest protocol; the message tells it (and the log) how."""
 
     def __init__(self, message: str, code: int = 1008) -> None:

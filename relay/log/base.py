@@ -9,6 +9,7 @@ from typing import Protocol
 import msgspec
 
 from storage_events import sse
+from storage_events.errors import StorageError
 from storage_events.relay.log.admission import Owner
 from storage_events.wire import Event, Flag, event_from_json, event_json
 
@@ -91,7 +92,7 @@ class LogState:
             listener(records)
 
 
-class StoreError(Exception):
+class StoreError(StorageError):
     """The event log's storage cannot be used; the message says why and what to do."""
 
 
