@@ -356,27 +356,19 @@ class NATSLog(LogState):
         async with self._lock:
             streams = {ev.stream for ev in events} - self._positions.keys()
             await self._learn(sorted(streams))
-            taken = admit(events, self._positions, self._owners, relayed=checkpoint is not None)
+            relayed = checkpoint is not None
+            taken = admit(events, self._positions, self._owners, relayed=relayed)
+            if taken.jumps:
+                # Another replica may have stored what this one thinks is missing (the sender
+                # published through it meanwhile): ask the bucket before announcing a loss.
+                await self._learn(sorted({stream for stream, _, _ in taken.jumps}))
+                taken = admit(events, self._positions, self._owners, relayed=relayed)
             self._report(taken)
-            publishing = []
-            for ev in taken.events:
-                ev = msgspec.structs.replace(ev, id=0, via=[*ev.via, self.name])
-                publishing.append(
-                    self._js.publish_async(
-                        subject(self.stream, ev.stream),
-                        event_json(ev),
-                        stream=self.stream,
-                        headers={"Nats-Msg-Id": f"{ev.stream}:{ev.seq}"},
-                    )
-                )
-            futures = [await p for p in publishing]
             try:
-                acks = await asyncio.wait_for(asyncio.gather(*futures), ACK_TIMEOUT)
+                acks = await asyncio.wait_for(self._put(taken.events), ACK_TIMEOUT)
             except (TimeoutError, NATSError) as e:
-                for future in futures:
-                    future.cancel()
                 raise StoreError(
-                    f"JetStream did not store a batch of {len(futures)} events "
+                    f"JetStream did not store a batch of {len(taken.events)} events "
                     f"({str(e) or type(e).__name__}); the sender resends it"
                 ) from None
             marks = {
@@ -399,6 +391,26 @@ class NATSLog(LogState):
             self._bytes += sum(len(r.data) for r in records)  # (until the next state read)
             records.sort(key=lambda r: r.id)
             return records
+
+    async def _put(self, events: list[Event]) -> list[Any]:
+        """Each event's PubAck; published ahead of the acks (nats-py holds back when 4,000
+        wait), all given up together when the caller's timeout ends this."""
+        futures: list[asyncio.Future[Any]] = []
+        try:
+            for ev in events:
+                ev = msgspec.structs.replace(ev, id=0, via=[*ev.via, self.name])
+                futures.append(
+                    await self._js.publish_async(
+                        subject(self.stream, ev.stream),
+                        event_json(ev),
+                        stream=self.stream,
+                        headers={"Nats-Msg-Id": f"{ev.stream}:{ev.seq}"},
+                    )
+                )
+            return await asyncio.gather(*futures)
+        finally:
+            for future in futures:
+                future.cancel()  # (done ones stay done; the rest free their slot)
 
     def _stored(self, ev: Event, seq: int) -> Record:
         ev = msgspec.structs.replace(
