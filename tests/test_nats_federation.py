@@ -14,9 +14,18 @@ from pathlib import Path
 import httpx
 import nats
 import pytest
-from conftest import NatsCluster, Proc, Relay, agents_connected, start_agent, wait_for
+from conftest import (
+    NatsCluster,
+    Proc,
+    Relay,
+    agents_connected,
+    free_port,
+    start_agent,
+    wait_for,
+)
 from test_end_to_end import write
 
+from storage_events.relay.auth import hash_token
 from storage_events.sse import SSEParser
 from storage_events.wire import event_from_json
 
@@ -39,9 +48,10 @@ class Follower(threading.Thread):
     """A subscriber given several replicas' URLs: when one drops, it goes on at the next with
     ``Last-Event-ID`` (what a load balancer in front of the replicas does for a browser)."""
 
-    def __init__(self, urls: list[str]) -> None:
+    def __init__(self, urls: list[str], token: str | None = None) -> None:
         super().__init__(daemon=True)
         self.urls = urls
+        self.auth = {"Authorization": f"Bearer {token}"} if token else {}
         self.events: list[dict] = []
         self.last: str | None = None
         self.switches: list[str] = []
@@ -51,7 +61,7 @@ class Follower(threading.Thread):
         i = 0
         while not self.stopped:
             url = self.urls[i % len(self.urls)]
-            headers = {"Last-Event-ID": self.last} if self.last else {}
+            headers = {**self.auth, **({"Last-Event-ID": self.last} if self.last else {})}
             params = {} if self.last else {"since": "earliest"}
             try:
                 with httpx.stream(
@@ -139,3 +149,54 @@ def test_two_central_replicas_on_jetstream_survive_a_replica_and_a_server(tmp_pa
     ]
     health = httpx.get(b.url + "/healthz", timeout=5).json()
     assert health["head"] >= events[-1].id
+
+
+def test_a_site_pushing_to_a_jetstream_replica_resumes_from_the_shared_checkpoint(
+    tmp_path, procs, cluster
+):
+    """The checkpoint of a pushing relay lives in JetStream: when the replica it pushes to dies
+    and another takes its address, the push resumes after the last event stored there."""
+    secret, reader = "secret-push-0123456789abcdef", "secret-read-0123456789abcdef"
+    port = free_port()
+    site_config = tmp_path / "site1.toml"
+    site_config.write_text(
+        f'name = "site1"\nheartbeat = 1.0\n[[push]]\nurl = "http://127.0.0.1:{port}"\n'
+        f'token = "{secret}"\n'
+    )
+    site = Relay(tmp_path, procs, name="site1", extra=("--config", str(site_config)))
+    root = tmp_path / "w"
+    root.mkdir()
+    start_agent(tmp_path, procs, site.url, root, site="site1")
+
+    def replica(name: str) -> Relay:
+        config = tmp_path / f"{name}.toml"
+        config.write_text(
+            f'name = "{name}"\nstore = "{cluster.store}"\nheartbeat = 1.0\n'
+            f'[[token]]\nname = "site1-push"\nrole = "relay"\nsite = "site1"\n'
+            f'hash = "{hash_token(secret)}"\n'
+            f'[[token]]\nname = "tester"\nrole = "reader"\nhash = "{hash_token(reader)}"\n'
+        )
+        return Relay(
+            tmp_path, procs, name=name, extra=("--config", str(config)), port=port, token=reader
+        )
+
+    a = replica("central-a")
+    for i in range(150):
+        write(root / f"f{i:03d}")
+    wait_for(lambda: a.healthy()["head"] >= 300, 60, "the site's first 300 events at central-a")
+    a.proc.stop(signal.SIGKILL)
+    for i in range(150):
+        write(root / f"g{i:03d}")
+    b = replica("central-b")
+    follower = Follower([b.url], token=reader)
+    follower.start()
+    try:
+        wait_for(lambda: len(follower.events) >= 600, 60, "all 600 events at central-b")
+        time.sleep(2)  # (a copy would come by now)
+    finally:
+        follower.stopped = True
+    events = follower.events
+    assert [e.seq for e in events] == list(range(1, 601))  # none lost, none twice, in order
+    assert {e.via[-1] for e in events[:300]} == {"central-a"}
+    assert {e.via[-1] for e in events[300:]} == {"central-b"}
+    assert all(e.via[0] == "site1" and e.origin_id is not None for e in events)
