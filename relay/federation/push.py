@@ -1,6 +1,7 @@
 """Pushing this relay's log to another relay (``[[push]]``) over its ``/ingest``, the way an agent
 publishes: a hello with ``role="relay"``, batches of stored events (each with our id), and
-cumulative acks naming the last of our ids the other relay holds durably."""
+cumulative acks naming the last of our ids the other relay holds durably. The protocol is
+:class:`~storage_events.publish.PublishSession`'s; this is its I/O and the log's part."""
 
 from __future__ import annotations
 
@@ -11,21 +12,11 @@ import time
 
 import websockets
 
+from storage_events.publish import PeerProtocolError, PublishSession, Refused
 from storage_events.relay.config import PushConfig
-from storage_events.relay.federation.core import PeerRefused, lost
+from storage_events.relay.federation.core import lost
 from storage_events.relay.log.base import EventLog, Record
-from storage_events.wire import (
-    FRAME_BUDGET,
-    Ack,
-    Batch,
-    Error,
-    Event,
-    Hello,
-    Welcome,
-    decode_to_agent,
-    encode_frame,
-    ingest_url,
-)
+from storage_events.wire import Event, Hello, ingest_url
 
 log = logging.getLogger("storage_events.relay")
 
@@ -41,10 +32,15 @@ class Pusher:
         self.url = ingest_url(cfg.url)
         self.log = events
         self.me = me
-        self.position = 0  # the last of our ids the other relay acknowledged
         self.connected = False
+        self._session: PublishSession | None = None  # made at the first connection
         self._wake = asyncio.Event()  # new records, or an acknowledgement
         self._pending: list[Record] = []  # just stored, not yet sent: saves reading them back
+
+    @property
+    def position(self) -> int:
+        """The last of our ids the other relay acknowledged."""
+        return self._session.acked if self._session is not None else 0
 
     def notify(self, records: list[Record]) -> None:
         """Hub listener: there is more to push."""
@@ -67,8 +63,10 @@ class Pusher:
                     self.url, ssl=context, max_size=None, open_timeout=10, compression=None
                 ) as ws:
                     await self._push(ws)
-            except PeerRefused as e:
+            except Refused as e:
                 log.error("relay %s refused our push: %s", self.cfg.url, e)
+            except PeerProtocolError as e:
+                log.error("%s; retrying in %.0f s", e, backoff)
             except (OSError, TimeoutError, websockets.WebSocketException) as e:
                 log.warning(
                     "cannot push to %s (%s: %s); retrying in %.0f s",
@@ -87,52 +85,41 @@ class Pusher:
             backoff = min(backoff * 2, MAX_BACKOFF)
 
     async def _push(self, ws: websockets.ClientConnection) -> None:
-        # The log's epoch in the stream name: a log started afresh is pushed from its start.
-        stream = f"relay:{self.me}:{self.log.epoch}"
-        await ws.send(
-            encode_frame(
-                Hello(role="relay", site=self.me, node=self.me, stream=stream, token=self.cfg.token)
+        session = self._session
+        if session is None:  # (the log's epoch is known once it has started)
+            # The log's epoch in the stream name: a log started afresh is pushed from its start.
+            stream = f"relay:{self.me}:{self.log.epoch}"
+            hello = Hello(
+                role="relay", site=self.me, node=self.me, stream=stream, token=self.cfg.token
             )
-        )
-        welcome = decode_to_agent(await ws.recv())
-        if isinstance(welcome, Error):
-            raise PeerRefused(welcome.message)
-        assert isinstance(welcome, Welcome)
-        self.position = sent = welcome.acked
+            session = self._session = PublishSession(hello, peer=self.cfg.url, window=WINDOW)
+        await ws.send(session.start())
+        session.receive(await ws.recv())
         self._pending.clear()
         self.connected = True
-        log.info("pushing to %s after our id %d", self.cfg.url, self.position)
-        # Batches are sent without waiting for each ack (up to WINDOW events ahead), so a far
+        log.info("pushing to %s after our id %d", self.cfg.url, session.acked)
+        # Batches are sent without waiting for each ack (up to WINDOW ids ahead), so a far
         # relay's round trip does not limit the rate.
-        acks = asyncio.create_task(self._acks(ws))
+        acks = asyncio.create_task(self._acks(ws, session))
         try:
             while not acks.done():
                 self._wake.clear()
-                batch = await self._next(sent) if sent - self.position < WINDOW else []
+                batch = await self._next(session.sent) if session.can_send else []
                 if not batch:
                     await self._wake.wait()
                     continue
-                frame = encode_frame(Batch(batch))
-                while len(frame) > FRAME_BUDGET and len(batch) > 1:
-                    # Long paths: fewer events a frame (the rest follow, read again by id), or
-                    # the other relay would refuse the frame, and every resend of it.
-                    batch = batch[: len(batch) // 2]
-                    frame = encode_frame(Batch(batch))
+                # Events that do not fit in the frame are read again by id, after these.
+                frame, _ = session.frame(batch)
                 await ws.send(frame)
-                sent = batch[-1].id
             acks.result()  # raises what ended the acknowledgements
         finally:
             acks.cancel()
             self._pending.clear()
 
-    async def _acks(self, ws: websockets.ClientConnection) -> None:
+    async def _acks(self, ws: websockets.ClientConnection, session: PublishSession) -> None:
         try:
             while True:
-                reply = decode_to_agent(await ws.recv())
-                if isinstance(reply, Error):
-                    raise PeerRefused(reply.message)
-                assert isinstance(reply, Ack)
-                self.position = reply.seq
+                session.receive(await ws.recv())
                 self._wake.set()
         finally:
             self._wake.set()  # the sender notices that this ended
@@ -152,7 +139,7 @@ class Pusher:
             del pending[:BATCH]
         else:
             pending.clear()
-            records = await asyncio.to_thread(self.log.read, sent, BATCH)
+            records = await self.log.read(sent, BATCH)
             if records and records[0].id > sent + 1:  # retention ran between first and read
                 events.append(self._gap(sent, records[0].id - 1))
         events.extend(r.event() for r in records)
