@@ -64,6 +64,14 @@ class Uplink:
                         self.outbox.ack(self.outbox.last_seq)
                         log.info("stream %s fully acknowledged", self.outbox.stream)
                         return
+                    if held > self.outbox.last_seq:
+                        # This run numbered fewer: the relay's answer is wrong (a relay that
+                        # is not what it says, or a log mixed up with another's).
+                        raise PeerProtocolError(
+                            f"relay {self.url} says it holds seq {held} of stream "
+                            f"{self.outbox.stream}, but this agent numbered only "
+                            f"{self.outbox.last_seq}; nothing is acknowledged from that answer"
+                        )
                     self.outbox.connected(held)
                     if refused is not None:
                         # Only now: the relay may have stored the refused event after all.

@@ -479,9 +479,10 @@ class FakeRelay:
     (1009) on a frame over LIMIT, which refuses (error frame) any event at ``evil``, and
     stores the rest. ``garbage``: connections answered with bytes that are not the protocol."""
 
-    def __init__(self, evil: str, garbage: int = 0) -> None:
+    def __init__(self, evil: str, garbage: int = 0, overclaim: int = 0) -> None:
         self.evil = evil
         self.garbage = garbage
+        self.overclaim = overclaim  # connections welcomed with a seq never sent
         self.stored: list[Event] = []
         self.connections = 0
         self.refused_frames = 0  # frames over LIMIT
@@ -492,13 +493,18 @@ class FakeRelay:
 
     @contextlib.asynccontextmanager
     async def _connect(self) -> AsyncIterator[FakeConnection]:
-        yield FakeConnection(self, garbage=self.connections <= self.garbage)
+        yield FakeConnection(
+            self,
+            garbage=self.connections <= self.garbage,
+            overclaim=self.connections <= self.overclaim,
+        )
 
 
 class FakeConnection:
-    def __init__(self, relay: FakeRelay, *, garbage: bool) -> None:
+    def __init__(self, relay: FakeRelay, *, garbage: bool, overclaim: bool) -> None:
         self.relay = relay
         self.garbage = garbage
+        self.overclaim = overclaim
         self.replies: asyncio.Queue[bytes | Exception] = asyncio.Queue()
         self.closed: Exception | None = None
 
@@ -515,7 +521,7 @@ class FakeConnection:
             self.relay.refused_frames += 1
             self.close(1009, TOO_BIG.format(len(frame)))
         elif isinstance(msg, Hello):
-            held = stored[-1].seq if stored else 0
+            held = (stored[-1].seq if stored else 0) + (1000 if self.overclaim else 0)
             self.replies.put_nowait(b"\xc1 garbage" if self.garbage else welcome(held))
         elif any(e.path == self.relay.evil for e in msg.events):
             self.replies.put_nowait(error(f"path {self.relay.evil} is refused here"))
@@ -581,3 +587,27 @@ def test_the_uplink_retries_a_relay_that_sends_garbage_and_says_why(monkeypatch,
     assert [e.seq for e in relay.stored] == [1, 2, 3, 4, 5] and relay.connections == 3
     complaints = [r.getMessage() for r in caplog.records if "ingest protocol" in r.getMessage()]
     assert len(complaints) == 2 and "relay.example" in complaints[0]
+
+
+def test_the_uplink_acknowledges_nothing_from_a_relay_claiming_events_never_sent(
+    monkeypatch, caplog
+):
+    relay = FakeRelay("/nowhere", overclaim=1)
+    monkeypatch.setattr(websockets, "connect", relay)
+    outbox = Outbox("n:1")
+    for i in range(5):
+        outbox.add(ev(0, f"/d/{i}"))
+    uplink = Uplink("http://relay.example:8008", AGENT, outbox, asyncio.Event(), max_backoff=0.01)
+
+    async def main() -> None:
+        task = asyncio.create_task(uplink.run())
+        while outbox.unacked:
+            assert not task.done(), task  # (it must not crash on the answer)
+            await asyncio.sleep(0.01)
+        task.cancel()
+
+    with caplog.at_level(logging.ERROR, logger="storage_events.agent"):
+        asyncio.run(asyncio.wait_for(main(), 20))
+    assert [e.seq for e in relay.stored] == [1, 2, 3, 4, 5] and relay.connections == 2
+    said = [r.getMessage() for r in caplog.records]
+    assert any("says it holds seq 1000" in line and "numbered only 5" in line for line in said)
