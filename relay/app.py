@@ -76,21 +76,29 @@ def create_app(cfg: RelayConfig) -> Starlette:
         auth=auth,
         per_identity=cfg.max_subscribers_per_identity,
     )
-    store = ChannelStore(Path(cfg.data))
-    channels = ChannelService(
-        Registry(
-            Limits(
-                per_user=cfg.channels_per_user,
-                timeout=cfg.channel_timeout,
-                backlog=cfg.channel_backlog,
-            )
-        ),
-        store,
-        log,
-        auth,
-        heartbeat=cfg.heartbeat,
-        buffer_bytes=cfg.subscriber_buffer,
+    registry = Registry(
+        Limits(
+            per_user=cfg.channels_per_user,
+            timeout=cfg.channel_timeout,
+            backlog=cfg.channel_backlog,
+        )
     )
+    channels: ChannelService
+    if isinstance(log, SQLiteLog):
+        channels = ChannelService(
+            registry,
+            ChannelStore(Path(cfg.data)),
+            log,
+            auth,
+            heartbeat=cfg.heartbeat,
+            buffer_bytes=cfg.subscriber_buffer,
+        )
+    else:  # the replicas of a NATS store share them
+        from storage_events.relay.dcache.shared import SharedChannels
+
+        channels = SharedChannels(
+            registry, log, auth, heartbeat=cfg.heartbeat, buffer_bytes=cfg.subscriber_buffer
+        )
     hub.listeners.append(channels.notify)
 
     async def retention() -> None:
@@ -107,8 +115,7 @@ def create_app(cfg: RelayConfig) -> Starlette:
             asyncio.create_task(job)
             for job in (
                 retention(),
-                channels.run(),
-                channels.expire(),
+                *channels.jobs(),
                 *(p.run() for p in pullers),
                 *(p.run() for p in pushers),
             )
@@ -121,7 +128,7 @@ def create_app(cfg: RelayConfig) -> Starlette:
                 task.cancel()
             hub.close()
             channels.close()
-            store.close()
+            await channels.stop()
             await log.close()
 
     policy = Policy.make(

@@ -84,3 +84,22 @@ def test_no_import_cycles():
     assert len(graph) > 50  # (the walk found the code)
     assert "storage_events.relay.log.base" in graph["storage_events.relay.log.sqlite"]
     assert cycles(graph) == []
+
+
+def test_every_error_the_code_raises_on_purpose_has_one_root():
+    import importlib
+
+    from storage_events.errors import StorageEventsError
+
+    strays = []
+    for name in modules():
+        module = importlib.import_module(name)
+        for value in vars(module).values():
+            if (
+                isinstance(value, type)
+                and issubclass(value, BaseException)
+                and value.__module__ == name
+                and not issubclass(value, StorageEventsError)
+            ):
+                strays.append(f"{name}.{value.__name__}")
+    assert strays == []

@@ -2,7 +2,8 @@
 
 Existing dCache clients work unchanged: create a channel, add inotify subscriptions, read the
 channel's SSE stream, reconnect with ``Last-Event-ID``. Unlike dCache, channels and their backlog
-are kept in :class:`~.channel_store.ChannelStore` and survive a relay restart.
+are kept in :class:`~.store.ChannelStore` and survive a relay restart. This is the service of one
+relay; :mod:`.shared` is the one replicas of a NATS store share.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from typing import Any
 
 from starlette.requests import Request
@@ -33,8 +34,15 @@ from storage_events.relay.dcache.channels import (
     resume,
     system,
 )
-from storage_events.relay.dcache.store import ChannelStore, Snapshot, saved, snapshot
+from storage_events.relay.dcache.store import (
+    ChannelStorage,
+    ChannelStore,
+    Snapshot,
+    saved,
+    snapshot,
+)
 from storage_events.relay.feed.filters import Scope
+from storage_events.relay.feed.follow import CatchUp, follow
 from storage_events.relay.feed.hub import Mailbox
 from storage_events.relay.log.base import EventLog, Record, make_record
 from storage_events.wire import Flag
@@ -45,6 +53,7 @@ PREFIX = "/api/v1/events"
 ANONYMOUS = "anonymous"
 MAX_BODY = 64 * 1024
 REPLAY_PAGE = 2000
+_EVENT = b"\nevent: inotify\n"  # once in every event a replay sends, and in nothing else
 _TITLES = {
     400: "Bad Request",
     401: "Unauthorized",
@@ -54,6 +63,7 @@ _TITLES = {
     413: "Payload Too Large",
     415: "Unsupported Media Type",
     429: "Too Many Requests",
+    503: "Service Unavailable",
 }
 
 SELECTOR_SCHEMA = {
@@ -110,7 +120,7 @@ class ChannelService:
     def __init__(
         self,
         registry: Registry,
-        store: ChannelStore,
+        store: ChannelStorage,
         log: EventLog,
         auth: Authenticator,
         *,
@@ -123,12 +133,22 @@ class ChannelService:
         self.auth = auth
         self.heartbeat = heartbeat
         self.buffer_bytes = buffer_bytes
-        self.cursor = store.load(registry, time.time())
+        # (A shared store is loaded by whichever replica takes the channels over.)
+        self.cursor = store.load(registry, time.time()) if isinstance(store, ChannelStore) else 0
         self.streams: dict[str, Mailbox] = {}  # channel id → its one connected client
         self._pending: list[Record] = []
         self._wake = asyncio.Event()
         self._commit = asyncio.Lock()
         self.routed = 0  # events added to channels' backlogs since start
+        self.delivered = 0  # events sent to channel clients since start
+
+    def jobs(self) -> list[Coroutine[Any, Any, None]]:
+        """What runs while the relay serves."""
+        return [self.run(), self.expire()]
+
+    async def stop(self) -> None:
+        """After :meth:`close`, when the relay stops."""
+        self.store.close()
 
     # -- routing: the log's records into channels' backlogs --------------------------------
 
@@ -212,12 +232,16 @@ class ChannelService:
             return
         async with self._commit:
             snaps = self._snapshots(touched.values())
-            await asyncio.to_thread(
-                self.store.save, snaps, cursor, rows, None, sorted(self.registry.deferred)
-            )
+            await self.store.write(snaps, cursor, rows, None, sorted(self.registry.deferred))
             self._saved(snaps)
             if cursor is not None:
                 self.cursor = cursor
+        self._deliver(routed)
+        for w in routed.closed:
+            await self._tell(w.channel, system("SUBSCRIPTION_CLOSED", w.url))
+
+    def _deliver(self, routed: Routed) -> None:
+        """Push what was routed and stored to the connected clients."""
         items: dict[str, list[tuple[int, bytes]]] = {}
         for ch, i, data, origin in routed.events:
             if ch.id not in self.streams:
@@ -229,21 +253,24 @@ class ChannelService:
                 items.setdefault(ch.id, []).append((i, sse.render(allowed, event="inotify", id=i)))
         for cid, batch in items.items():
             self.streams[cid].push(batch, sum(len(b) for _, b in batch))
-        for w in routed.closed:
-            self._tell(w.channel, system("SUBSCRIPTION_CLOSED", w.url))
 
-    def _tell(self, ch: Channel, data: bytes) -> None:
+    async def _tell(self, ch: Channel, data: bytes) -> None:
+        """A SYSTEM message for the channel's client, if one is connected."""
         box = self.streams.get(ch.id)
         if box is not None:
             item = sse.render(data, event="SYSTEM")
             box.push([(-1, item)], len(item))
 
+    async def _end_stream(self, cid: str, farewell: bytes) -> None:
+        """The channel is gone: its client is told ``farewell`` and its stream ends."""
+        box = self.streams.pop(cid, None)
+        if box is not None:
+            box.close(farewell)
+
     async def _save(self, ch: Channel) -> None:
         async with self._commit:  # so self.cursor is a committed one
             snaps = self._snapshots([ch])
-            await asyncio.to_thread(
-                self.store.save, snaps, self.cursor, None, None, sorted(self.registry.deferred)
-            )
+            await self.store.write(snaps, self.cursor, None, None, sorted(self.registry.deferred))
             self._saved(snaps)
 
     async def expire(self, every: float = 1.0) -> None:
@@ -269,14 +296,13 @@ class ChannelService:
     async def _delete(self, ch: Channel) -> None:
         ended = self.registry.delete(ch)
         async with self._commit:
-            await asyncio.to_thread(self.store.save, [], None, None, [ch.id])
-        box = self.streams.pop(ch.id, None)
-        if box is not None:
-            box.close(
-                b"".join(
-                    sse.render(system("SUBSCRIPTION_CLOSED", w.url), event="SYSTEM") for w in ended
-                )
-            )
+            await self.store.write([], None, None, [ch.id])
+        await self._end_stream(
+            ch.id,
+            b"".join(
+                sse.render(system("SUBSCRIPTION_CLOSED", w.url), event="SYSTEM") for w in ended
+            ),
+        )
 
     def close(self) -> None:
         """The relay is stopping: connected clients are told, as dCache does."""
@@ -446,7 +472,7 @@ class ChannelService:
         await self._save(ch)
         if not new:
             return Response(status_code=303, headers={"Location": w.url})
-        self._tell(ch, system("NEW_SUBSCRIPTION", w.url))
+        await self._tell(ch, system("NEW_SUBSCRIPTION", w.url))
         return Response(status_code=201, headers={"Location": w.url})
 
     async def get_watch(self, request: Request) -> Response:
@@ -495,34 +521,38 @@ class ChannelService:
         try:
             if loss:
                 yield sse.render(system("EVENT_LOSS"), event="SYSTEM")
-            while not box.closed:
-                if replay or box.overflowed:
-                    box.reset()
-                    async for chunk, newest in self._replay(ch, last):
-                        last = newest
-                        if chunk:
-                            yield chunk
-                    replay = False
-                while not (box.overflowed or box.closed):
-                    if not await box.wait(self.heartbeat):
-                        yield sse.comment("heartbeat")
-                        continue
-                    items = box.take()
-                    data = b"".join(b for i, b in items if i < 0 or i > last)
-                    last = max(last, items[-1][0]) if items else last
-                    if data:
-                        yield data
-            if box.farewell:
-                yield box.farewell
+            async for chunk in follow(
+                box,
+                last,
+                self._catch_up(ch),
+                heartbeat=self.heartbeat,
+                sent=self._sent,
+                live_first=not replay,
+            ):
+                yield chunk
         finally:
-            if self.streams.get(ch.id) is box:
-                del self.streams[ch.id]
-                if ch.id in self.registry.channels:
-                    self.registry.disconnect(ch, time.time())
-                    # Synchronously: a cancelled stream cannot await any more.
-                    snaps = self._snapshots([ch])
-                    self.store.save(snaps, None)
-                    self._saved(snaps)
+            self._gone(ch, box)
+
+    def _gone(self, ch: Channel, box: Mailbox) -> None:
+        """The stream of ``box`` ended. Synchronously: a cancelled stream cannot await any more."""
+        if self.streams.get(ch.id) is box:
+            del self.streams[ch.id]
+            if ch.id in self.registry.channels:
+                self.registry.disconnect(ch, time.time())
+                assert isinstance(self.store, ChannelStore)  # (a shared one tells its holder)
+                snaps = self._snapshots([ch])
+                self.store.save(snaps, None)
+                self._saved(snaps)
+
+    def _sent(self, n: int) -> None:
+        self.delivered += n
+
+    def _catch_up(self, ch: Channel) -> CatchUp:
+        async def catch_up(after: int) -> AsyncIterator[tuple[int, bytes, int]]:
+            async for chunk, newest in self._replay(ch, after):
+                yield newest, chunk, chunk.count(_EVENT)
+
+        return catch_up
 
     async def _replay(self, ch: Channel, after: int) -> AsyncIterator[tuple[bytes, int]]:
         """The stored backlog after ``after``, as the owner may see it now: each row was routed
@@ -532,11 +562,13 @@ class ChannelService:
             after = ch.first_id - 1
         unknown_told = False
         while True:
-            rows = await asyncio.to_thread(self.store.read, ch.id, after, REPLAY_PAGE)
+            rows = await self.store.fetch(ch.id, after, REPLAY_PAGE)
             if not rows:
                 return
-            after = rows[-1][0]
             chunks = []
+            if rows[0][0] > after + 1:  # trimmed while this client was reading
+                chunks.append(sse.render(system("EVENT_LOSS"), event="SYSTEM"))
+            after = rows[-1][0]
             for i, data, origin in rows:
                 if origin is None:
                     # Stored before rows kept their origin: only an owner who may read

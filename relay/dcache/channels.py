@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
+from storage_events.errors import StorageEventsError
 from storage_events.relay.feed.filters import Scope, under
 from storage_events.relay.log.base import Record
 from storage_events.wire import Event, Flag
@@ -59,8 +60,9 @@ MAX_PATH = 4096
 LOSS_WINDOW = 1.0  # seconds: loss notices of one place, coalesced (and delayed) at most this
 
 
-class ChannelError(Exception):
-    """A request the channel API refuses; ``status`` is the HTTP status dCache would give."""
+class ChannelError(StorageEventsError):
+    """A request the channel API refuses; ``status`` is the HTTP status dCache would give (bad
+    input, access, or a limit: hence the root, not one family)."""
 
     def __init__(self, status: int, detail: str) -> None:
         super().__init__(detail)

@@ -5,15 +5,20 @@ from, so that a replay shows only what the owner may see then), and the id of th
 record routed to channels, all written in one transaction per routed batch, so after a crash
 routing resumes exactly where the stored backlog ends. Watches are written as they change, not
 with their channel: one channel may hold 10,000 of them.
+
+The rows are also what :mod:`.nats_store` keeps, so both stores restore channels the same way.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import sqlite3
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import msgspec
 
@@ -148,6 +153,85 @@ _selector = msgspec.json.Decoder(Selector)
 _names = msgspec.json.Decoder(list[str] | None)
 _moved = msgspec.json.Decoder(dict[str, str])
 
+BacklogRow = tuple[str, int, bytes, Origin]  # channel, id, JSON envelope, where it came from
+Stored = tuple[int, bytes, Origin | None]  # a backlog row read back (None: origin not recorded)
+
+
+def restore(
+    registry: Registry, channels: Iterable[tuple], watches: Iterable[tuple], now: float
+) -> None:
+    """Put channels and watches back into ``registry`` from their rows (as :func:`snapshot`
+    makes them); watches of a channel not among them are skipped."""
+    loaded = {}
+    for (
+        cid,
+        owner,
+        sites,
+        prefixes,
+        client_id,
+        url,
+        timeout,
+        next_id,
+        first_id,
+        connected,
+        disconnected_at,
+    ) in channels:
+        site_list, prefix_list = (
+            _names.decode(sites or "null"),
+            _names.decode(prefixes or "null"),
+        )
+        scope = Scope(
+            frozenset(site_list) if site_list is not None else None,
+            tuple(prefix_list) if prefix_list is not None else None,
+        )
+        # A client connected when the relay stopped has only now been disconnected.
+        loaded[cid] = Channel(
+            cid,
+            owner,
+            scope,
+            client_id,
+            url,
+            timeout,
+            next_id,
+            first_id,
+            False,
+            now if connected else disconnected_at,
+        )
+    for cid, sid, site, path, mask, oneshot, selector, moved in watches:
+        ch = loaded.get(cid)
+        if ch is not None:
+            ch.watches[sid] = Watch(
+                sid,
+                ch,
+                site,
+                path,
+                mask,
+                bool(oneshot),
+                _selector.decode(selector),
+                _moved.decode(moved) if moved else {},
+            )
+    for ch in loaded.values():
+        registry.add(ch)
+
+
+class ChannelStorage(Protocol):
+    """What the channel service needs of a store, from the event loop."""
+
+    async def write(
+        self,
+        channels: list[Snapshot],
+        cursor: int | None,
+        backlog: list[BacklogRow] | None = None,
+        deleted: list[str] | None = None,
+        held: list[tuple[str, str]] | None = None,
+    ) -> None:
+        """As :meth:`ChannelStore.save`."""
+
+    async def fetch(self, cid: str, after: int, limit: int) -> list[Stored]:
+        """As :meth:`ChannelStore.read`."""
+
+    def close(self) -> None: ...
+
 
 class ChannelStore:
     def __init__(self, directory: Path) -> None:
@@ -175,63 +259,27 @@ class ChannelStore:
             ).fetchall()
             cursor = self._db.execute("SELECT value FROM meta WHERE key = 'cursor'").fetchone()
             registry.deferred.update(self._db.execute("SELECT site, path FROM held_loss"))
-        channels = {}
-        for (
-            cid,
-            owner,
-            sites,
-            prefixes,
-            client_id,
-            url,
-            timeout,
-            next_id,
-            first_id,
-            connected,
-            disconnected_at,
-        ) in rows:
-            site_list, prefix_list = (
-                _names.decode(sites or "null"),
-                _names.decode(prefixes or "null"),
-            )
-            scope = Scope(
-                frozenset(site_list) if site_list is not None else None,
-                tuple(prefix_list) if prefix_list is not None else None,
-            )
-            # A client connected when the relay stopped has only now been disconnected.
-            channels[cid] = Channel(
-                cid,
-                owner,
-                scope,
-                client_id,
-                url,
-                timeout,
-                next_id,
-                first_id,
-                False,
-                now if connected else disconnected_at,
-            )
-        for cid, sid, site, path, mask, oneshot, selector, moved in watches:
-            ch = channels.get(cid)
-            if ch is not None:
-                ch.watches[sid] = Watch(
-                    sid,
-                    ch,
-                    site,
-                    path,
-                    mask,
-                    bool(oneshot),
-                    _selector.decode(selector),
-                    _moved.decode(moved) if moved else {},
-                )
-        for ch in channels.values():
-            registry.add(ch)
+        restore(registry, rows, watches, now)
         return cursor[0] if cursor else 0
+
+    async def write(
+        self,
+        channels: list[Snapshot],
+        cursor: int | None,
+        backlog: list[BacklogRow] | None = None,
+        deleted: list[str] | None = None,
+        held: list[tuple[str, str]] | None = None,
+    ) -> None:
+        await asyncio.to_thread(self.save, channels, cursor, backlog, deleted, held)
+
+    async def fetch(self, cid: str, after: int, limit: int) -> list[Stored]:
+        return await asyncio.to_thread(self.read, cid, after, limit)
 
     def save(
         self,
         channels: list[Snapshot],
         cursor: int | None,
-        backlog: list[tuple[str, int, bytes, Origin]] | None = None,
+        backlog: list[BacklogRow] | None = None,
         deleted: list[str] | None = None,
         held: list[tuple[str, str]] | None = None,
     ) -> None:
@@ -290,7 +338,7 @@ class ChannelStore:
             for cid in deleted or ():
                 self._written.pop(cid, None)
 
-    def read(self, cid: str, after: int, limit: int) -> list[tuple[int, bytes, Origin | None]]:
+    def read(self, cid: str, after: int, limit: int) -> list[Stored]:
         """Backlog rows after ``after``, each with where it came from (None: not recorded)."""
         with self._lock:
             rows = self._db.execute(
