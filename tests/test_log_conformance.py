@@ -278,3 +278,23 @@ def test_nats_replicas_default_to_the_cluster_size(nats):
             await log.close()
 
     asyncio.run(body())
+
+
+def test_concurrent_appends_store_each_event_once(backend):
+    """Agents publish at once, and a sender's resend races its first try."""
+
+    async def body(b: Backend) -> None:
+        log = await b.open()
+        batches = [[ev(f"n{k}:1", i, node=f"n{k}") for i in range(1, 201)] for k in range(6)]
+        racing = [batches[0][:100], batches[0]]  # a resend overlapping its first try
+        stored = await asyncio.gather(*(log.append(x) for x in [*batches, *racing]))
+        assert sum(len(s) for s in stored) == 1200
+        records = await log.read(0, 5000)
+        seen = [(r.event().stream, r.event().seq) for r in records]
+        assert len(seen) == len(set(seen)) == 1200
+        for k in range(6):
+            assert await log.position(f"n{k}:1") == 200
+            seqs = [s for stream, s in seen if stream == f"n{k}:1"]
+            assert seqs == list(range(1, 201))  # each stream in order, no loss notice
+
+    run(backend, body)

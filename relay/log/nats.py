@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+from collections import defaultdict
 from typing import Any
 
 import msgspec
@@ -107,7 +108,9 @@ class NATSLog(LogState):
         self._revisions: dict[str, int] = {}  # of each key in the bucket, for updates
         self._owners: dict[str, Owner] = {}
         self._report = Reporter()
-        self._lock = asyncio.Lock()  # admission reads positions that the append then advances
+        # Per stream (and checkpoint): admission reads positions that the append then
+        # advances; batches of other streams are stored meanwhile (each waits for its acks).
+        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._pending: list[Record] = []
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -353,7 +356,10 @@ class NATSLog(LogState):
         self, events: list[Event], checkpoint: tuple[str, int] | None = None
     ) -> list[Record]:
 
-        async with self._lock:
+        keys = {ev.stream for ev in events} | ({checkpoint[0]} if checkpoint else set())
+        async with contextlib.AsyncExitStack() as held:
+            for key in sorted(keys):  # (always in one order: no two appends wait on each other)
+                await held.enter_async_context(self._locks[key])
             streams = {ev.stream for ev in events} - self._positions.keys()
             await self._learn(sorted(streams))
             relayed = checkpoint is not None
