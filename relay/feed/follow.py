@@ -45,8 +45,12 @@ async def follow(
                 yield sse.comment("heartbeat")
                 continue
             items = box.take()
-            fresh = [(i, b) for i, b in items if i < 0 or i > last]
-            last = max([last, *(i for i, _ in items)])
+            if not items:
+                continue
+            # Usually nothing in it was sent by catch-up: then all of it goes.
+            fresh = items if items[0][0] > last else [x for x in items if x[0] < 0 or x[0] > last]
+            newest = items[-1][0]  # ids go up; a message about the stream may come last
+            last = max(last, newest if newest > 0 else max(i for i, _ in items))
             if fresh:
                 sent(sum(i > 0 for i, _ in fresh))
                 yield b"".join(b for _, b in fresh)
