@@ -8,13 +8,14 @@ import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import msgspec
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Route, WebSocketRoute
 
 from storage_events.relay.auth import Authenticator
-from storage_events.relay.config import RelayConfig, is_loopback
+from storage_events.relay.config import RelayConfig, is_loopback, own_name
 from storage_events.relay.dcache.api import ChannelService
 from storage_events.relay.dcache.channels import Limits, Registry
 from storage_events.relay.dcache.store import ChannelStore
@@ -55,6 +56,8 @@ def open_log(cfg: RelayConfig) -> EventLog:
 
 
 def create_app(cfg: RelayConfig) -> Starlette:
+    if cfg.name is None:  # (relays started alike on one host must not share a name)
+        cfg = msgspec.structs.replace(cfg, name=own_name(Path(cfg.data)))
     log = open_log(cfg)
     hub = Hub()
     auth = Authenticator(cfg.token, cfg.jwt)

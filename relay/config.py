@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import secrets
 import socket
+from pathlib import Path
 from typing import Annotated
 
 import msgspec
@@ -63,7 +65,9 @@ class RelayConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     listen: str = "127.0.0.1:8808"
     # Unique in a federation: stamped on every event this relay stores (`via`), which is how
     # loops are found.
-    name: RelayName = msgspec.field(default_factory=lambda: _hostname())
+    # loops are found. Default: made once, from the host name and a random suffix, and kept in
+    # the data directory (see own_name), so that relays on one host never share one.
+    name: RelayName | None = None
     data: str = "storage-events-data"  # directory of the embedded SQLite log (and channels)
     # nats://HOST:PORT[,nats://…]: the event log on a NATS JetStream stream instead, shared by
     # every relay given the same servers and stream (scale-out).
@@ -123,7 +127,26 @@ class RelayConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 def _hostname() -> str:
     name = socket.gethostname().split(".")[0]
-    return name if re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", name) else "relay"
+    return name if re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,56}$", name) else "relay"
+
+
+NAME_FILE = "relay-name"
+
+
+def own_name(data: Path) -> str:
+    """This relay's default name: ``<host>-<6 hex>``, made at its first start and kept in
+    ``data``; raises ``OSError`` (naming the file) when it can be neither read nor written."""
+    path = data / NAME_FILE
+    try:
+        name = path.read_text().strip()
+    except FileNotFoundError:
+        name = f"{_hostname()}-{secrets.token_hex(3)}"
+        data.mkdir(parents=True, exist_ok=True)
+        path.write_text(name + "\n")
+        return name
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name):
+        raise OSError(f"{path} holds {name[:80]!r}, not a relay name: delete it to get a new one")
+    return name
 
 
 def is_loopback(host: str) -> bool:

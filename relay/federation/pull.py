@@ -34,6 +34,7 @@ class Puller:
         self.ingest = ingest
         self.connected = False
         self.loops = LoopGuard(me, f"upstream {self.name!r}")
+        self.me = me
 
     @property
     def checkpoint(self) -> int:
@@ -89,6 +90,12 @@ class Puller:
             epoch = int(health.json().get("epoch", 0))
         except (ValueError, TypeError, AttributeError):
             raise PeerRefused(f"{health.url} did not answer as a storage-events relay") from None
+        if health.json().get("relay") == self.me:
+            # Every event it sends names it in `via`: all would be dropped as a loop.
+            raise PeerRefused(
+                f"{base} is also called {self.me!r}: give each relay of a federation its own "
+                "`name` (or leave it unset on both: each then makes its own)"
+            )
         self.key = UPSTREAM_KEY.format(self.name, epoch)
         # (From the store: on a shared one, another relay may have taken in more.)
         since = await self.ingest.log.position(self.key)
