@@ -20,28 +20,26 @@ state to the same ids, and JetStream drops the copies.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
 import msgspec
 from nats.errors import Error as NATSError
-from nats.errors import TimeoutError as NATSTimeout
 from nats.js import api
 from nats.js.errors import (
     APIError,
     BucketNotFoundError,
     KeyWrongLastSequenceError,
     NotFoundError,
-    ServiceUnavailableError,
 )
 
 from storage_events.relay.dcache.channels import Origin, Registry
 from storage_events.relay.dcache.store import BacklogRow, Snapshot, Stored, restore
 from storage_events.relay.log.base import StoreError
+from storage_events.relay.log.jetstream import reader, ready, subscribe_after
 from storage_events.relay.log.nats import MAX_REPLICAS, NATSLog
 
 log = logging.getLogger("storage_events.relay")
@@ -171,15 +169,15 @@ class NATSChannelStore:
         """Open (or make) the buckets and the stream; the log is started."""
         self._js = self.log.client.jetstream()
         replicas = self.log.replicas or min(self.log.cluster_size(), MAX_REPLICAS)
-        self._kv = await self.log._ready(
+        self._kv = await ready(
             lambda: self._open_bucket(self.bucket, replicas, None),
             f"key-value bucket {self.bucket}",
         )
-        self.lease = await self.log._ready(
+        self.lease = await ready(
             lambda: self._open_bucket(self.lease_bucket, replicas, lease_ttl),
             f"key-value bucket {self.lease_bucket}",
         )
-        await self.log._ready(lambda: self._open_stream(replicas), f"stream {self.events}")
+        await ready(lambda: self._open_stream(replicas), f"stream {self.events}")
 
     async def _open_bucket(self, name: str, replicas: int, ttl: float | None) -> Any:
         try:
@@ -230,21 +228,9 @@ class NATSChannelStore:
             except (ValueError, msgspec.DecodeError) as e:
                 log.error("skipping message %d of NATS stream %s: %s", seq, self.events, e)
 
-        self._sub = await self._js.subscribe(
-            self._prefix + ">",
-            stream=self.events,
-            cb=received,
-            ordered_consumer=True,
-            config=api.ConsumerConfig(
-                deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=heard + 1
-            ),
-            idle_heartbeat=5.0,
+        self._sub = await subscribe_after(
+            self._js, self._prefix + ">", self.events, heard, received
         )
-        # As in the log: nats-py re-creates an ordered consumer from the last sequence it
-        # delivered, 0 until the first message, which would send an idle relay everything.
-        jsi = getattr(self._sub, "_jsi", None)
-        if jsi is not None and hasattr(jsi, "_sseq"):
-            jsi._sseq = heard
 
     # -- the holder's state ----------------------------------------------------------------
 
@@ -302,8 +288,8 @@ class NATSChannelStore:
         entries: dict[str, tuple[bytes, int]] = {}
         if not (await self._js.stream_info(stream)).state.messages:
             return entries
-        async with self._reader(
-            stream, prefix + ">", deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT
+        async with reader(
+            self._js, stream, prefix + ">", deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT
         ) as batch:
             pending = True
             while pending:
@@ -315,40 +301,6 @@ class NATSChannelStore:
                     if not (m.headers and _KV_OP in m.headers):
                         entries[m.subject[len(prefix) :]] = (m.data, m.metadata.sequence.stream)
         return entries
-
-    @contextlib.asynccontextmanager
-    async def _reader(
-        self, stream: str, subject: str, **config: Any
-    ) -> AsyncIterator[Callable[[int], Awaitable[list[Any]]]]:
-        """``batch(n)``: up to ``n`` messages from a consumer made for this read, [] when none
-        came within 5 s. The consumer goes with the read."""
-        sub = await self._js.pull_subscribe(
-            subject,
-            stream=stream,
-            config=api.ConsumerConfig(
-                ack_policy=api.AckPolicy.NONE, inactive_threshold=30.0, **config
-            ),
-        )
-
-        async def batch(n: int) -> list[Any]:
-            for attempt in range(20):
-                try:
-                    return await sub.fetch(n, timeout=5.0)
-                except NATSTimeout:
-                    return []
-                except ServiceUnavailableError:  # a new consumer may not be reachable yet
-                    if attempt == 19:
-                        raise
-                    await asyncio.sleep(0.05)
-            return []
-
-        try:
-            yield batch
-        finally:
-            with contextlib.suppress(Exception):
-                name = (await sub.consumer_info()).name
-                await sub.unsubscribe()
-                await self._js.delete_consumer(stream, name)
 
     async def write(
         self,
@@ -509,7 +461,8 @@ class NATSChannelStore:
             if _rows.decode(newest.data or b"").id <= after:
                 return rows
             start = await self._seek(subject, after, newest.seq or 0)
-            async with self._reader(
+            async with reader(
+                self._js,
                 self.events,
                 subject,
                 deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,

@@ -20,7 +20,6 @@ This module is imported only when the store is NATS (``nats-py`` is needed then 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 from typing import Any
@@ -28,7 +27,6 @@ from typing import Any
 import msgspec
 import nats
 from nats.errors import Error as NATSError
-from nats.errors import TimeoutError as NATSTimeout
 from nats.js import api
 from nats.js.errors import (
     BucketNotFoundError,
@@ -46,6 +44,7 @@ from storage_events.relay.log.base import (
     StoreError,
     make_record,
 )
+from storage_events.relay.log.jetstream import reader, ready, subscribe_after
 from storage_events.wire import Event, event_from_json, event_json, flags_mask
 
 log = logging.getLogger("storage_events.relay")
@@ -159,26 +158,12 @@ class NATSLog(LogState):
         self._epoch = int.from_bytes(
             hashlib.blake2b(str(info.created).encode(), digest_size=6).digest(), "big"
         )
-        self._kv = await self._ready(self._open_bucket, f"state bucket {self.stream}_STATE")
+        self._kv = await ready(self._open_bucket, f"state bucket {self.stream}_STATE")
         self._delivered = self._head  # the last sequence handed to listeners
         # Every relay hears every event, in stream order, from the next one on.
-
-        self._sub = await self._js.subscribe(
-            subjects(self.stream),
-            stream=self.stream,
-            cb=self._received,
-            ordered_consumer=True,
-            config=api.ConsumerConfig(
-                deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=self._head + 1
-            ),
-            idle_heartbeat=5.0,
+        self._sub = await subscribe_after(
+            self._js, subjects(self.stream), self.stream, self._head, self._received
         )
-        # nats-py re-creates an ordered consumer after a reconnect from the last sequence it
-        # delivered, which is 0 until the first message: tell it where we started instead,
-        # or an idle relay would be sent the whole stream again.
-        jsi = getattr(self._sub, "_jsi", None)
-        if jsi is not None and hasattr(jsi, "_sseq"):
-            jsi._sseq = self._head
         self._spawn(self._refresh())
 
     @property
@@ -204,7 +189,7 @@ class NATSLog(LogState):
             except NotFoundError:
                 return await self._js.add_stream(config)
 
-        info = await self._ready(open, f"JetStream stream {self.stream!r} ({replicas} replicas)")
+        info = await ready(open, f"JetStream stream {self.stream!r} ({replicas} replicas)")
         cluster = info.cluster
         peers = [cluster.leader, *(p.name for p in cluster.replicas or [])] if cluster else []
         log.info(
@@ -252,23 +237,6 @@ class NATSLog(LogState):
                     bucket=bucket, history=1, replicas=replicas, storage=api.StorageType.FILE
                 )
             )
-
-    async def _ready(self, attempt: Any, what: str) -> Any:
-        """A cluster that is starting with us may not have a JetStream leader yet: keep asking
-        for a while before calling it an error."""
-
-        deadline = asyncio.get_running_loop().time() + 30
-        while True:
-            try:
-                return await attempt()
-            except NATSError as e:
-                if asyncio.get_running_loop().time() > deadline:
-                    raise StoreError(
-                        f"cannot use {what}: {e} (is JetStream enabled, with enough servers for "
-                        "the replicas?)"
-                    ) from None
-                log.warning("JetStream not ready for %s (%s); asking again", what, e)
-                await asyncio.sleep(1)
 
     def _spawn(self, job: Any) -> None:
         task = asyncio.get_running_loop().create_task(job)
@@ -473,32 +441,23 @@ class NATSLog(LogState):
         return gone
 
     async def read(self, after: int, limit: int) -> list[Record]:
-
         head = self._head
         if after >= head:
             return []
-        try:
-            sub = await self._js.pull_subscribe(
-                subjects(self.stream),
-                stream=self.stream,
-                config=api.ConsumerConfig(
-                    deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
-                    opt_start_seq=after + 1,
-                    ack_policy=api.AckPolicy.NONE,
-                    inactive_threshold=30.0,
-                ),
-            )
-        except NATSError as e:
-            raise StoreError(f"cannot read the NATS stream {self.stream}: {e}") from None
         records: list[Record] = []
         last = after
-        try:
+        async with reader(
+            self._js,
+            self.stream,
+            subjects(self.stream),
+            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=after + 1,
+        ) as batch:
             # Up to what this relay knew was stored when asked; retention may have removed
-            # some meanwhile, which a timeout then says.
+            # some meanwhile, which an empty batch then says.
             while len(records) < limit and last < head:
-                try:
-                    msgs = await sub.fetch(min(limit - len(records), head - last), timeout=5.0)
-                except NATSTimeout:
+                msgs = await batch(min(limit - len(records), head - last))
+                if not msgs:
                     break
                 for m in msgs:
                     last = m.metadata.sequence.stream
@@ -506,11 +465,6 @@ class NATSLog(LogState):
                         records.append(self._record(last, m.data))
                     except (ValueError, msgspec.DecodeError, msgspec.ValidationError) as e:
                         log.error("skipping message %d of NATS stream %s: %s", last, self.stream, e)
-        finally:
-            with contextlib.suppress(Exception):
-                name = (await sub.consumer_info()).name
-                await sub.unsubscribe()
-                await self._js.delete_consumer(self.stream, name)
         return records
 
     async def close(self) -> None:
