@@ -201,6 +201,11 @@ def test_a_stream_belongs_to_its_first_site_and_route(backend):
         again = await b.open()  # the owner is durable, and shared by the relays of a store
         await again.position("n:1")
         assert again.stream_owner("n:1").site == "a"
+        # A sender with a valid token for site b, through another relay that has not looked
+        # the stream up yet: refused there too.
+        other = await b.open()
+        assert await other.append([ev("n:1", 2, site="b")]) == []
+        assert await other.position("n:1") == 1
 
     run(backend, body)
 
