@@ -39,7 +39,7 @@ from nats.js.errors import (
 from storage_events.relay.dcache.channels import Origin, Registry
 from storage_events.relay.dcache.store import BacklogRow, Snapshot, Stored, restore
 from storage_events.relay.log.base import StoreError
-from storage_events.relay.log.jetstream import reader, ready, subscribe_after
+from storage_events.relay.log.jetstream import led, reader, ready, subscribe_after
 from storage_events.relay.log.nats import MAX_REPLICAS, NATSLog
 
 log = logging.getLogger("storage_events.relay")
@@ -178,6 +178,8 @@ class NATSChannelStore:
             f"key-value bucket {self.lease_bucket}",
         )
         await ready(lambda: self._open_stream(replicas), f"stream {self.events}")
+        for stream in (f"KV_{self.bucket}", f"KV_{self.lease_bucket}", self.events):
+            await led(self._js, stream)  # (writable only once each has a leader)
 
     async def _open_bucket(self, name: str, replicas: int, ttl: float | None) -> Any:
         try:

@@ -37,6 +37,19 @@ async def ready(attempt: Callable[[], Awaitable[Any]], what: str) -> Any:
             await asyncio.sleep(1)
 
 
+async def led(js: JetStreamContext, stream: str) -> Any:
+    """``stream``'s info once it has a leader: a replicated stream just made (or one whose
+    servers are starting) refuses writes until its servers have elected one."""
+
+    async def leader() -> Any:
+        info = await js.stream_info(stream)
+        if info.cluster is not None and not info.cluster.leader:
+            raise NATSError(f"stream {stream} has no leader yet")
+        return info
+
+    return await ready(leader, f"JetStream stream {stream!r}")
+
+
 async def subscribe_after(
     js: JetStreamContext,
     subject: str,

@@ -44,7 +44,7 @@ from storage_events.relay.log.base import (
     StoreError,
     make_record,
 )
-from storage_events.relay.log.jetstream import reader, ready, subscribe_after
+from storage_events.relay.log.jetstream import led, reader, ready, subscribe_after
 from storage_events.wire import Event, event_from_json, event_json, flags_mask
 
 log = logging.getLogger("storage_events.relay")
@@ -159,6 +159,7 @@ class NATSLog(LogState):
             hashlib.blake2b(str(info.created).encode(), digest_size=6).digest(), "big"
         )
         self._kv = await ready(self._open_bucket, f"state bucket {self.stream}_STATE")
+        await led(self._js, f"KV_{self.stream}_STATE")
         self._delivered = self._head  # the last sequence handed to listeners
         # Every relay hears every event, in stream order, from the next one on.
         self._sub = await subscribe_after(
@@ -189,7 +190,8 @@ class NATSLog(LogState):
             except NotFoundError:
                 return await self._js.add_stream(config)
 
-        info = await ready(open, f"JetStream stream {self.stream!r} ({replicas} replicas)")
+        await ready(open, f"JetStream stream {self.stream!r} ({replicas} replicas)")
+        info = await led(self._js, self.stream)
         cluster = info.cluster
         peers = [cluster.leader, *(p.name for p in cluster.replicas or [])] if cluster else []
         log.info(
