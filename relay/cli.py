@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import re
 import sqlite3
 from pathlib import Path
@@ -97,6 +96,7 @@ def serve(
 
     try:
         import uvicorn
+        import uvloop
 
         from storage_events.relay.app import create_app
         from storage_events.relay.edge.server import server_config
@@ -131,7 +131,9 @@ def serve(
         await server.serve()
 
     try:
-        asyncio.run(serve())
+        # uvloop: the relay's cost is per frame and per connection, most of it in the event
+        # loop's own transports and selector (measured: bench/scale_bench.py).
+        uvloop.run(serve())
     except StoreError as e:
         raise click.ClickException(f"cannot start: {e}") from None
 

@@ -17,7 +17,7 @@ a host name that resolves to 127.0.0.1. So:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -97,40 +97,47 @@ class Guard:
         self.app = app
         self.policy = policy
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def _problem(self, kind: str, scope: Scope) -> tuple[str | None, int]:
+        """Why the request may not go on, and its HTTP status. (Not inline in ``__call__``,
+        whose frame lives as long as the connection: a WebSocket's headers would stay too.)"""
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        problem = self.policy.host_problem(headers.get("host"))
+        if problem is not None:
+            return problem, 421  # Misdirected Request
+        problem = self.policy.origin_problem(
+            kind,
+            scope.get("method", "GET"),
+            headers.get("origin"),
+            scope.get("scheme", "http"),
+            headers.get("host"),
+        )
+        return problem, 403
+
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        # The app's own coroutine when the request may go on: no frame of the guard's stays
+        # alive as long as the connection.
         kind = scope["type"]
         if kind not in ("http", "websocket"):
-            await self.app(scope, receive, send)
-            return
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        method = scope.get("method", "GET")
-        problem = self.policy.host_problem(headers.get("host"))
-        status = 421  # Misdirected Request
+            return self.app(scope, receive, send)
+        problem, status = self._problem(kind, scope)
         if problem is None:
-            problem, status = (
-                self.policy.origin_problem(
-                    kind,
-                    method,
-                    headers.get("origin"),
-                    scope.get("scheme", "http"),
-                    headers.get("host"),
-                ),
-                403,
-            )
-        if problem is None:
-            await self.app(scope, receive, send)
-        elif kind == "websocket":
+            return self.app(scope, receive, send)
+        return self._refuse(kind, problem, status, send)
+
+    @staticmethod
+    async def _refuse(kind: str, problem: str, status: int, send: Send) -> None:
+        if kind == "websocket":
             await send({"type": "websocket.close", "code": 1008, "reason": problem[:120]})
-        else:
-            body = (problem + "\n").encode()
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": status,
-                    "headers": [
-                        (b"content-type", b"text/plain; charset=utf-8"),
-                        (b"content-length", str(len(body)).encode()),
-                    ],
-                }
-            )
-            await send({"type": "http.response.body", "body": body})
+            return
+        body = (problem + "\n").encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"text/plain; charset=utf-8"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})

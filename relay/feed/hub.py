@@ -57,7 +57,8 @@ class Mailbox:
         if self._ready.is_set():
             return True
         try:
-            await asyncio.wait_for(self._ready.wait(), timeout)
+            async with asyncio.timeout(timeout):  # (no task per wait, unlike wait_for)
+                await self._ready.wait()
         except TimeoutError:
             return False
         return True

@@ -7,7 +7,9 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter
+from collections.abc import Awaitable
 
+from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
 
 from storage_events.relay.auth import Authenticator
@@ -88,6 +90,9 @@ class Ingest:
             log.error("%s", guard.report)
             guard.report = None
         self.looped, guard.looped = self.looped + guard.looped, 0
+
+    def asgi(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        return self.endpoint(WebSocket(scope, receive, send))
 
     async def endpoint(self, ws: WebSocket) -> None:
         await ws.accept()
@@ -195,7 +200,7 @@ class Ingest:
 
 
 async def _receive(ws: WebSocket, timeout: float | None = None) -> bytes | str:
-    message = await asyncio.wait_for(ws.receive(), timeout)
+    message = await (ws.receive() if timeout is None else asyncio.wait_for(ws.receive(), timeout))
     if message["type"] == "websocket.disconnect":
         raise WebSocketDisconnect(message.get("code", 1000))
     return message.get("bytes") if message.get("bytes") is not None else message.get("text", "")

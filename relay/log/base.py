@@ -126,6 +126,7 @@ class EventLog(Protocol):
 
     name: str  # this relay's name, added to the ``via`` of every event it stores
     stored: int  # events this relay stored since it started
+    commits: int  # how many writes they took (several batches may share one)
 
     @property
     def head(self) -> int:

@@ -100,6 +100,7 @@ class NATSLog(LogState):
         self.retention = retention
         self.duplicate_window = duplicate_window
         self.stored = 0
+        self.commits = 0
         self._listeners = []
         self._head = self._first = self._bytes = self._epoch = 0
         self._positions: dict[str, int] = {}  # what is known stored (state bucket, own writes)
@@ -361,6 +362,7 @@ class NATSLog(LogState):
                     continue  # stored already (a resend, or another route through a replica)
                 records.append(self._stored(ev, ack.seq))
             self.stored += len(records)
+            self.commits += 1
             self._bytes += sum(len(r.data) for r in records)  # (until the next state read)
             records.sort(key=lambda r: r.id)
             return records

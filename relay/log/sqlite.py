@@ -1,8 +1,16 @@
 """The default, embedded event log: one SQLite database in WAL mode under ``--data DIR``.
 
-One writer thread (appends and retention, one at a time), any number of readers, each on its
-own connection per thread; WAL lets catch-up reads run while events are being written. The
-event loop never waits on the disk.
+Appends are group-committed: every batch that arrives, from any connection, while a commit is
+being made waits for the next one, and all of them go in one transaction, are handed to the
+listeners once, and are answered together. Nothing waits on purpose for company, so an idle
+relay commits a lone batch at once.
+
+With ``durability = "normal"`` a commit only writes to the WAL in the page cache, which costs
+less than handing it to a thread and back, so it runs on the event loop; the checkpoints (the
+part that syncs) run on a thread of their own. With ``"full"`` every commit syncs, so commits
+run on the writer thread and the event loop never waits on the disk. Retention runs on the
+writer thread too; readers have a connection per thread, and WAL lets catch-up reads run while
+events are being written.
 """
 
 from __future__ import annotations
@@ -15,8 +23,10 @@ import shutil
 import sqlite3
 import threading
 import time
+from collections import ChainMap
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -38,6 +48,9 @@ log = logging.getLogger("storage_events.relay")
 T = TypeVar("T")
 
 EPOCH = "@epoch"
+# Bytes of events committed between two checkpoints, about what SQLite's own default (1,000
+# pages) lets the WAL grow to before it checkpoints from the committing connection.
+CHECKPOINT_BYTES = 4 * 1024 * 1024
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -66,6 +79,15 @@ def _owner_row(owner: Owner | None) -> tuple[str | None, str | None, int | None]
     return owner.site, owner.node, None if owner.direct is None else int(owner.direct)
 
 
+@dataclass(slots=True)
+class _Append:
+    """One caller's batch, waiting for the commit that stores it."""
+
+    events: list[Event]
+    checkpoint: tuple[str, int] | None
+    done: asyncio.Future[list[Record]]
+
+
 class SQLiteLog(LogState):
     def __init__(
         self,
@@ -78,14 +100,25 @@ class SQLiteLog(LogState):
         self.name = name  # this relay's name, stamped on every event it stores
         self.retention = retention
         self.stored = 0
+        self.commits = 0  # transactions that stored events
         self._listeners = []
         self._writing = ThreadPoolExecutor(1, thread_name_prefix="log-writer")
-        self._lock = asyncio.Lock()  # one batch's records reach listeners before the next's
+        self._lock = asyncio.Lock()  # commits, retention and closing, one at a time
+        self._waiting: list[_Append] = []  # for the next commit, in arrival order
+        self._scheduled = False  # a commit is due or being made: new batches join the next
+        self._later: asyncio.Future[None] | None = None  # the commit task, when not inline
+        # "normal" commits on the loop (see the module's docstring).
+        self._inline = synchronous.upper() != "FULL"
+        self._checkpointing = ThreadPoolExecutor(1, thread_name_prefix="log-checkpoint")
+        self._checkpoint: asyncio.Future[None] | None = None
+        self._unchecked = 0  # bytes committed since the last checkpoint began
         directory.mkdir(parents=True, exist_ok=True)
         self.path = directory / "events.sqlite3"
         self._synchronous = synchronous
         self._local = threading.local()
         self._writer = self._connect()
+        if self._inline:  # the checkpoint thread does it (a checkpoint syncs the database)
+            self._writer.execute("PRAGMA wal_autocheckpoint=0")
         self._writer.executescript(_SCHEMA)
         columns = {row[1] for row in self._writer.execute("PRAGMA table_info(events)")}
         if "received" not in columns:  # a log written by version 0.1.0
@@ -146,37 +179,97 @@ class SQLiteLog(LogState):
     async def append(
         self, events: list[Event], checkpoint: tuple[str, int] | None = None
     ) -> list[Record]:
-        async with self._lock:
-            records = await self._on_writer(self._append, events, checkpoint)
-            if records:
-                self._publish(records)
-            return records
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[list[Record]] = loop.create_future()
+        self._waiting.append(_Append(events, checkpoint, done))
+        if not self._scheduled:
+            self._scheduled = True
+            # Behind whatever the loop has ready: the other connections' frames that arrived
+            # with this one join the same commit, and no one waits longer.
+            loop.call_soon(self._commit_soon)
+        return await done
+
+    def _commit_soon(self) -> None:
+        if self._inline and not self._lock.locked():
+            self._scheduled = False
+            group, self._waiting = self._waiting, []
+            try:
+                stored = self._commit(group)
+            except StoreError as e:
+                self._fail(group, e)
+                return
+            self._deliver(group, stored)
+        else:  # on the writer thread, or after retention
+            self._later = asyncio.ensure_future(self._commit_later())
+
+    async def _commit_later(self) -> None:
+        try:
+            while self._waiting:
+                group, self._waiting = self._waiting, []
+                async with self._lock:
+                    try:
+                        if self._inline:
+                            stored = self._commit(group)
+                        else:
+                            stored = await self._on_writer(self._commit, group)
+                    except StoreError as e:
+                        self._fail(group, e)
+                        continue
+                self._deliver(group, stored)
+        finally:
+            self._scheduled = False
+
+    def _deliver(self, group: list[_Append], stored: list[list[Record]]) -> None:
+        records = [r for part in stored for r in part] if len(stored) > 1 else stored[0]
+        if records:
+            self._publish(records)  # (once per commit: listeners see it whole)
+            self._checkpoint_soon(records)
+        for each, part in zip(group, stored, strict=True):
+            if not each.done.done():  # (a caller gone meanwhile: its sender resends)
+                each.done.set_result(part)
+
+    @staticmethod
+    def _fail(group: list[_Append], error: StoreError) -> None:
+        for each in group:
+            if not each.done.done():
+                each.done.set_exception(error)
 
     async def _on_writer(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._writing, fn, *args)
 
-    def _append(self, events: list[Event], checkpoint: tuple[str, int] | None) -> list[Record]:
-        taken = admit(events, self._positions, self._owners, relayed=checkpoint is not None)
-        self._report(taken)
-        rows, records = [], []
+    def _commit(self, group: list[_Append]) -> list[list[Record]]:
+        """Store every batch of ``group`` in one transaction; what each stored, in order."""
+        marks: dict[str, int] = {}
+        owners: dict[str, Owner] = {}
+        # Each batch is admitted after those before it in the group, as if stored already.
+        several = len(group) > 1
+        positions = ChainMap(marks, self._positions) if several else self._positions
+        known = ChainMap(owners, self._owners) if several else self._owners
+        rows: list[tuple[int, str, str, str, int, bytes, int]] = []
+        stored: list[list[Record]] = []
         now = time.time_ns()
         head = self._head
         name = self.name
-        for ev in taken.events:
-            head += 1
-            ev = msgspec.structs.replace(
-                ev, id=head, via=[*ev.via, name], origin_id=ev.origin_id if ev.via else head
-            )
-            flags = flags_mask(ev.flags)
-            data = event_json(ev)
-            rows.append((head, ev.site, ev.node, ev.path, flags, data, now))
-            records.append(make_record(head, ev.site, ev.node, ev.path, flags, data, ev))
-        marks = dict(taken.positions)
-        if checkpoint is not None:  # how far a federation peer's feed has been taken in
-            marks[checkpoint[0]] = checkpoint[1]
-        if not marks and not taken.owners:
-            return []
-        owners = taken.owners
+        for each in group:
+            taken = admit(each.events, positions, known, relayed=each.checkpoint is not None)
+            self._report(taken)
+            records = []
+            for ev in taken.events:
+                head += 1
+                ev = msgspec.structs.replace(
+                    ev, id=head, via=[*ev.via, name], origin_id=ev.origin_id if ev.via else head
+                )
+                flags = flags_mask(ev.flags)
+                data = event_json(ev)
+                rows.append((head, ev.site, ev.node, ev.path, flags, data, now))
+                records.append(make_record(head, ev.site, ev.node, ev.path, flags, data, ev))
+            stored.append(records)
+            marks.update(taken.positions)
+            owners.update(taken.owners)
+            if each.checkpoint is not None:  # how far a federation peer's feed was taken in
+                marks[each.checkpoint[0]] = each.checkpoint[1]
+        if not marks and not owners:
+            return stored
         streams = [
             (key, marks.get(key, self._positions.get(key, 0)), *_owner_row(owners.get(key)))
             for key in marks.keys() | owners.keys()
@@ -201,14 +294,38 @@ class SQLiteLog(LogState):
             raise StoreError(self._cannot_write(e)) from None
         self._positions.update(marks)
         self._owners.update(owners)
-        if not rows:
-            return []
-        if self._first > self._head:  # was empty
-            self._first = self._head + 1
-        self._head = head
-        self.stored += len(rows)
-        self._bytes += sum(len(r[5]) for r in rows)
-        return records
+        if rows:
+            if self._first > self._head:  # was empty
+                self._first = self._head + 1
+            self._head = head
+            self.stored += len(rows)
+            self.commits += 1
+            self._bytes += sum(len(r[5]) for r in rows)
+        return stored
+
+    def _checkpoint_soon(self, records: list[Record]) -> None:
+        """Copy the WAL into the database on the checkpoint thread once enough was committed
+        (only needed when commits run on the loop, with SQLite's own checkpoints off)."""
+        if not self._inline:
+            return
+        self._unchecked += sum(len(r.data) for r in records)
+        if self._unchecked < CHECKPOINT_BYTES or self._checkpoint is not None:
+            return
+        self._unchecked = 0
+        self._checkpoint = asyncio.get_running_loop().run_in_executor(
+            self._checkpointing, self._run_checkpoint
+        )
+        self._checkpoint.add_done_callback(self._checkpoint_done)
+
+    def _run_checkpoint(self) -> None:
+        # PASSIVE: never waits for a reader or a writer; what it cannot copy now, a later one
+        # does. (A connection of its own: the writer's is used on the loop meanwhile.)
+        self._local_connection().execute("PRAGMA wal_checkpoint(PASSIVE)")
+
+    def _checkpoint_done(self, done: asyncio.Future[None]) -> None:
+        self._checkpoint = None
+        if not done.cancelled() and done.exception() is not None:
+            log.warning("event log checkpoint of %s failed: %s", self.path, done.exception())
 
     def _cannot_write(self, e: sqlite3.Error) -> str:
         try:
@@ -277,17 +394,23 @@ class SQLiteLog(LogState):
             return []
         return await asyncio.to_thread(self._read, after, limit)
 
-    def _read(self, after: int, limit: int) -> list[Record]:
+    def _local_connection(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = self._local.conn = self._connect()
-        rows = conn.execute(
+        return conn
+
+    def _read(self, after: int, limit: int) -> list[Record]:
+        rows = self._local_connection().execute(
             "SELECT id, site, node, path, flags, data FROM events WHERE id > ? ORDER BY id LIMIT ?",
             (after, limit),
-        ).fetchall()
-        return [make_record(*row) for row in rows]
+        )
+        return [make_record(*row) for row in rows.fetchall()]
 
     async def close(self) -> None:
         async with self._lock:
+            if self._checkpoint is not None:
+                await asyncio.wait({self._checkpoint})
+            self._checkpointing.shutdown(wait=True)
             self._writing.shutdown(wait=True)
             self._writer.close()

@@ -46,6 +46,11 @@ class RelayCollector(Collector):
             "storage_events_relay_events_in", "Events stored since start", value=self.log.stored
         )
         yield CounterMetricFamily(
+            "storage_events_relay_commits",
+            "Writes of the event log that stored events (events_in / commits: events per write)",
+            value=self.log.commits,
+        )
+        yield CounterMetricFamily(
             "storage_events_relay_events_out",
             "Events delivered to subscribers since start",
             value=self.feed.delivered,
