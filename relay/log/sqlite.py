@@ -193,12 +193,7 @@ class SQLiteLog(LogState):
         if self._inline and not self._lock.locked():
             self._scheduled = False
             group, self._waiting = self._waiting, []
-            try:
-                stored = self._commit(group)
-            except StoreError as e:
-                self._fail(group, e)
-                return
-            self._deliver(group, stored)
+            self._commit_inline(group)
         else:  # on the writer thread, or after retention
             self._later = asyncio.ensure_future(self._commit_later())
 
@@ -207,17 +202,25 @@ class SQLiteLog(LogState):
             while self._waiting:
                 group, self._waiting = self._waiting, []
                 async with self._lock:
+                    if self._inline:
+                        self._commit_inline(group)
+                        continue
                     try:
-                        if self._inline:
-                            stored = self._commit(group)
-                        else:
-                            stored = await self._on_writer(self._commit, group)
+                        stored = await self._on_writer(self._commit, group)
                     except StoreError as e:
                         self._fail(group, e)
                         continue
                 self._deliver(group, stored)
         finally:
             self._scheduled = False
+
+    def _commit_inline(self, group: list[_Append]) -> None:
+        try:
+            stored = self._commit(group)
+        except StoreError as e:
+            self._fail(group, e)
+            return
+        self._deliver(group, stored)
 
     def _deliver(self, group: list[_Append], stored: list[list[Record]]) -> None:
         records = [r for part in stored for r in part] if len(stored) > 1 else stored[0]
