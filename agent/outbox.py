@@ -53,6 +53,11 @@ class Outbox:
         return self._next_seq - 1
 
     @property
+    def ready(self) -> int:
+        """Events in memory waiting to be sent."""
+        return len(self._unsent)
+
+    @property
     def has_unsent(self) -> bool:
         return bool(self._unsent) or self._spilled is not None
 

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import harness
 import httpx
-from harness import PACED, Stack, make_root, rss_mib, stop, sysctl, tmpfs, wait_line
+from harness import PACED, Stack, cpu_seconds, make_root, rss_mib, stop, sysctl, tmpfs, wait_line
 from harness import burst as burst_files
 
 TREE = (10, 100, 100)  # 10 * 100 * 100 leaves: 101,011 directories with the inner ones
@@ -248,22 +248,30 @@ def burst(base: Path, tool: str) -> dict:
 
 
 def latency(base: Path, tool: str, rate: int = 1000, secs: float = 10) -> dict:
+    """Each file is one create and one close-write: 2 events. CPU per event counts every
+    process of the tool (ours: agent, relay and the `tail` client, each on its own) from just
+    before the first file to 2 s after the last."""
     root = make_root(base, "lat", 10)
     seen: dict[str, float] = {}
+    procs: dict[str, int] = {}
     if tool == "inotifywait":
         p = subprocess.Popen(
-            ["inotifywait", "-m", "-r", "-e", "close_write", "--format", "%w%f", str(root)],
+            ["inotifywait", "-m", "-r", *EVENTS, "--format", "%e %w%f", str(root)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
         wait_line(p.stderr, b"Watches established")
+        procs["inotifywait"] = p.pid
 
         def read() -> None:
             for line in p.stdout:
-                seen[line.decode().strip()] = time.monotonic()
+                kind, _, path = line.decode().strip().partition(" ")
+                if kind == "CLOSE_WRITE,CLOSE":
+                    seen[path] = time.monotonic()
 
     elif tool == "watchdog":
         p = start_watchdog(root, "latency", 10**9)
+        procs["watchdog"] = p.pid
 
         def read() -> None:
             for line in p.stdout:
@@ -285,6 +293,7 @@ def latency(base: Path, tool: str, rate: int = 1000, secs: float = 10) -> dict:
             ],
             stdout=subprocess.PIPE,
         )
+        procs |= {"agent": stack.agent.pid, "relay": stack.relay.pid, "client": p.pid}
         time.sleep(1.0)
 
         def read() -> None:
@@ -293,20 +302,24 @@ def latency(base: Path, tool: str, rate: int = 1000, secs: float = 10) -> dict:
 
     t = threading.Thread(target=read, daemon=True)
     t.start()
+    cpu0 = {name: cpu_seconds(pid) for name, pid in procs.items()}
     closes = {}
     for line in py(PACED, root, rate, secs).splitlines():
         path, when = line.rsplit(" ", 1)
         closes[path] = float(when)
     time.sleep(2)
+    cpu = {name: cpu_seconds(pid) - cpu0[name] for name, pid in procs.items()}
     stop(p)
     if tool == "storage-events":
         stack.close()
     lat = sorted((seen[p] - t) * 1000 for p, t in closes.items() if p in seen)
+    events = 2 * len(closes)
     return {
         "samples": len(lat),
         "missing": len(closes) - len(lat),
         "p50_ms": statistics.median(lat),
         "p99_ms": lat[int(0.99 * (len(lat) - 1))],
+        "cpu_us_per_event": {name: round(c / events * 1e6, 1) for name, c in cpu.items()},
     }
 
 

@@ -132,6 +132,10 @@ class PublishSession:
         return encode_frame(self.hello)
 
     @property
+    def batches_in_flight(self) -> int:
+        return len(self._in_flight)
+
+    @property
     def can_send(self) -> bool:
         """Whether the window has room for another batch."""
         return self.window is None or self.sent - self.acked < self.window
