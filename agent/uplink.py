@@ -192,14 +192,8 @@ class Uplink:
     async def _send(self, ws: websockets.ClientConnection) -> None:
         while not (self.drain_only and self.outbox.unacked == 0):
             self.wake.clear()
-            if self.session.batches_in_flight and self.outbox.ready < self.session.limit:
-                # A batch is in flight: what arrives meanwhile waits for its ack and goes as
-                # one batch then, so a trickle costs the relay one frame per round trip, not
-                # one per event, and an idle agent sends at once. Only full batches go ahead
-                # of the ack, so that a burst keeps both ends busy.
-                await self.wake.wait()
-                continue
-            batch = self.outbox.next_batch(self.session.limit)
+            may = self.session.may_send(self.outbox.ready)
+            batch = self.outbox.next_batch(self.session.limit) if may else []
             if not batch:
                 await self.wake.wait()
                 continue

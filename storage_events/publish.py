@@ -121,6 +121,7 @@ class PublishSession:
         self.open = False  # welcomed on this connection, and not refused since
         self._waiting = False  # hello sent, no welcome yet
         self._in_flight: deque[InFlight] = deque()
+        self._cut = False  # the last frame left events behind: they fill at least one more
         self._unit = "id" if hello.role == "relay" else "seq"
         # Where connections dropped with batches in flight, and how often there in a row.
         self._dropped_at, self._drops = -1, 0
@@ -131,9 +132,14 @@ class PublishSession:
         self._in_flight.clear()
         return encode_frame(self.hello)
 
-    @property
-    def batches_in_flight(self) -> int:
-        return len(self._in_flight)
+    def may_send(self, waiting: int) -> bool:
+        """Whether to send a batch now, with ``waiting`` events ready: at once when nothing is
+        in flight; while a batch is, only a full one (``limit`` events, or more than the last
+        frame could hold), so that a trickle waits for the ack and goes as one batch, and a
+        burst keeps both ends busy."""
+        if not self.can_send:
+            return False
+        return not self._in_flight or waiting >= self.limit or self._cut
 
     @property
     def can_send(self) -> bool:
@@ -211,6 +217,7 @@ class PublishSession:
         first, last = self._position(batch[0]), self._position(batch[-1])
         self._in_flight.append(InFlight(first, last, len(batch), len(frame)))
         self.sent = last
+        self._cut = len(batch) < len(events)
         return frame, events[len(batch) :]
 
     def _position(self, event: Event) -> int:

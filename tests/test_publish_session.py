@@ -80,6 +80,36 @@ def send_all(session: PublishSession, batch: list[Event]) -> bytes:
     return frame
 
 
+# -- the batching window ----------------------------------------------------------------------
+
+
+def test_a_trickle_waits_for_the_ack_and_goes_as_one_batch():
+    session = opened(max_events=100)
+    assert session.may_send(1)  # nothing in flight: at once
+    send_all(session, events(1, 1))
+    assert not session.may_send(5)  # a partial batch waits for the ack
+    session.receive(ack(1))
+    assert session.may_send(5)
+    assert send_all(session, events(2, 5))
+
+
+def test_a_full_batch_goes_ahead_of_the_ack():
+    session = opened(max_events=100)
+    send_all(session, events(1, 100))
+    assert session.may_send(100)  # a burst: both ends stay busy
+    assert not session.may_send(99)
+
+
+def test_what_a_frame_cut_by_bytes_left_behind_goes_ahead_of_the_ack():
+    session = opened(max_frame=4096)
+    _, rest = session.frame(events(1, 200, path="/d/" + "x" * 100))
+    assert rest
+    assert session.may_send(len(rest))  # fewer than max_events, but more than a frame holds
+    _, left = session.frame(rest[:5])
+    assert left == []
+    assert not session.may_send(len(rest) - 5)
+
+
 # -- a hostile or broken relay ------------------------------------------------------------------
 
 
