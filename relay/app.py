@@ -89,6 +89,13 @@ def create_app(cfg: RelayConfig) -> Relay:
     pullers = [Puller(up, ingest, cfg.name) for up in cfg.upstream]
     pushers = [Pusher(target, log, cfg.name) for target in cfg.push]
     hub.listeners.extend(p.notify for p in pushers)
+    sink = None
+    if cfg.kafka is not None:
+        from storage_events.relay.kafka.checkpoint import FileCheckpoint
+        from storage_events.relay.kafka.sink import KafkaSink
+
+        sink = KafkaSink(cfg.kafka, log, cfg.name, FileCheckpoint(Path(cfg.data), cfg.kafka.topic))
+        hub.listeners.append(sink.notify)
     feed = Feed(
         log,
         hub,
@@ -139,6 +146,7 @@ def create_app(cfg: RelayConfig) -> Relay:
                 *channels.jobs(),
                 *(p.run() for p in pullers),
                 *(p.run() for p in pushers),
+                *([sink.run()] if sink is not None else []),
             )
         ]
         channels.notify([])  # route what arrived while the relay was down
@@ -150,6 +158,8 @@ def create_app(cfg: RelayConfig) -> Relay:
             hub.close()
             channels.close()
             await channels.stop()
+            if sink is not None:
+                await sink.close()
             await log.close()
 
     policy = Policy.make(
@@ -177,10 +187,10 @@ def create_app(cfg: RelayConfig) -> Relay:
             Route("/", page),
             Route("/events", feed.endpoint),
             Route("/healthz", health_endpoint(log, hub, ingest, auth)),
-            Route("/sites", sites_endpoint(feed, ingest, pullers, pushers)),
+            Route("/sites", sites_endpoint(feed, ingest, pullers, pushers, sink)),
             Route(
                 "/metrics",
-                metrics_endpoint(log, hub, ingest, feed, channels, pullers, pushers, auth),
+                metrics_endpoint(log, hub, ingest, feed, channels, pullers, pushers, auth, sink),
             ),
             *channels.routes(),
         ],
@@ -190,4 +200,5 @@ def create_app(cfg: RelayConfig) -> Relay:
     app.state.hub = hub
     app.state.log = log  # started by the server, on its loop
     app.state.channels = channels
+    app.state.sink = sink  # started by the server once the log has (it reads the checkpoint)
     return app

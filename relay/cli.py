@@ -7,6 +7,7 @@ import sqlite3
 from pathlib import Path
 
 import click
+import msgspec
 
 from storage_events.cliutil import (
     load_config,
@@ -14,7 +15,7 @@ from storage_events.cliutil import (
     setup_logging,
     version_option,
 )
-from storage_events.relay.config import RelayConfig, UpstreamConfig, check_secure
+from storage_events.relay.config import KafkaConfig, RelayConfig, UpstreamConfig, check_secure
 
 
 @click.group()
@@ -54,6 +55,13 @@ def main() -> None:
     help="Pull (federate) the feed of another relay; repeatable. [[upstream]] in "
     "the config also takes a token.",
 )
+@click.option(
+    "--kafka",
+    metavar="HOST:PORT[,…]",
+    help="Publish every stored event to Kafka (bootstrap servers); [kafka] in the config "
+    "also takes producer settings.",
+)
+@click.option("--kafka-topic", metavar="NAME", help="The Kafka topic (default storage-events).")
 @click.option("-v", "--verbose", count=True, help="More log output.")
 @log_format_option
 @version_option
@@ -67,6 +75,8 @@ def serve(
     keyfile: str | None,
     name: str | None,
     upstreams: tuple[str, ...],
+    kafka: str | None,
+    kafka_topic: str | None,
     verbose: int,
     log_format: str,
 ) -> None:
@@ -89,6 +99,14 @@ def serve(
         cfg.upstream = [*cfg.upstream, *(UpstreamConfig(url=u) for u in upstreams)]
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--upstream") from None
+    cfg.kafka = kafka_config(cfg.kafka, kafka, kafka_topic)
+    if cfg.kafka is not None:
+        try:
+            import confluent_kafka  # noqa: F401
+        except ImportError:
+            raise click.ClickException(
+                "publishing to Kafka needs confluent-kafka: pip install 'storage-events[kafka]'"
+            ) from None
     try:
         check_secure(cfg)  # also checks the listen address, which server_config() takes apart
     except ValueError as e:
@@ -128,6 +146,11 @@ def serve(
         # The log opens on the server's loop (a shared store's connection lives there), and
         # before anything listens: a store that cannot be used is an error, not a 503.
         await app.state.log.start()
+        if app.state.sink is not None:
+            try:
+                app.state.sink.start()
+            except Exception as e:  # a damaged checkpoint; KafkaException: a bad setting
+                raise StoreError(f"Kafka sink: {e}") from None
         await server.serve()
 
     try:
@@ -136,6 +159,30 @@ def serve(
         uvloop.run(serve())
     except StoreError as e:
         raise click.ClickException(f"cannot start: {e}") from None
+
+
+def kafka_config(
+    cfg: KafkaConfig | None, servers: str | None, topic: str | None
+) -> KafkaConfig | None:
+    """[kafka] with --kafka and --kafka-topic over it."""
+    if servers is None and topic is None:
+        return cfg
+    if servers is None and cfg is None:
+        raise click.BadParameter(
+            "give the brokers too: --kafka HOST:PORT (or [kafka] bootstrap_servers in the config)",
+            param_hint="--kafka-topic",
+        )
+    try:
+        return msgspec.convert(
+            {
+                "bootstrap_servers": servers or cfg.bootstrap_servers,
+                "topic": topic or (cfg.topic if cfg else "storage-events"),
+                "config": cfg.config if cfg else {},
+            },
+            KafkaConfig,
+        )
+    except msgspec.ValidationError as e:
+        raise click.BadParameter(str(e), param_hint="--kafka/--kafka-topic") from None
 
 
 @main.command()

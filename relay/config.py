@@ -61,6 +61,57 @@ def _check_url(url: str) -> None:
         raise ValueError(f"relay URL {url!r} must be http://HOST:PORT or https://HOST:PORT")
 
 
+KafkaValue = str | int | float | bool
+# librdkafka settings the sink's guarantee rests on, or that it sets itself.
+KAFKA_FIXED = {
+    "bootstrap.servers": "give it as bootstrap_servers",
+    "enable.idempotence": "the sink's per-stream order and at-least-once rest on it",
+    "acks": "the sink needs acks=all",
+    "request.required.acks": "the sink needs acks=all",
+    "transactional.id": "the sink does not use transactions",
+    "error_cb": "the sink sets it",
+    "on_delivery": "the sink sets it",
+    "logger": "the sink sets it",
+    "delivery.report.only.error": "the sink's checkpoint moves on delivery reports",
+}
+
+
+class KafkaConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Every stored event, as a message on a Kafka topic (``[kafka]``)."""
+
+    bootstrap_servers: str  # host:port[,host:port…]
+    topic: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._-]{1,249}$")] = "storage-events"
+    config: dict[str, KafkaValue] = {}  # [kafka.config]: passed to the producer as it is
+
+    def __post_init__(self) -> None:
+        servers = [s.strip() for s in self.bootstrap_servers.split(",")]
+        for server in servers:
+            host, sep, port = server.rpartition(":")
+            if not (host and sep and port.isdigit() and 0 < int(port) < 65536):
+                raise ValueError(
+                    f"kafka bootstrap server {server!r} must be HOST:PORT "
+                    "(several: HOST:PORT,HOST:PORT)"
+                )
+        for key in self.config:
+            if key in KAFKA_FIXED:
+                raise ValueError(f"[kafka.config] cannot set {key!r}: {KAFKA_FIXED[key]}")
+
+    def producer(self) -> dict[str, KafkaValue]:
+        """The producer's settings: ours, then [kafka.config] over them."""
+        return {
+            "linger.ms": 5,
+            "compression.type": "lz4",
+            # A message not delivered within this fails, and the sink sends again from its
+            # checkpoint with a new producer (after saying why in the log).
+            "message.timeout.ms": 60_000,
+            "client.id": "storage-events-relay",
+            **self.config,
+            "bootstrap.servers": ",".join(s.strip() for s in self.bootstrap_servers.split(",")),
+            "enable.idempotence": True,
+            "acks": "all",
+        }
+
+
 class RelayConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     listen: str = "127.0.0.1:8808"
     # Unique in a federation: stamped on every event this relay stores (`via`), which is how
@@ -110,6 +161,7 @@ class RelayConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     channel_backlog: PositiveInt = 16383  # events kept per channel for reconnecting clients
     upstream: list[UpstreamConfig] = []  # relays whose feeds this one pulls
     push: list[PushConfig] = []  # relays this one pushes its log to
+    kafka: KafkaConfig | None = None  # a topic every stored event is published to
 
     def nats_servers(self) -> list[str]:
         servers = [s.strip() for s in (self.store or "").split(",") if s.strip()]

@@ -16,13 +16,13 @@ from storage_events.publish import PeerProtocolError, PublishSession, Refused
 from storage_events.relay.config import PushConfig
 from storage_events.relay.federation.core import lost
 from storage_events.relay.log.base import EventLog, Record
+from storage_events.relay.log.tail import Tail
 from storage_events.wire import Event, Hello, ingest_url
 
 log = logging.getLogger("storage_events.relay")
 
 BATCH = 1000
 WINDOW = 20_000  # events sent and not yet acknowledged, at most
-PENDING = 50_000  # records kept from notify() for the next batches; beyond, read the log
 MAX_BACKOFF = 10.0
 
 
@@ -35,7 +35,7 @@ class Pusher:
         self.connected = False
         self._session: PublishSession | None = None  # made at the first connection
         self._wake = asyncio.Event()  # new records, or an acknowledgement
-        self._pending: list[Record] = []  # just stored, not yet sent: saves reading them back
+        self._tail = Tail(events)
 
     @property
     def position(self) -> int:
@@ -45,11 +45,7 @@ class Pusher:
     def notify(self, records: list[Record]) -> None:
         """Hub listener: there is more to push."""
         if self.connected and records:
-            if (self._pending and records[0].id != self._pending[-1].id + 1) or len(
-                self._pending
-            ) > PENDING:
-                self._pending.clear()  # the log has them
-            self._pending.extend(records)
+            self._tail.notify(records)
         self._wake.set()
 
     async def run(self) -> None:
@@ -95,7 +91,7 @@ class Pusher:
             session = self._session = PublishSession(hello, peer=self.cfg.url, window=WINDOW)
         await ws.send(session.start())
         session.receive(await ws.recv())
-        self._pending.clear()
+        self._tail.clear()
         self.connected = True
         log.info("pushing to %s after our id %d", self.cfg.url, session.acked)
         # Batches are sent without waiting for each ack (up to WINDOW ids ahead), so a far
@@ -114,7 +110,7 @@ class Pusher:
             acks.result()  # raises what ended the acknowledgements
         finally:
             acks.cancel()
-            self._pending.clear()
+            self._tail.clear()
 
     async def _acks(self, ws: websockets.ClientConnection, session: PublishSession) -> None:
         try:
@@ -125,23 +121,10 @@ class Pusher:
             self._wake.set()  # the sender notices that this ended
 
     async def _next(self, sent: int) -> list[Event]:
-        """The events after our id ``sent``: from what was just stored, else from the log."""
-        events = []
-        first = self.log.first
-        if sent + 1 < first:  # retention took what they never got
-            events.append(self._gap(sent, first - 1))
-            sent = first - 1
-        pending = self._pending
-        if pending and pending[0].id <= sent:  # (rare: taken from the log meanwhile)
-            pending[:] = [r for r in pending if r.id > sent]
-        if pending and pending[0].id == sent + 1:
-            records = pending[:BATCH]
-            del pending[:BATCH]
-        else:
-            pending.clear()
-            records = await self.log.read(sent, BATCH)
-            if records and records[0].id > sent + 1:  # retention ran between first and read
-                events.append(self._gap(sent, records[0].id - 1))
+        """The events after our id ``sent``, with an overflow event first where retention took
+        some before they were pushed."""
+        lost_to, records = await self._tail.next(sent, BATCH)
+        events = [self._gap(sent, lost_to)] if lost_to > sent else []
         events.extend(r.event() for r in records)
         return events
 

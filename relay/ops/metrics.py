@@ -24,6 +24,7 @@ from storage_events.relay.federation.push import Pusher
 from storage_events.relay.feed.endpoint import Feed
 from storage_events.relay.feed.hub import Hub
 from storage_events.relay.ingest.endpoint import Ingest
+from storage_events.relay.kafka.sink import KafkaSink
 from storage_events.relay.log.base import EventLog
 
 
@@ -37,9 +38,11 @@ class RelayCollector(Collector):
         channels: ChannelService,
         pullers: list[Puller],
         pushers: list[Pusher],
+        sink: KafkaSink | None = None,
     ) -> None:
         self.log, self.hub, self.ingest, self.feed = log, hub, ingest, feed
         self.channels, self.pullers, self.pushers = channels, pullers, pushers
+        self.sink = sink
 
     def collect(self) -> Iterator[Metric]:
         yield CounterMetricFamily(
@@ -150,6 +153,41 @@ class RelayCollector(Collector):
             "Events added to dCache API channel backlogs since start",
             value=self.channels.routed,
         )
+        if self.sink is not None:
+            yield from self._kafka(self.sink)
+
+    def _kafka(self, sink: KafkaSink) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "storage_events_relay_kafka_connected",
+            "1 while the Kafka sink delivers (0 after a client error, until the next delivery)",
+            value=int(sink.connected),
+        )
+        yield GaugeMetricFamily(
+            "storage_events_relay_kafka_lag",
+            "Ids stored and not yet known to be on the Kafka topic",
+            value=sink.lag,
+        )
+        yield GaugeMetricFamily(
+            "storage_events_relay_kafka_checkpoint",
+            "The last id the Kafka sink knows delivered, with everything before it",
+            value=sink.progress.checkpoint,
+        )
+        yield CounterMetricFamily(
+            "storage_events_relay_kafka_delivered",
+            "Messages the Kafka producer reported delivered since start",
+            value=sink.delivered,
+        )
+        yield CounterMetricFamily(
+            "storage_events_relay_kafka_lost",
+            "Events retention dropped before the Kafka sink published them (announced on the "
+            "topic by an overflow event)",
+            value=sink.lost,
+        )
+        yield CounterMetricFamily(
+            "storage_events_relay_kafka_rewinds",
+            "Failed deliveries that sent the Kafka sink back to its checkpoint",
+            value=sink.rewinds,
+        )
 
 
 MAKE_ONE = "make one with `storage-events-relay token --role metrics`"
@@ -191,9 +229,10 @@ def metrics_endpoint(
     pullers: list[Puller],
     pushers: list[Pusher],
     auth: Authenticator,
+    sink: KafkaSink | None = None,
 ) -> Callable[[Request], Awaitable[Response]]:
     registry = CollectorRegistry()
-    registry.register(RelayCollector(log, hub, ingest, feed, channels, pullers, pushers))
+    registry.register(RelayCollector(log, hub, ingest, feed, channels, pullers, pushers, sink))
 
     async def endpoint(request: Request) -> Response:
         refused = refusal(auth, request)

@@ -18,10 +18,16 @@ from storage_events.relay.federation.push import Pusher
 from storage_events.relay.feed.endpoint import Feed
 from storage_events.relay.feed.filters import Scope
 from storage_events.relay.ingest.endpoint import Ingest
+from storage_events.relay.kafka.sink import KafkaSink
 
 
 def summary(
-    ingest: Ingest, pullers: list[Puller], pushers: list[Pusher], scope: Scope, now: float
+    ingest: Ingest,
+    pullers: list[Puller],
+    pushers: list[Pusher],
+    scope: Scope,
+    now: float,
+    sink: KafkaSink | None = None,
 ) -> dict:
     names = set(ingest.last_ts) | {s for s, n in ingest.by_site.items() if n}
     sites = []
@@ -56,11 +62,17 @@ def summary(
             "pushing_here": {name: n for name, n in sorted(ingest.relays.items()) if n},
             "loops_dropped": ingest.looped,
         }
+        if sink is not None:
+            answer["kafka"] = sink.status()
     return answer
 
 
 def sites_endpoint(
-    feed: Feed, ingest: Ingest, pullers: list[Puller], pushers: list[Pusher]
+    feed: Feed,
+    ingest: Ingest,
+    pullers: list[Puller],
+    pushers: list[Pusher],
+    sink: KafkaSink | None = None,
 ) -> Callable[[Request], Awaitable[Response]]:
     async def endpoint(request: Request) -> Response:
         try:
@@ -70,6 +82,8 @@ def sites_endpoint(
                 f"{e}\n", status_code=e.status, headers={"WWW-Authenticate": "Bearer"}
             )
         # No scope: anonymous where no authentication is configured, which sees everything.
-        return JSONResponse(summary(ingest, pullers, pushers, scope or EVERYTHING, time.time()))
+        return JSONResponse(
+            summary(ingest, pullers, pushers, scope or EVERYTHING, time.time(), sink)
+        )
 
     return endpoint
