@@ -77,6 +77,7 @@ def create_app(cfg: RelayConfig) -> Relay:
     if cfg.name is None:  # (relays started alike on one host must not share a name)
         cfg = msgspec.structs.replace(cfg, name=own_name(Path(cfg.data)))
     log = open_log(cfg)
+    servers = cfg.nats_servers()
     hub = Hub()
     auth = Authenticator(cfg.token, cfg.jwt)
     log.follow(hub.publish)  # whoever stored them: this relay, or another on a shared store
@@ -94,7 +95,9 @@ def create_app(cfg: RelayConfig) -> Relay:
         from storage_events.relay.kafka.checkpoint import FileCheckpoint
         from storage_events.relay.kafka.sink import KafkaSink
 
-        sink = KafkaSink(cfg.kafka, log, cfg.name, FileCheckpoint(Path(cfg.data), cfg.kafka.topic))
+        # On a NATS store the relays sharing it share one checkpoint, beside the log.
+        place = None if servers else FileCheckpoint(Path(cfg.data), cfg.kafka.topic)
+        sink = KafkaSink(cfg.kafka, log, cfg.name, place)
         hub.listeners.append(sink.notify)
     feed = Feed(
         log,

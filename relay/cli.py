@@ -148,7 +148,7 @@ def serve(
         await app.state.log.start()
         if app.state.sink is not None:
             try:
-                app.state.sink.start()
+                await app.state.sink.start()
             except Exception as e:  # a damaged checkpoint; KafkaException: a bad setting
                 raise StoreError(f"Kafka sink: {e}") from None
         await server.serve()

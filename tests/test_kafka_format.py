@@ -128,11 +128,11 @@ def test_out_of_order_reports_never_move_the_checkpoint_past_an_undelivered_id()
 
 def test_the_checkpoint_file_round_trips_and_belongs_to_one_log(tmp_path):
     cp = FileCheckpoint(tmp_path, "storage-events")
-    assert cp.load(epoch=5) == (0, None)
-    cp.save(5, 1234)
-    assert cp.load(5) == (1234, None)
+    assert cp.read(epoch=5) == (0, None)
+    cp.write(5, 1234)
+    assert cp.read(5) == (1234, None)
     assert not list(tmp_path.glob("*.tmp"))
-    resumed, why = cp.load(6)  # the log was deleted and made anew
+    resumed, why = cp.read(6)  # the log was deleted and made anew
     assert resumed == 0 and "another event log" in why and "from its start" in why
 
 
@@ -141,7 +141,7 @@ def test_a_damaged_checkpoint_file_is_an_error_naming_it_and_the_way_out(tmp_pat
     cp = FileCheckpoint(tmp_path, "t")
     cp.path.write_text(text)
     with pytest.raises(CheckpointError) as e:
-        cp.load(5)
+        cp.read(5)
     assert str(cp.path) in str(e.value) and "delete it" in str(e.value)
 
 

@@ -44,15 +44,13 @@ async def sinking(log: SQLiteLog, data: Path, **config) -> AsyncIterator[KafkaSi
     cfg = KafkaConfig(bootstrap_servers="127.0.0.1:9", config={**MOCK, **config})
     sink = KafkaSink(cfg, log, "central", FileCheckpoint(data, TOPIC))
     log.follow(sink.notify)
-    sink.start()
+    await sink.start()
     task = asyncio.create_task(sink.run())
     try:
         yield sink
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
         await sink.close()
+        assert task.done()
 
 
 async def caught_up(sink: KafkaSink, log: SQLiteLog, timeout: float = 30) -> None:
@@ -117,7 +115,7 @@ def test_every_stored_event_reaches_the_topic_once_each_stream_in_order(tmp_path
                 messages = await asyncio.to_thread(read_topic, sink, 6000)
                 stored = {r.id: r for r in await log.read(0, 10_000)}
             assert sink.progress.checkpoint == log.head == 6000
-            assert FileCheckpoint(tmp_path, TOPIC).load(log.epoch) == (6000, None)
+            assert FileCheckpoint(tmp_path, TOPIC).read(log.epoch) == (6000, None)
         return messages, stored
 
     messages, stored = run(main())
@@ -154,7 +152,7 @@ def test_retention_overtaking_a_lagging_sink_is_announced_on_the_topic(tmp_path,
     async def main():
         async with opened(tmp_path, Retention(max_events=100)) as log:
             await append(log, ["a:1"], 1, 500)
-            FileCheckpoint(tmp_path, TOPIC).save(log.epoch, 10)
+            FileCheckpoint(tmp_path, TOPIC).write(log.epoch, 10)
             await log.trim()
             assert log.first == 401
             async with sinking(log, tmp_path) as sink:
@@ -197,14 +195,12 @@ def test_an_unreachable_broker_holds_the_checkpoint_and_says_why(tmp_path, caplo
                 config={"message.timeout.ms": 1000},
             )
             sink = KafkaSink(cfg, log, "central", FileCheckpoint(tmp_path, TOPIC))
-            sink.start()
+            await sink.start()
             task = asyncio.create_task(sink.run())
             while sink.rewinds < 2:  # each failure: back to the checkpoint, a new producer
                 await asyncio.sleep(0.1)
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
             await sink.close()
+            assert task.done()
             return sink.status()
 
     with caplog.at_level(logging.WARNING, "storage_events.relay"):
@@ -213,14 +209,14 @@ def test_an_unreachable_broker_holds_the_checkpoint_and_says_why(tmp_path, caplo
     assert not status["connected"] and status["last_error"]
     assert "not delivered to topic 'storage-events'" in caplog.text
     assert "sending again after id 0" in caplog.text
-    assert FileCheckpoint(tmp_path, TOPIC).load(0)[0] == 0  # (nothing claimed delivered)
+    assert FileCheckpoint(tmp_path, TOPIC).read(0)[0] == 0  # (nothing claimed delivered)
 
 
 def test_a_bad_producer_setting_is_an_error_at_start(tmp_path):
     async def main():
         async with opened(tmp_path) as log:
             cfg = KafkaConfig(bootstrap_servers="k:9092", config={"no.such.setting": 1})
-            KafkaSink(cfg, log, "central", FileCheckpoint(tmp_path, TOPIC)).start()
+            await KafkaSink(cfg, log, "central", FileCheckpoint(tmp_path, TOPIC)).start()
 
     with pytest.raises(KafkaException, match=r"no\.such\.setting"):
         run(main())

@@ -31,7 +31,6 @@ from nats.errors import Error as NATSError
 from nats.js import api
 from nats.js.errors import (
     APIError,
-    BucketNotFoundError,
     KeyWrongLastSequenceError,
     NotFoundError,
 )
@@ -39,8 +38,8 @@ from nats.js.errors import (
 from storage_events.relay.dcache.channels import Origin, Registry
 from storage_events.relay.dcache.store import BacklogRow, Snapshot, Stored, restore
 from storage_events.relay.log.base import StoreError
-from storage_events.relay.log.jetstream import led, reader, ready, subscribe_after
-from storage_events.relay.log.nats import MAX_REPLICAS, NATSLog
+from storage_events.relay.log.jetstream import bucket, led, reader, ready, subscribe_after
+from storage_events.relay.log.nats import NATSLog
 
 log = logging.getLogger("storage_events.relay")
 
@@ -168,32 +167,18 @@ class NATSChannelStore:
     async def start(self, lease_ttl: float) -> None:
         """Open (or make) the buckets and the stream; the log is started."""
         self._js = self.log.client.jetstream()
-        replicas = self.log.replicas or min(self.log.cluster_size(), MAX_REPLICAS)
+        replicas = self.log.default_replicas()
         self._kv = await ready(
-            lambda: self._open_bucket(self.bucket, replicas, None),
+            lambda: bucket(self._js, self.bucket, replicas),
             f"key-value bucket {self.bucket}",
         )
         self.lease = await ready(
-            lambda: self._open_bucket(self.lease_bucket, replicas, lease_ttl),
+            lambda: bucket(self._js, self.lease_bucket, replicas, lease_ttl),
             f"key-value bucket {self.lease_bucket}",
         )
         await ready(lambda: self._open_stream(replicas), f"stream {self.events}")
         for stream in (f"KV_{self.bucket}", f"KV_{self.lease_bucket}", self.events):
             await led(self._js, stream)  # (writable only once each has a leader)
-
-    async def _open_bucket(self, name: str, replicas: int, ttl: float | None) -> Any:
-        try:
-            return await self._js.key_value(name)
-        except BucketNotFoundError:
-            return await self._js.create_key_value(
-                api.KeyValueConfig(
-                    bucket=name,
-                    history=1,
-                    ttl=ttl,
-                    replicas=replicas,
-                    storage=api.StorageType.FILE,
-                )
-            )
 
     async def _open_stream(self, replicas: int) -> None:
         try:

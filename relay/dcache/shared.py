@@ -120,7 +120,6 @@ class SharedChannels(ChannelService):
         self.streams: dict[str, Reader] = {}  # type: ignore[assignment]
         self._subject = f"storage-events.{log.stream}.channel-api."
         self._conns: dict[str, tuple[str, float]] = {}  # channel → its connection, last claimed
-        self._holder: asyncio.Task[None] | None = None
         self._keeper: LeaseKeeper | None = None
         self._local: list[Route] = []  # the handlers, for requests passed to this replica
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -144,47 +143,16 @@ class SharedChannels(ChannelService):
                 log.error("dCache channels: cannot open their state on JetStream (%s)", e)
                 await asyncio.sleep(5)
         self._keeper = LeaseKeeper(self.nats_store.lease, self.me)
-        await asyncio.gather(self._hold(self._keeper), self._refresh())
+        await asyncio.gather(self._keeper.hold(self._hold_channels), self._refresh())
 
     async def stop(self) -> None:
         """Give the channels up at once, so another replica need not wait for the lease."""
-        if self._holder is not None:
-            self._holder.cancel()
-            await asyncio.gather(self._holder, return_exceptions=True)
         if self._keeper is not None:
-            await self._keeper.release()
+            await self._keeper.stop()
         if self._tasks:  # (streams that ended tell the holder)
             await asyncio.wait(self._tasks, timeout=2)
 
     # -- holding the channels --------------------------------------------------------------
-
-    async def _hold(self, keeper: LeaseKeeper) -> None:
-        while True:
-            # Before the next attempt, which may take its time: a lease that may have expired
-            # meanwhile is given up first.
-            await self._let_go(keeper.lease.holds(time.monotonic()))
-            try:
-                held = await keeper.attempt()
-            except Exception:
-                log.exception("dCache channels: the lease could not be written")
-                held = keeper.lease.holds(time.monotonic())
-            await self._let_go(held)
-            if held and self._holder is None:
-                self._holder = asyncio.get_running_loop().create_task(self._hold_channels())
-            await asyncio.sleep(keeper.lease.wait(time.monotonic()))
-
-    async def _let_go(self, held: bool) -> None:
-        """Stop holding the channels if the lease is gone, or holding them ended (failed)."""
-        holder = self._holder
-        if holder is None or (held and not holder.done()):
-            return
-        if not held:
-            log.warning("dCache channels: lease lost; no longer holding them")
-        holder.cancel()
-        (ended,) = await asyncio.gather(holder, return_exceptions=True)
-        if isinstance(ended, Exception):
-            log.error("dCache channels: holding them failed (%s); trying again", ended)
-        self._holder = None
 
     async def _hold_channels(self) -> None:
         """This replica's time as the holder: until cancelled, or the store fails."""

@@ -8,6 +8,11 @@ are out, falls behind (its lag is in ``/sites`` and ``/metrics``), and catches u
 When retention drops events the sink has not yet published, it publishes an overflow event
 for them in their place (as a pushing relay does) and logs an error: the loss is announced
 on the topic, never silent.
+
+A *term* is one stretch of publishing: the checkpoint read, a producer made, the log published
+until the term ends, what is out flushed for a few seconds, the checkpoint kept. With the
+embedded log one term lasts as long as the relay; on a NATS store, the replica holding the
+sink's lease publishes, one term per holding (:mod:`.shared`).
 """
 
 from __future__ import annotations
@@ -19,8 +24,9 @@ import time
 from typing import Any
 
 from storage_events.relay.config import KafkaConfig
+from storage_events.relay.dcache.lease import LeaseKeeper
 from storage_events.relay.federation.core import lost
-from storage_events.relay.kafka.checkpoint import CheckpointError, FileCheckpoint
+from storage_events.relay.kafka.checkpoint import CheckpointError, Checkpoints, FileCheckpoint
 from storage_events.relay.kafka.producer import ProducerThread
 from storage_events.relay.kafka.progress import Progress
 from storage_events.relay.log.base import EventLog, Record, make_record
@@ -37,21 +43,28 @@ FLUSH_ON_STOP = 5.0  # seconds a stopping relay waits for what is out to be deli
 
 
 class KafkaSink:
-    def __init__(self, cfg: KafkaConfig, events: EventLog, me: str, checkpoint: FileCheckpoint):
+    def __init__(
+        self, cfg: KafkaConfig, events: EventLog, me: str, place: FileCheckpoint | None = None
+    ) -> None:
+        """``place``: the checkpoint file (the embedded log); None: a NATS store's lease and
+        key, opened once the log has started."""
         self.cfg = cfg
         self.log = events
         self.me = me
-        self.checkpoints = checkpoint
+        self.place = place
         self.progress = Progress(0)
         self.connected = False  # a delivery succeeded since the last client-level error
         self.last_error: str | None = None
         self.delivered = 0  # messages reported delivered since start
         self.lost = 0  # events retention dropped before they were published
         self.rewinds = 0  # failed deliveries that sent the sink back to its checkpoint
-        self.running = False
+        self.running = False  # in a term: this relay publishes
         self._tail = Tail(events)
         self._wake = asyncio.Event()
         self._thread: ProducerThread | None = None
+        self._checkpoints: Checkpoints | None = None
+        self._keeper: LeaseKeeper | None = None
+        self._term: asyncio.Task[None] | None = None
         self._saved = -1
         self._backoff = 1.0
         self._hold_until = 0.0
@@ -83,23 +96,51 @@ class KafkaSink:
             self._tail.notify(records)
             self._wake.set()
 
-    def start(self) -> None:
-        """On the loop, once the log has started: reads the checkpoint and makes the producer;
-        raises :class:`CheckpointError` or ``KafkaException`` (a bad [kafka.config])."""
-        checkpoint, why = self.checkpoints.load(self.log.epoch)
+    async def start(self) -> None:
+        """Once the log has started, before the relay serves: a damaged checkpoint file
+        (:class:`CheckpointError`) or a bad producer setting (``KafkaException``) is an error
+        of the relay's start, not of a task nobody watches."""
+        from confluent_kafka import Producer
+
+        Producer(self.cfg.producer()).purge()  # (only made to check the settings)
+        if self.place is not None:
+            await self.place.load(self.log.epoch)
+
+    async def run(self) -> None:
+        if self.place is not None:
+            self._term = asyncio.current_task()
+            await self._publish_term(self.place)
+            return
+        from storage_events.relay.kafka.shared import open_shared
+
+        checkpoints, self._keeper = await open_shared(self.log, self.cfg.topic, self.me)
+        await self._keeper.hold(lambda: self._publish_term(checkpoints))
+
+    async def close(self) -> None:
+        """End the term (flushing what is out for a few seconds, keeping the checkpoint) and,
+        on a NATS store, give the lease up."""
+        if self._keeper is not None:
+            await self._keeper.stop()
+        elif self._term is not None:
+            self._term.cancel()
+            await asyncio.gather(self._term, return_exceptions=True)
+
+    async def _publish_term(self, checkpoints: Checkpoints) -> None:
+        checkpoint, why = await checkpoints.load(self.log.epoch)
         if why:
             log.warning("Kafka sink: %s", why)
         checkpoint = min(checkpoint, self.log.head)
-        self.progress = Progress(checkpoint)
-        self._saved = checkpoint
-        self._thread = ProducerThread(
+        self.progress = progress = Progress(checkpoint)
+        self._checkpoints, self._saved = checkpoints, checkpoint
+        self._tail.clear()
+        thread = self._thread = ProducerThread(
             self.cfg.producer(),
             self.cfg.topic,
             asyncio.get_running_loop(),
-            self._reports,
+            lambda *reports: self._reports(progress, *reports),
             self._client_error,
         )
-        self._thread.start()
+        thread.start()
         self.running = True
         log.info(
             "Kafka sink: publishing to topic %r at %s after id %d (%d to catch up)",
@@ -108,17 +149,25 @@ class KafkaSink:
             checkpoint,
             self.lag,
         )
-
-    async def run(self) -> None:
         saver = asyncio.create_task(self._save_often())
         try:
-            await self._publish()
+            await self._publish(progress, thread)
         finally:
             saver.cancel()
+            self.running = False
+            left = await asyncio.to_thread(thread.stop, FLUSH_ON_STOP)
+            self._reports(progress, *thread.take())
+            if left:
+                log.warning(
+                    "Kafka sink: %d message(s) undelivered when publishing stopped; they are "
+                    "sent again when it starts (after id %d)",
+                    left,
+                    progress.checkpoint,
+                )
+            with contextlib.suppress(CheckpointError):
+                await self._save()
 
-    async def _publish(self) -> None:
-        progress, thread = self.progress, self._thread
-        assert thread is not None
+    async def _publish(self, progress: Progress, thread: ProducerThread) -> None:
         while True:
             self._wake.clear()
             wait = self._hold_until - time.monotonic()
@@ -154,10 +203,15 @@ class KafkaSink:
             lost_to, ev.site, ev.node, ev.path, flags_mask(ev.flags), event_json(ev), ev
         )
 
-    def _reports(self, generation: int, delivered: list[int], failed: list[tuple[int, Any]]):
-        progress = self.progress
-        if generation != progress.generation:
-            return
+    def _reports(
+        self,
+        progress: Progress,
+        generation: int,
+        delivered: list[int],
+        failed: list[tuple[int, Any]],
+    ) -> None:
+        if progress is not self.progress or generation != progress.generation:
+            return  # of an earlier term, or handed over before a rewind
         if delivered:
             self.delivered += len(delivered)
             progress.delivered(generation, delivered)
@@ -194,40 +248,22 @@ class KafkaSink:
         self.last_error = text
         self.connected = False
         if err.fatal():  # (the idempotent producer's state is lost): start over with a new one
-            self._reports(self.progress.generation, [], [(self.progress.checkpoint + 1, err)])
+            p = self.progress
+            self._reports(p, p.generation, [], [(p.checkpoint + 1, err)])
 
     async def _save_often(self) -> None:
         while True:
             await asyncio.sleep(SAVE_EVERY)
             with contextlib.suppress(CheckpointError):
-                await asyncio.to_thread(self._save)
+                await self._save()
 
-    def _save(self) -> None:
-        checkpoint = self.progress.checkpoint
-        if checkpoint != self._saved:
+    async def _save(self) -> None:
+        checkpoint, checkpoints = self.progress.checkpoint, self._checkpoints
+        if checkpoint != self._saved and checkpoints is not None:
             try:
-                self.checkpoints.save(self.log.epoch, checkpoint)
+                await checkpoints.save(self.log.epoch, checkpoint)
             except CheckpointError as e:
                 log.error("Kafka sink: %s; it is kept in memory and tried again", e)
                 self.last_error = str(e)
                 raise
             self._saved = checkpoint
-
-    async def close(self) -> None:
-        """Deliver what is out (for a few seconds at most) and keep the checkpoint."""
-        if not self.running:
-            return
-        self.running = False
-        thread = self._thread
-        assert thread is not None
-        left = await asyncio.to_thread(thread.stop, FLUSH_ON_STOP)
-        self._reports(*thread.take())
-        if left:
-            log.warning(
-                "Kafka sink: %d message(s) undelivered at stop; they are sent again at the "
-                "next start (after id %d)",
-                left,
-                self.progress.checkpoint,
-            )
-        with contextlib.suppress(CheckpointError):
-            self._save()

@@ -1,6 +1,7 @@
 """What every part of the relay kept on JetStream needs the same way (the event log, the dCache
-channels' state): waiting for a starting cluster, an ordered subscription from a known point,
-and a read through a consumer made for it. Imported only when the store is NATS."""
+channels' state, the Kafka sink's lease and checkpoint): waiting for a starting cluster, buckets
+made on first use, an ordered subscription from a known point, and a read through a consumer
+made for it. Imported only when the store is NATS."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Any
 from nats.errors import Error as NATSError
 from nats.errors import TimeoutError as NATSTimeout
 from nats.js import JetStreamContext, api
-from nats.js.errors import ServiceUnavailableError
+from nats.js.errors import BucketNotFoundError, ServiceUnavailableError
 
 from storage_events.relay.log.base import StoreError
 
@@ -35,6 +36,19 @@ async def ready(attempt: Callable[[], Awaitable[Any]], what: str) -> Any:
                 ) from None
             log.warning("JetStream not ready for %s (%s); asking again", what, e)
             await asyncio.sleep(1)
+
+
+async def bucket(js: JetStreamContext, name: str, replicas: int, ttl: float | None = None) -> Any:
+    """Key-value bucket ``name``, made if it is not there (one value per key, on disk; values
+    live ``ttl`` seconds if given)."""
+    try:
+        return await js.key_value(name)
+    except BucketNotFoundError:
+        return await js.create_key_value(
+            api.KeyValueConfig(
+                bucket=name, history=1, ttl=ttl, replicas=replicas, storage=api.StorageType.FILE
+            )
+        )
 
 
 async def led(js: JetStreamContext, stream: str) -> Any:

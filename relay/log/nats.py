@@ -29,7 +29,6 @@ import nats
 from nats.errors import Error as NATSError
 from nats.js import api
 from nats.js.errors import (
-    BucketNotFoundError,
     KeyNotFoundError,
     KeyWrongLastSequenceError,
     NotFoundError,
@@ -44,7 +43,7 @@ from storage_events.relay.log.base import (
     StoreError,
     make_record,
 )
-from storage_events.relay.log.jetstream import led, reader, ready, subscribe_after
+from storage_events.relay.log.jetstream import bucket, led, reader, ready, subscribe_after
 from storage_events.wire import Event, event_from_json, event_json, flags_mask
 
 log = logging.getLogger("storage_events.relay")
@@ -229,17 +228,12 @@ class NATSLog(LogState):
         )
 
     async def _open_bucket(self) -> Any:
+        return await bucket(self._js, f"{self.stream}_STATE", self.default_replicas())
 
-        bucket = f"{self.stream}_STATE"
-        try:
-            return await self._js.key_value(bucket)
-        except BucketNotFoundError:
-            replicas = self.replicas or min(self.cluster_size(), MAX_REPLICAS)
-            return await self._js.create_key_value(
-                api.KeyValueConfig(
-                    bucket=bucket, history=1, replicas=replicas, storage=api.StorageType.FILE
-                )
-            )
+    def default_replicas(self) -> int:
+        """Copies JetStream keeps of what the relays store: as configured, else the cluster's
+        size up to 3."""
+        return self.replicas or min(self.cluster_size(), MAX_REPLICAS)
 
     def _spawn(self, job: Any) -> None:
         task = asyncio.get_running_loop().create_task(job)
