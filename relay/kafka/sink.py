@@ -207,24 +207,23 @@ class KafkaSink:
         self,
         progress: Progress,
         generation: int,
-        delivered: list[int],
-        failed: list[tuple[int, Any]],
+        through: int | None,
+        failed: list[tuple[int | None, Any]],
     ) -> None:
         if progress is not self.progress or generation != progress.generation:
             return  # of an earlier term, or handed over before a rewind
-        if delivered:
-            self.delivered += len(delivered)
-            progress.delivered(generation, delivered)
+        if through is not None:
+            self.delivered += progress.delivered(generation, through)
             if not self.connected:
                 self.connected = True
                 self._backoff = 1.0
-                log.info("Kafka sink: delivering to %s again", self.cfg.bootstrap_servers)
+                log.info("Kafka sink: delivering to %s", self.cfg.bootstrap_servers)
         if failed:
             id, err = failed[0]
             self.last_error = f"event {id}: {err}"
             self.rewinds += 1
             log.error(
-                "Kafka sink: %d message(s) not delivered to topic %r (first: event %d: %s); "
+                "Kafka sink: %d message(s) not delivered to topic %r (first: event %s: %s); "
                 "sending again after id %d in %.0f s with a new producer",
                 len(failed),
                 self.cfg.topic,
@@ -249,7 +248,7 @@ class KafkaSink:
         self.connected = False
         if err.fatal():  # (the idempotent producer's state is lost): start over with a new one
             p = self.progress
-            self._reports(p, p.generation, [], [(p.checkpoint + 1, err)])
+            self._reports(p, p.generation, None, [(None, err)])
 
     async def _save_often(self) -> None:
         while True:
