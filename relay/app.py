@@ -15,11 +15,12 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from storage_events.relay.auth import Authenticator
+from storage_events.relay.auth import Authenticator, Basic, basic
 from storage_events.relay.config import RelayConfig, is_loopback, own_name
 from storage_events.relay.dcache.api import ChannelService
 from storage_events.relay.dcache.channels import Limits, Registry
 from storage_events.relay.dcache.store import ChannelStore
+from storage_events.relay.dcache.user import user_endpoint
 from storage_events.relay.edge.guard import Guard, Policy
 from storage_events.relay.federation.pull import Puller
 from storage_events.relay.federation.push import Pusher
@@ -41,17 +42,37 @@ class Relay(Starlette):
     """The routes, with one exception: an ``/ingest`` WebSocket goes to its endpoint past the
     middleware stack (only :class:`Guard` checks it). Each connection otherwise keeps a dozen
     coroutines of that stack alive while it lasts: measured, a third of the memory an idle
-    agent's connection takes, and about a tenth of the CPU per frame it sends."""
+    agent's connection takes, and about a tenth of the CPU per frame it sends.
 
-    def __init__(self, ingest: Ingest, policy: Policy, **kwargs: object) -> None:
+    A request logging in with a user's password has it checked first, on a thread: the check
+    is slow on purpose, and the routes identify callers without awaiting."""
+
+    def __init__(
+        self, ingest: Ingest, policy: Policy, auth: Authenticator, **kwargs: object
+    ) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self._ingest = Guard(ingest.asgi, policy)
+        self._auth = auth
+        self._checking = asyncio.Lock()
 
     def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
         # (Not a coroutine of its own: it would stay alive as long as each connection.)
         if scope["type"] == "websocket" and scope["path"] == "/ingest":
             return self._ingest(scope, receive, send)
+        if scope["type"] == "http":
+            for name, value in scope["headers"]:
+                if name == b"authorization" and value[:6].lower() == b"basic ":
+                    cred = basic(value[6:].strip().decode("latin-1"))
+                    if self._auth.needs_check(cred):
+                        return self._checked(cred, scope, receive, send)
         return super().__call__(scope, receive, send)
+
+    async def _checked(self, cred: Basic, scope: Scope, receive: Receive, send: Send) -> None:
+        # One check at a time: a flood of guesses takes at most one core, never the loop.
+        async with self._checking:
+            if self._auth.needs_check(cred):  # (the same login may have been checked meanwhile)
+                await asyncio.to_thread(self._auth.check_login, cred)
+        await super().__call__(scope, receive, send)
 
 
 def open_log(cfg: RelayConfig) -> EventLog:
@@ -79,7 +100,7 @@ def create_app(cfg: RelayConfig) -> Relay:
     log = open_log(cfg)
     servers = cfg.nats_servers()
     hub = Hub()
-    auth = Authenticator(cfg.token, cfg.jwt)
+    auth = Authenticator(cfg.token, cfg.jwt, cfg.user)
     log.follow(hub.publish)  # whoever stored them: this relay, or another on a shared store
     ingest = Ingest(
         log,
@@ -185,12 +206,14 @@ def create_app(cfg: RelayConfig) -> Relay:
     app = Relay(
         ingest,
         policy,
+        auth,
         middleware=middleware,
         routes=[
             Route("/", page),
             Route("/events", feed.endpoint),
             Route("/healthz", health_endpoint(log, hub, ingest, auth)),
             Route("/sites", sites_endpoint(feed, ingest, pullers, pushers, sink)),
+            Route("/api/v1/user", user_endpoint(auth)),
             Route(
                 "/metrics",
                 metrics_endpoint(log, hub, ingest, feed, channels, pullers, pushers, auth, sink),

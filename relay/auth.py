@@ -4,13 +4,22 @@ Tokens are random strings handed out by ``storage-events-relay token``; the conf
 their SHA-256 (they carry 256 bits of entropy, so a fast hash is enough). Readers may instead
 present a JWT (HS256 with a shared secret, or RS256/ES256 checked with a public key) whose
 ``sites`` and ``paths`` claims say what they may read; it must expire, within ``max_lifetime``.
+Readers may also log in with HTTP Basic, as dCache's own clients do: a user name and password
+of a ``[[user]]`` entry (``storage-events-relay user add``; the config keeps a salted scrypt
+hash, slow on purpose, so it is checked off the event loop and remembered for a while), or any
+user name with a token as the password.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
+import hmac
 import secrets
+import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
@@ -75,6 +84,60 @@ class TokenConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         return _scope(self.name, sites, self.paths)
 
 
+# scrypt's cost: about 16 MiB and some tens of ms per check, the kind of price that makes
+# guessing a stolen hash slow (checked passwords are remembered, so a client logging in with
+# every request pays it once).
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
+_PASSWORD_HASH = r"^scrypt:[0-9]+:[0-9]+:[0-9]+:[A-Za-z0-9+/=]+:[A-Za-z0-9+/=]+$"
+
+
+class UserConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A reader logging in with a user name and password (``[[user]]``), as dCache's clients
+    do with HTTP Basic."""
+
+    name: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")]
+    hash: Annotated[str, msgspec.Meta(pattern=_PASSWORD_HASH)]
+    sites: list[str] | None = None  # the sites it may read (default: all)
+    paths: list[str] | None = None  # the path prefixes it may read (default: all)
+
+
+def hash_password(password: str) -> str:
+    salt = secrets.token_bytes(16)
+    key = hashlib.scrypt(password.encode(), salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P, dklen=32)
+    b64 = base64.b64encode
+    return f"scrypt:{SCRYPT_N}:{SCRYPT_R}:{SCRYPT_P}:{b64(salt).decode()}:{b64(key).decode()}"
+
+
+def check_password(password: str, stored: str) -> bool:
+    """Blocking, and slow on purpose."""
+    _, n, r, p, salt, key = stored.split(":")
+    want = base64.b64decode(key)
+    got = hashlib.scrypt(
+        password.encode(),
+        salt=base64.b64decode(salt),
+        n=int(n),
+        r=int(r),
+        p=int(p),
+        dklen=len(want),
+        maxmem=256 * 1024 * 1024,
+    )
+    return hmac.compare_digest(got, want)
+
+
+@dataclass(frozen=True, slots=True)
+class Basic:
+    """HTTP Basic credentials."""
+
+    user: str
+    password: str
+
+    def key(self) -> bytes:
+        return hashlib.sha256(f"{self.user}\0{self.password}".encode()).digest()
+
+
+Credential = str | Basic  # a token (or JWT), or a user name and password
+
+
 class JWTConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     algorithms: list[Literal["HS256", "RS256", "ES256"]] = msgspec.field(
         default_factory=lambda: ["HS256"]
@@ -97,12 +160,24 @@ class Identity:
     node: str | None = None  # agents bound to one node; None: any node of their site
 
 
-def bearer(authorization: str, access_token: str | None) -> str | None:
-    """The credential of a request: ``Authorization: Bearer X``, else an ``access_token``
-    query parameter (for clients such as browsers' EventSource that cannot set headers)."""
+def bearer(authorization: str, access_token: str | None) -> Credential | None:
+    """The credential of a request: ``Authorization: Bearer X`` or ``Basic …``, else an
+    ``access_token`` query parameter (for clients such as browsers' EventSource that cannot set
+    headers)."""
     if authorization[:7].lower() == "bearer ":
         return authorization[7:].strip() or None
+    if authorization[:6].lower() == "basic ":
+        return basic(authorization[6:].strip())
     return access_token
+
+
+def basic(encoded: str) -> Basic:
+    """``user:password`` in base64; what cannot be decoded gives credentials that fail."""
+    try:
+        user, sep, password = base64.b64decode(encoded, validate=True).decode().partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return Basic("", "")
+    return Basic(user, password) if sep else Basic("", "")
 
 
 def hash_token(token: str) -> str:
@@ -129,9 +204,26 @@ def _scope(name: str, sites: object, paths: object) -> Scope:
     return Scope(frozenset(sites) if sites is not None else None, prefixes)
 
 
+BAD_LOGIN = (
+    "the user name or password is not valid for this relay (a token may also be given as "
+    "the password)"
+)
+REMEMBERED = 4096  # logins checked, kept for a while: right ones and wrong ones
+REMEMBER_FOR = 300.0  # seconds
+
+
 class Authenticator:
-    def __init__(self, tokens: list[TokenConfig], jwt_config: JWTConfig | None) -> None:
+    def __init__(
+        self,
+        tokens: list[TokenConfig],
+        jwt_config: JWTConfig | None,
+        users: list[UserConfig] = (),  # type: ignore[assignment]
+    ) -> None:
         self._tokens = {t.hash: t for t in tokens}
+        self._users = {u.name: u for u in users}
+        # Basic logins checked: (when, the identity or the refusal), newest last.
+        self._logins: OrderedDict[bytes, tuple[float, Identity | AuthError]] = OrderedDict()
+        self._lock = threading.Lock()
         self._jwt = jwt_config
         self._jwt_key: str | None = None
         if jwt_config is not None:
@@ -149,17 +241,20 @@ class Authenticator:
 
     @property
     def enabled(self) -> bool:
-        return bool(self._tokens) or self._jwt is not None
+        return bool(self._tokens) or self._jwt is not None or bool(self._users)
 
-    def identify(self, bearer: str | None) -> Identity | None:
+    def identify(self, bearer: Credential | None) -> Identity | None:
         """The caller's identity; None for an anonymous caller where that is allowed."""
         if not self.enabled:
             return None
         if not bearer:
             raise AuthError(
                 "this relay needs a token: send `Authorization: Bearer TOKEN` "
-                "(or ?access_token= where headers cannot be set)"
+                "(or ?access_token= where headers cannot be set), or log in with a user "
+                "name and password (HTTP Basic)"
             )
+        if isinstance(bearer, Basic):
+            return self._login(bearer)
         found = self._identities.get(hash_token(bearer))
         if found is not None:
             return found
@@ -167,7 +262,46 @@ class Authenticator:
             return self._from_jwt(bearer)
         raise AuthError("the token is not valid for this relay")
 
-    def reader(self, bearer: str | None) -> Identity | None:
+    def needs_check(self, cred: Credential | None) -> bool:
+        """Whether identifying ``cred`` would run the slow password check (then do it first,
+        off the event loop, with :meth:`check_login`)."""
+        if not isinstance(cred, Basic) or cred.user not in self._users:
+            return False
+        seen = self._logins.get(cred.key())
+        return seen is None or time.monotonic() - seen[0] > REMEMBER_FOR
+
+    def check_login(self, cred: Basic) -> None:
+        """Blocking: check a user's password and remember the outcome."""
+        user = self._users.get(cred.user)
+        result: Identity | AuthError = AuthError(BAD_LOGIN)
+        if user is not None and check_password(cred.password, user.hash):
+            name = f"user:{user.name}"  # never the same owner as a token's
+            result = Identity(name, "reader", None, _scope(name, user.sites, user.paths))
+        with self._lock:  # (checks run on threads)
+            logins = self._logins
+            logins[cred.key()] = (time.monotonic(), result)
+            logins.move_to_end(cred.key())
+            while len(logins) > REMEMBERED:
+                logins.popitem(last=False)
+
+    def _login(self, cred: Basic) -> Identity:
+        token = self._identities.get(hash_token(cred.password))
+        if token is not None:  # a token as the password, whatever the user name
+            return token
+        if cred.user not in self._users:
+            if self._jwt is not None and cred.password.count(".") == 2:
+                return self._from_jwt(cred.password)
+            raise AuthError(BAD_LOGIN)
+        seen = None if self.needs_check(cred) else self._logins.get(cred.key())
+        if seen is None:  # (callers that can run it on a thread did so first)
+            self.check_login(cred)
+            seen = self._logins[cred.key()]
+        result = seen[1]
+        if isinstance(result, AuthError):
+            raise result
+        return result
+
+    def reader(self, bearer: Credential | None) -> Identity | None:
         """The caller as a reader (None: anonymous, allowed); other roles are refused (403)."""
         who = self.identify(bearer)
         if who is not None and who.role != "reader":

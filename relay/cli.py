@@ -185,6 +185,15 @@ def kafka_config(
         raise click.BadParameter(str(e), param_hint="--kafka/--kafka-topic") from None
 
 
+def toml_fields(entry: msgspec.Struct) -> str:
+    """An entry's fields as TOML lines (JSON strings and string arrays are valid TOML)."""
+    return "\n".join(
+        f"{k} = {msgspec.json.encode(v).decode()}"
+        for k, v in msgspec.to_builtins(entry).items()
+        if v is not None
+    )
+
+
 @main.command()
 @click.option("--name", required=True, help="Who or what the token is for (shown in logs).")
 @click.option(
@@ -221,7 +230,6 @@ def token(
     node: str | None,
 ) -> None:
     """Make a token: prints it once, and the [[token]] entry (with its hash) for the config."""
-    import msgspec
 
     from storage_events.relay.auth import (
         FIELD_ROLES,
@@ -263,13 +271,59 @@ def token(
         paths=prefixes or None,
         node=node,
     )
-    # JSON strings and string arrays are valid TOML.
-    toml = "\n".join(
-        f"{k} = {msgspec.json.encode(v).decode()}"
-        for k, v in msgspec.to_builtins(entry).items()
-        if v is not None
-    )
     click.echo(
         f"token: {secret}\n\n# Add to the relay config; only the hash is kept there:\n"
-        f"[[token]]\n{toml}"
+        f"[[token]]\n{toml_fields(entry)}"
     )
+
+
+@main.group()
+def user() -> None:
+    """Readers logging in with a user name and password (HTTP Basic, as dCache's clients do)."""
+
+
+@user.command("add")
+@click.argument("name")
+@click.option("--sites", multiple=True, help="A site it may read (repeat; default all).")
+@click.option("--paths", multiple=True, help="A path prefix it may read (repeat; default all).")
+@click.option(
+    "--password-stdin",
+    is_flag=True,
+    help="Read the password from standard input (its first line) instead of asking for it.",
+)
+@version_option
+def user_add(name: str, sites: tuple[str, ...], paths: tuple[str, ...], password_stdin: bool):
+    """Make a [[user]] entry for NAME: prints it, with a salted scrypt hash of the password,
+    for the relay config (the password itself is kept nowhere)."""
+    import sys
+
+    from storage_events.relay.auth import UserConfig, hash_password
+    from storage_events.relay.feed.filters import FilterError, normalize_prefix
+
+    try:
+        prefixes = [normalize_prefix(p) for p in paths]
+    except FilterError as e:
+        raise click.BadParameter(str(e), param_hint="--paths") from None
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = click.prompt("password", hide_input=True, confirmation_prompt=True)
+    if len(password) < 8:
+        raise click.BadParameter("use at least 8 characters", param_hint="password")
+    try:
+        entry = msgspec.convert(
+            {
+                "name": name,
+                "hash": hash_password(password),
+                "sites": list(sites) or None,
+                "paths": prefixes or None,
+            },
+            UserConfig,
+        )
+    except msgspec.ValidationError as e:
+        raise click.BadParameter(
+            f"{name!r} cannot be a user name ({e}): use letters, digits, '.', '_', '@' or '-', "
+            "at most 64, starting with a letter or digit",
+            param_hint="NAME",
+        ) from None
+    click.echo(f"# Add to the relay config:\n[[user]]\n{toml_fields(entry)}")

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import msgspec
 
-from storage_events.relay.auth import JWTConfig, TokenConfig
+from storage_events.relay.auth import JWTConfig, TokenConfig, UserConfig
 from storage_events.wire import MAX_BATCH
 
 Positive = Annotated[float, msgspec.Meta(gt=0)]
@@ -146,6 +146,7 @@ class RelayConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     cors_origins: list[str] = []  # web origins whose pages may read the feed, e.g. https://x
     token: list[TokenConfig] = []  # [[token]] entries, made by `storage-events-relay token`
     jwt: JWTConfig | None = None  # readers may also present JWTs checked with this
+    user: list[UserConfig] = []  # [[user]]: readers logging in with HTTP Basic (`user add`)
     max_subscribers_per_identity: PositiveInt = 64
     # Slow or idle clients: a request head (and a WebSocket's hello) must arrive within this
     # many seconds, and at most this many connections are served at once (beyond: HTTP 503).
@@ -213,7 +214,7 @@ def is_loopback(host: str) -> bool:
 def check_secure(cfg: RelayConfig) -> None:
     """Secure by default: with no authentication configured, serve loopback only."""
     host, _ = cfg.host_port()
-    if not is_loopback(host) and not cfg.insecure and not (cfg.token or cfg.jwt):
+    if not is_loopback(host) and not cfg.insecure and not (cfg.token or cfg.jwt or cfg.user):
         raise ValueError(
             f"refusing to listen on {host}: no authentication is configured, so anyone who can "
             "reach this address could publish and read events. Listen on 127.0.0.1, configure "

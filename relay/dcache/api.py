@@ -29,6 +29,7 @@ from storage_events.relay.dcache.channels import (
     ChannelError,
     Registry,
     Routed,
+    Watch,
     deliverable,
     parse_selector,
     resume,
@@ -42,7 +43,7 @@ from storage_events.relay.dcache.store import (
     snapshot,
 )
 from storage_events.relay.feed.filters import Scope
-from storage_events.relay.feed.follow import CatchUp, follow
+from storage_events.relay.feed.follow import KEEPALIVE_LINE, CatchUp, follow
 from storage_events.relay.feed.hub import Mailbox
 from storage_events.relay.log.base import EventLog, Record, make_record
 from storage_events.wire import Flag
@@ -331,6 +332,12 @@ class ChannelService:
     def _base(self, request: Request) -> str:
         return str(request.base_url).rstrip("/") + PREFIX + "/channels"
 
+    def _url(self, request: Request, ch: Channel, w: Watch | None = None) -> str:
+        """A channel's (or watch's) URL as this request reached the relay, as dCache builds
+        them: the name a client used, even if the channel was made through another."""
+        url = f"{self._base(request)}/{ch.id}"
+        return url if w is None else f"{url}/subscriptions/inotify/{w.sid}"
+
     def routes(self) -> list[Route]:
         def handle(fn: Handler) -> Handler:
             async def wrapped(request: Request) -> Response:
@@ -437,7 +444,7 @@ class ChannelService:
         owner, _ = self._caller(request)
         q = request.query_params
         found = self.registry.listing(owner, q.get("client-id"), "client-id" in q)
-        return JSONResponse([ch.url for ch in found])
+        return JSONResponse([self._url(request, ch) for ch in found])
 
     async def get_channel(self, request: Request) -> Response:
         ch = self._channel(request)
@@ -460,7 +467,7 @@ class ChannelService:
 
     async def list_watches(self, request: Request) -> Response:
         ch = self._channel(request)
-        return JSONResponse([w.url for w in ch.watches.values()])
+        return JSONResponse([self._url(request, ch, w) for w in ch.watches.values()])
 
     async def subscribe(self, request: Request) -> Response:
         body = await _body(request)  # first: the channel is looked up after the last await
@@ -470,10 +477,11 @@ class ChannelService:
             raise ChannelError(400, f"unknown event type {kind[:40]!r}: this relay has 'inotify'")
         w, new = self.registry.subscribe(ch, parse_selector(body))
         await self._save(ch)
+        location = {"Location": self._url(request, ch, w)}
         if not new:
-            return Response(status_code=303, headers={"Location": w.url})
+            return Response(status_code=303, headers=location)
         await self._tell(ch, system("NEW_SUBSCRIPTION", w.url))
-        return Response(status_code=201, headers={"Location": w.url})
+        return Response(status_code=201, headers=location)
 
     async def get_watch(self, request: Request) -> Response:
         ch = self._channel(request)
@@ -528,6 +536,7 @@ class ChannelService:
                 heartbeat=self.heartbeat,
                 sent=self._sent,
                 live_first=not replay,
+                keepalive=KEEPALIVE_LINE,  # (dCache sends no comments here)
             ):
                 yield chunk
         finally:

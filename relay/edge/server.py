@@ -65,6 +65,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._disarm()  # before uvicorn hands an upgraded connection to the WebSocket protocol
         super().on_headers_complete()
+        cycle = getattr(self, "cycle", None)
+        if cycle is not None and cycle.transport is self.transport:
+            cycle.transport = _Capitalized(self.transport)
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -107,6 +110,30 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
                 self.head_timeout,
             )
             self.transport.close()
+
+
+class _Capitalized:
+    """The response's transport, writing ``Location`` as dCache does. uvicorn writes every header
+    name in lower case, which HTTP allows; but dCache's own clients find the new channel's URL
+    with a case-sensitive match (SURF's ``ada``: ``awk '/Location:/'``). Only the response's
+    first write is the head (the status line, then the headers), and only it is changed."""
+
+    __slots__ = ("_head", "_transport")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._head = True
+
+    def write(self, data: bytes) -> None:
+        if self._head:
+            self._head = False
+            if data.startswith(b"HTTP/1.1 3") or data.startswith(b"HTTP/1.1 2"):
+                head, sep, body = data.partition(b"\r\n\r\n")
+                data = head.replace(b"\r\nlocation: ", b"\r\nLocation: ", 1) + sep + body
+        self._transport.write(data)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._transport, name)
 
 
 class HelloFirstWebSocketProtocol(WebSocketsSansIOProtocol):

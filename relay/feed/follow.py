@@ -14,6 +14,12 @@ from collections.abc import AsyncIterator, Callable
 from storage_events import sse
 from storage_events.relay.feed.hub import Mailbox
 
+HEARTBEAT = sse.comment("heartbeat")
+# A comment line that ends no message: clients that take every blank-line-terminated block for
+# an event (sseclient 0.0.27, which dCache's own clients read with) never see it, and parsers
+# that follow the spec ignore it, as they ignore every comment.
+KEEPALIVE_LINE = b":\n"
+
 # (the last id examined, the SSE bytes to send, how many events they hold), page by page.
 CatchUp = Callable[[int], AsyncIterator[tuple[int, bytes, int]]]
 
@@ -26,10 +32,12 @@ async def follow(
     heartbeat: float,
     sent: Callable[[int], None],
     live_first: bool = False,
+    keepalive: bytes = HEARTBEAT,
 ) -> AsyncIterator[bytes]:
     """SSE bytes for one reader after id ``last``; ``sent(n)``: n events were sent.
     ``live_first``: start live (the reader asked for nothing older). Live items with a
-    negative id are messages about the stream itself (always sent, never counted)."""
+    negative id are messages about the stream itself (always sent, never counted).
+    ``keepalive``: sent after ``heartbeat`` idle seconds."""
     caught_up = live_first
     while not box.closed:
         if not caught_up or box.overflowed:
@@ -42,7 +50,7 @@ async def follow(
             caught_up = True
         while not (box.overflowed or box.closed):
             if not await box.wait(heartbeat):
-                yield sse.comment("heartbeat")
+                yield keepalive
                 continue
             items = box.take()
             if not items:
