@@ -16,7 +16,6 @@ Needs root (for the tmpfs mount) and `apt-get install inotify-tools`.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -27,7 +26,7 @@ import time
 from pathlib import Path
 
 import httpx
-from harness import BIN, burst, free_port, make_root, stop, tmpfs, wait_http
+from harness import BIN, burst, burst_options, free_port, make_root, stop, tmpfs, wait_http
 
 SUBSCRIBER = r"""
 import sys, time, httpx
@@ -153,12 +152,7 @@ def run_inotifywait(base: Path, n: int, dirs: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--files", type=int, default=100_000)
-    ap.add_argument("--dirs", type=int, default=100)
-    ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--json", type=Path, help="also write the raw results here")
-    args = ap.parse_args()
+    args = burst_options(__doc__)
     if not shutil.which("inotifywait"):
         sys.exit("inotifywait is missing: apt-get install inotify-tools")
     queued = Path("/proc/sys/fs/inotify/max_queued_events").read_text().strip()

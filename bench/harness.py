@@ -3,6 +3,7 @@ waits, RSS, an agent+relay pair. Benchmarks are run by hand, never by the tests.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import select
@@ -156,6 +157,16 @@ for p in paths:
     os.close(fd)
 print(t0, time.monotonic())
 """
+
+
+def burst_options(doc: str) -> argparse.Namespace:
+    """The command line of a burst benchmark: --files, --dirs, --runs, --json."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--files", type=int, default=100_000)
+    ap.add_argument("--dirs", type=int, default=100)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--json", type=Path, help="also write the raw results here")
+    return ap.parse_args()
 
 
 def burst(root: Path, n: int, dirs: int) -> tuple[float, float]:

@@ -22,7 +22,6 @@ Needs root (the tmpfs mount).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -33,7 +32,7 @@ import time
 from pathlib import Path
 
 import httpx
-from harness import Stack, burst, cpu_seconds, free_port, make_root, stop, tmpfs
+from harness import Stack, burst, burst_options, cpu_seconds, free_port, make_root, stop, tmpfs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from kafka_broker import broker_command  # the tests' broker, shared rather than copied
@@ -129,12 +128,7 @@ def one(base: Path, n: int, dirs: int, sink: bool) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--files", type=int, default=100_000)
-    ap.add_argument("--dirs", type=int, default=100)
-    ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--json", type=Path, help="also write the raw results here")
-    args = ap.parse_args()
+    args = burst_options(__doc__)
     results: list[dict] = []
     with tmpfs() as base:
         for run in range(args.runs):
@@ -150,6 +144,8 @@ def main() -> None:
             pair[True]["sink_over_ingest"] = (
                 pair[True]["sink_events_per_s"] / pair[True]["ingest_events_per_s"]
             )
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
     on = [r for r in results if r["sink"]]
     off = [r for r in results if not r["sink"]]
 
@@ -171,8 +167,6 @@ def main() -> None:
             f"CPU s {who:6}: off {statistics.median(r['cpu_seconds'][who] for r in off):.1f}, "
             f"on {statistics.median(r['cpu_seconds'][who] for r in on):.1f}"
         )
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":
