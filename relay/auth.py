@@ -126,10 +126,14 @@ def check_password(password: str, stored: str) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class Basic:
-    """HTTP Basic credentials."""
+    """HTTP Basic credentials. A user name may carry a dCache role request, ``alice#admin``
+    (dCache's own clients add one): there are no roles here, so it names the user ``alice``."""
 
     user: str
     password: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "user", self.user.partition("#")[0])
 
     def key(self) -> bytes:
         return hashlib.sha256(f"{self.user}\0{self.password}".encode()).digest()

@@ -87,6 +87,11 @@ def test_a_user_logs_in_with_its_password_and_gets_its_scope(monkeypatch):
     assert str(e.value) == BAD_LOGIN and e.value.status == 401
 
 
+def test_a_dcache_role_request_in_the_user_name_names_the_user():
+    auth, _ = authenticator()
+    assert auth.identify(Basic("alice#admin", PASSWORD)).name == "user:alice"
+
+
 def test_a_token_is_accepted_as_the_password_under_any_user_name():
     auth, token = authenticator()
     for user in ("pipeline", "anyone", "alice", ""):
@@ -206,3 +211,36 @@ def test_basic_logins_read_what_their_scope_allows(tmp_path, procs):
     reader.join(20)
     assert seen == ["d", "d"]  # IN_CREATE and IN_CLOSE_WRITE of hers only
     client.resp.close()
+
+
+def test_dcacheclient_logs_in_and_drives_channels_unchanged(tmp_path, procs):
+    """neicnordic's dcacheclient (the library behind ``dcache-admin`` and panoptes): it logs in
+    as ``USER#admin`` with Basic, reads ``Location`` from the 201, lists channels."""
+    from dcacheclient.client import Client
+
+    entry = subprocess.run(
+        [command("storage-events-relay"), "user", "add", "alice", "--password-stdin"],
+        input=PASSWORD + "\n",
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    config = tmp_path / "relay.toml"
+    config.write_text(entry.split("\n", 1)[1])
+    relay = Relay(tmp_path, procs, extra=("--config", str(config)), token=None)
+    dcache = Client(relay.url, username="alice", password=PASSWORD)
+    try:
+        assert dcache.identity.get_user_attributes()["status"] == "AUTHENTICATED"
+        created = dcache.events.register()
+        assert created.status_code == 201
+        channel = created.headers["Location"]
+        assert dcache.events.get_channels() == [channel]
+        cid = channel.rsplit("/", 1)[1]
+        assert dcache.events.channel_subscriptions(id=cid) == []
+    finally:
+        dcache.close()
+    wrong = Client(relay.url, username="alice", password="wrong password")
+    try:
+        assert wrong.events.get_channels() is False  # (its way of saying 401)
+    finally:
+        wrong.close()
