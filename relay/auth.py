@@ -254,8 +254,8 @@ class Authenticator:
         if not bearer:
             raise AuthError(
                 "this relay needs a token: send `Authorization: Bearer TOKEN` "
-                "(or ?access_token= where headers cannot be set), or log in with a user "
-                "name and password (HTTP Basic)"
+                "(or ?access_token= where headers cannot be set); readers may also log in "
+                "with a user name and password (HTTP Basic)"
             )
         if isinstance(bearer, Basic):
             return self._login(bearer)
