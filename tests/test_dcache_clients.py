@@ -1,8 +1,8 @@
 """What dCache's own clients rely on beyond the API's shape, reproduced as they do it: sseclient
 0.0.27 (which dCache's reference client and panoptes read channel streams with) taking every
 blank-line-terminated block for an event and ``json.loads``-ing its data; SURF's ``ada`` finding a
-new channel with a case-sensitive ``awk '/Location:/'``; URLs built from the request, as dCache's
-frontend builds them."""
+new channel with a case-sensitive ``awk '/Location:/'``; channel listings built from the request,
+as dCache's frontend builds them."""
 
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def raw(port: int, request: bytes) -> bytes:
         return out
 
 
-def test_location_is_written_as_dcache_writes_it_and_urls_follow_the_request(tmp_path, procs):
+def test_location_is_written_as_dcache_writes_it_and_listings_follow_the_request(tmp_path, procs):
     relay = Relay(tmp_path, procs)
     head = raw(
         relay.port,
@@ -78,6 +78,8 @@ def test_location_is_written_as_dcache_writes_it_and_urls_follow_the_request(tmp
     # Listed through another name of the relay, as that name (dCache builds them per request).
     other = f"http://127.0.0.1:{relay.port}/api/v1/events/channels"
     assert httpx.get(other).json() == [f"{other}/{cid}"]
+    # A subscription keeps the URL it was given: the events it routes name it, and clients
+    # (the reference client) look their watch up by it.
     r = httpx.post(f"{other}/{cid}/subscriptions/inotify", json={"path": "/data"})
-    assert r.headers["location"].startswith(f"{other}/{cid}/subscriptions/inotify/")
+    assert r.headers["location"].startswith(f"{channel}/subscriptions/inotify/")
     assert httpx.get(f"{other}/{cid}/subscriptions").json() == [r.headers["location"]]

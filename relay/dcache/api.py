@@ -29,7 +29,6 @@ from storage_events.relay.dcache.channels import (
     ChannelError,
     Registry,
     Routed,
-    Watch,
     deliverable,
     parse_selector,
     resume,
@@ -332,11 +331,11 @@ class ChannelService:
     def _base(self, request: Request) -> str:
         return str(request.base_url).rstrip("/") + PREFIX + "/channels"
 
-    def _url(self, request: Request, ch: Channel, w: Watch | None = None) -> str:
-        """A channel's (or watch's) URL as this request reached the relay, as dCache builds
-        them: the name a client used, even if the channel was made through another."""
-        url = f"{self._base(request)}/{ch.id}"
-        return url if w is None else f"{url}/subscriptions/inotify/{w.sid}"
+    def _url(self, request: Request, ch: Channel) -> str:
+        """A channel's URL as this request reached the relay, as dCache lists them: the name
+        the client used, even if the channel was made through another. (A subscription keeps
+        the URL it was given at creation: events name it, and clients match the two.)"""
+        return f"{self._base(request)}/{ch.id}"
 
     def routes(self) -> list[Route]:
         def handle(fn: Handler) -> Handler:
@@ -467,7 +466,7 @@ class ChannelService:
 
     async def list_watches(self, request: Request) -> Response:
         ch = self._channel(request)
-        return JSONResponse([self._url(request, ch, w) for w in ch.watches.values()])
+        return JSONResponse([w.url for w in ch.watches.values()])
 
     async def subscribe(self, request: Request) -> Response:
         body = await _body(request)  # first: the channel is looked up after the last await
@@ -477,11 +476,10 @@ class ChannelService:
             raise ChannelError(400, f"unknown event type {kind[:40]!r}: this relay has 'inotify'")
         w, new = self.registry.subscribe(ch, parse_selector(body))
         await self._save(ch)
-        location = {"Location": self._url(request, ch, w)}
         if not new:
-            return Response(status_code=303, headers=location)
+            return Response(status_code=303, headers={"Location": w.url})
         await self._tell(ch, system("NEW_SUBSCRIPTION", w.url))
-        return Response(status_code=201, headers=location)
+        return Response(status_code=201, headers={"Location": w.url})
 
     async def get_watch(self, request: Request) -> Response:
         ch = self._channel(request)
