@@ -141,7 +141,8 @@ class Relay:
         if self.proc.popen.poll() is not None:
             raise AssertionError(f"relay exited:\n{self.proc.output()}")
         try:
-            r = httpx.get(self.url + "/healthz", headers=self.headers, timeout=1, verify=False)
+            # (Generous: on a loaded machine a relay may take a while to answer.)
+            r = httpx.get(self.url + "/healthz", headers=self.headers, timeout=5, verify=False)
         except httpx.TransportError:
             return None
         return r.json() if r.status_code == 200 else None
