@@ -87,6 +87,16 @@ def test_a_user_logs_in_with_its_password_and_gets_its_scope(monkeypatch):
     assert str(e.value) == BAD_LOGIN and e.value.status == 401
 
 
+def test_a_token_of_another_role_given_as_the_password_cannot_read():
+    agent = "a" * 43
+    tokens = [TokenConfig(name="node1", role="agent", hash=hash_token(agent), site="s1")]
+    auth = Authenticator(tokens, None, [])
+    assert auth.identify(Basic("x", agent)).role == "agent"
+    with pytest.raises(AuthError, match="cannot read") as e:
+        auth.reader(Basic("x", agent))
+    assert e.value.status == 403
+
+
 def test_a_dcache_role_request_in_the_user_name_names_the_user():
     auth, _ = authenticator()
     assert auth.identify(Basic("alice#admin", PASSWORD)).name == "user:alice"
@@ -176,6 +186,24 @@ def test_basic_logins_read_what_their_scope_allows(tmp_path, procs):
 
     # Wrong ones are refused, a token as the password works.
     assert httpx.get(relay.url + "/events", auth=("alice", "nope"), timeout=5).status_code == 401
+
+    # A flood of guesses (each a slow check, one at a time) never holds the event loop: a
+    # request that needs no check is answered while the guesses are still being checked.
+    finished: list[str] = []
+
+    def guess(i: int) -> None:
+        r = httpx.get(relay.url + "/api/v1/user", auth=("alice", f"guess {i}"), timeout=60)
+        finished.append(f"guess {r.status_code}")
+
+    flood = [threading.Thread(target=guess, args=(i,)) for i in range(30)]
+    for t in flood:
+        t.start()
+    r = httpx.get(relay.url + "/api/v1/user", auth=("x", token), timeout=30)
+    finished.append(f"reader {r.status_code}")
+    for t in flood:
+        t.join()
+    assert finished.count("guess 401") == 30
+    assert finished.index("reader 200") < len(finished) - 1, finished
     api = relay.url + "/api/v1"
     user = httpx.get(api + "/user", auth=("alice", PASSWORD), timeout=5).json()
     assert user == {
