@@ -244,6 +244,12 @@ class Authenticator:
         }
 
     @property
+    def challenge(self) -> str:
+        """``WWW-Authenticate`` for a reader refused for want of credentials: Basic too where
+        users log in with passwords (browsers and ``curl --anyauth`` then ask for them)."""
+        return 'Basic realm="storage-events", Bearer' if self._users else "Bearer"
+
+    @property
     def enabled(self) -> bool:
         return bool(self._tokens) or self._jwt is not None or bool(self._users)
 

@@ -184,8 +184,12 @@ def test_basic_logins_read_what_their_scope_allows(tmp_path, procs):
                     break
     assert got == [str(public / "a")] * 2
 
-    # Wrong ones are refused, a token as the password works.
-    assert httpx.get(relay.url + "/events", auth=("alice", "nope"), timeout=5).status_code == 401
+    # Wrong ones are refused, a token as the password works; a refusal offers Basic.
+    r = httpx.get(relay.url + "/events", auth=("alice", "nope"), timeout=5)
+    assert r.status_code == 401
+    assert r.headers["www-authenticate"] == 'Basic realm="storage-events", Bearer'
+    r = httpx.post(relay.url + "/api/v1/events/channels", timeout=5)
+    assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Basic realm=")
 
     # A flood of guesses (each a slow check, one at a time) never holds the event loop: a
     # request that needs no check is answered while the guesses are still being checked.

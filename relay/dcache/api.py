@@ -104,8 +104,8 @@ EVENT_SCHEMA = {
 }
 
 
-def _problem(status: int, detail: str) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+def _problem(status: int, detail: str, challenge: str = "Bearer") -> JSONResponse:
+    headers = {"WWW-Authenticate": challenge} if status == 401 else None
     return JSONResponse(
         {"status": str(status), "title": _TITLES.get(status, "Error"), "detail": detail},
         status_code=status,
@@ -345,7 +345,7 @@ class ChannelService:
                 except ChannelError as e:
                     return _problem(e.status, e.detail)
                 except AuthError as e:
-                    return _problem(e.status, str(e))
+                    return _problem(e.status, str(e), self.auth.challenge)
 
             return wrapped
 

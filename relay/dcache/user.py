@@ -33,7 +33,7 @@ def user_endpoint(auth: Authenticator) -> Callable[[Request], Awaitable[Response
             return JSONResponse(
                 {"errors": [{"message": str(e), "status": str(e.status)}]},
                 status_code=e.status,
-                headers={"WWW-Authenticate": 'Basic realm="storage-events"'},
+                headers={"WWW-Authenticate": auth.challenge},
             )
         assert who is not None
         prefixes = who.scope.prefixes

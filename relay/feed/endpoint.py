@@ -106,7 +106,9 @@ class Feed:
             name, scope = self.authorize(request)
         except AuthError as e:
             return PlainTextResponse(
-                f"{e}\n", status_code=e.status, headers={"WWW-Authenticate": "Bearer"}
+                f"{e}\n",
+                status_code=e.status,
+                headers={"WWW-Authenticate": self.auth.challenge if self.auth else "Bearer"},
             )
         if name is not None and self._open[name] >= self.per_identity:
             return PlainTextResponse(

@@ -32,7 +32,7 @@ def health_endpoint(
             auth.identify(token)  # any valid token, whatever its role, may know the rest
         except AuthError as e:
             return PlainTextResponse(
-                f"{e}\n", status_code=e.status, headers={"WWW-Authenticate": "Bearer"}
+                f"{e}\n", status_code=e.status, headers={"WWW-Authenticate": auth.challenge}
             )
         detail = {
             **status,

@@ -79,7 +79,9 @@ def sites_endpoint(
             _, scope = feed.authorize(request)
         except AuthError as e:
             return PlainTextResponse(
-                f"{e}\n", status_code=e.status, headers={"WWW-Authenticate": "Bearer"}
+                f"{e}\n",
+                status_code=e.status,
+                headers={"WWW-Authenticate": feed.auth.challenge if feed.auth else "Bearer"},
             )
         # No scope: anonymous where no authentication is configured, which sees everything.
         return JSONResponse(
