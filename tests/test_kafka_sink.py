@@ -220,3 +220,23 @@ def test_a_bad_producer_setting_is_an_error_at_start(tmp_path):
 
     with pytest.raises(KafkaException, match=r"no\.such\.setting"):
         run(main())
+
+
+def test_a_stopping_relay_flushes_what_is_out_and_keeps_the_checkpoint(tmp_path):
+    async def main():
+        async with opened(tmp_path) as log:
+            cfg = KafkaConfig(bootstrap_servers="127.0.0.1:9", config={**MOCK, "linger.ms": 1000})
+            sink = KafkaSink(cfg, log, "central", FileCheckpoint(tmp_path, TOPIC))
+            log.follow(sink.notify)
+            await sink.start()
+            task = asyncio.create_task(sink.run())
+            await append(log, ["a:1"], 1, 3000)
+            while sink.progress.dispatched < log.head:  # all handed over, lingering unsent
+                await asyncio.sleep(0.01)
+            assert sink.progress.checkpoint < log.head
+            task.cancel()  # as the relay's shutdown cancels its tasks, then stops the others
+            await asyncio.sleep(0.1)  # (meanwhile the sink flushes)
+            await sink.close()
+            return FileCheckpoint(tmp_path, TOPIC).read(log.epoch)[0], sink.delivered
+
+    assert run(main()) == (3000, 3000)

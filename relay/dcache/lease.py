@@ -131,7 +131,8 @@ class LeaseKeeper:
             return
         if not held and not quiet:
             log.warning("%s: lease lost; no longer this relay's", self.what)
-        holder.cancel()
+        if not holder.cancelling():  # (once: a second cancel would cut its clean-up short)
+            holder.cancel()
         (ended,) = await asyncio.gather(holder, return_exceptions=True)
         if isinstance(ended, Exception):
             log.error("%s: failed (%s); trying again", self.what, ended)

@@ -122,7 +122,10 @@ class KafkaSink:
         if self._keeper is not None:
             await self._keeper.stop()
         elif self._term is not None:
-            self._term.cancel()
+            # The relay's shutdown may have cancelled it already: a second cancel would cut its
+            # flush and its last checkpoint short.
+            if not self._term.cancelling():
+                self._term.cancel()
             await asyncio.gather(self._term, return_exceptions=True)
 
     async def _publish_term(self, checkpoints: Checkpoints) -> None:
