@@ -377,7 +377,7 @@ class Tree:
                 if _changed(prev, stat, self._suspect_ns):
                     out.append(Change(path, _CLOSE_WRITE, False, synthetic=True))
                 continue
-            moved = self._scan_paired(name, is_dir, eino)
+            moved = self._scan_paired(path, is_dir, eino)
             if moved is not None:
                 cookie, move = moved
                 out.append(
@@ -643,21 +643,37 @@ class Tree:
             out.extend(self.handle(wd, mask, cookie, name, now))
         return out
 
-    def _scan_paired(self, name: str, is_dir: bool, ino: int) -> tuple[int, _PendingMove] | None:
-        """The pending ``IN_MOVED_FROM`` whose target a listing found (the kernel reports no
-        ``IN_MOVED_TO`` into a directory it did not watch yet), so the pair stays a pair."""
+    def _scan_paired(self, path: str, is_dir: bool, ino: int) -> tuple[int, _PendingMove] | None:
+        """The pending ``IN_MOVED_FROM`` whose target a listing found at ``path`` (the kernel
+        reports no ``IN_MOVED_TO`` into a directory it did not watch yet), so the pair stays a
+        pair. By inode where the model knows the file's; a file known only from its events
+        (inode unknown) is taken by name, and of several such, the one that left the nearest
+        directory above ``path`` (``mv x run1/x`` in several directories at once must pair each
+        with its own)."""
+        parent, _, name = path.rpartition("/")
+        by_name: tuple[int, int, _PendingMove] | None = None  # (nearness, cookie, move)
         for cookie, move in self._moves.items():
             entry = move.entry
             if is_dir:
                 if isinstance(entry, _Dir) and entry.ino and entry.ino == ino:
                     del self._moves[cookie]
                     return cookie, move
-            elif isinstance(entry, tuple) and (
-                entry[0] == ino or (entry[0] == 0 and move.path.rsplit("/", 1)[-1] == name)
-            ):
+                continue
+            if not isinstance(entry, tuple):
+                continue
+            if entry[0] == ino:
                 del self._moves[cookie]
                 return cookie, move
-        return None
+            left, _, was = move.path.rpartition("/")
+            if entry[0] == 0 and was == name:
+                above = parent == left or parent.startswith(left + "/")
+                nearness = len(left) if above else -1
+                if by_name is None or nearness > by_name[0]:
+                    by_name = (nearness, cookie, move)
+        if by_name is None:
+            return None
+        del self._moves[by_name[1]]
+        return by_name[1], by_name[2]
 
     def _root_gone(self, root: _Root, kind: int) -> list[Output]:
         """The root itself was deleted, moved or unmounted: say so and stop watching it (its

@@ -268,6 +268,26 @@ def test_a_listing_that_finds_a_rename_target_pairs_it():
     assert pairs == [("/r/run1/hello.txt", "MOVED_TO", 9, "/r/hello.txt")]
 
 
+def test_listed_rename_targets_pair_with_their_own_sources():
+    # `mv hello.txt run1/` in two directories while the agent was stopped: neither file's
+    # inode is known (seen only in events), so each must pair by where it left.
+    k = make({"/r": [("demo0", True), ("demo1", True)], "/r/demo0": [], "/r/demo1": []})
+    for d in ("demo0", "demo1"):
+        k.event(f"/r/{d}", CREATE, "hello.txt")
+        k.event(f"/r/{d}", CREATE | ISDIR, "run1")
+        k.listings[f"/r/{d}/run1"] = [("hello.txt", False)]
+    k.published.clear()
+    k.run(k.tree.handle(k.wds["/r/demo0"], MOVED_FROM, 7, "hello.txt", 0.0))
+    k.run(k.tree.handle(k.wds["/r/demo1"], MOVED_FROM, 8, "hello.txt", 0.0))
+    for d in ("demo1", "demo0"):  # demo1's listing first: demo0's move is pending too
+        k.run([WatchDir(k.tree.node_of(k.wds[f"/r/{d}/run1"]))])
+    pairs = sorted((c.path, c.cookie, c.old_path) for c in k.published if c.flags & MOVED_TO)
+    assert pairs == [
+        ("/r/demo0/run1/hello.txt", 7, "/r/demo0/hello.txt"),
+        ("/r/demo1/run1/hello.txt", 8, "/r/demo1/hello.txt"),
+    ]
+
+
 def test_a_rename_over_an_existing_entry_deletes_it_first():
     k = make({"/r": [("a", False), ("b", False), ("dst", True)], "/r/dst": []})
     k.event("/r", MOVED_FROM, "a", cookie=1)

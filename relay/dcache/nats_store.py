@@ -38,7 +38,14 @@ from nats.js.errors import (
 from storage_events.relay.dcache.channels import Origin, Registry
 from storage_events.relay.dcache.store import BacklogRow, Snapshot, Stored, restore
 from storage_events.relay.log.base import StoreError
-from storage_events.relay.log.jetstream import bucket, led, reader, ready, subscribe_after
+from storage_events.relay.log.jetstream import (
+    bucket,
+    led,
+    reader,
+    ready,
+    subscribe_after,
+    writable,
+)
 from storage_events.relay.log.nats import NATSLog
 
 log = logging.getLogger("storage_events.relay")
@@ -179,6 +186,8 @@ class NATSChannelStore:
         await ready(lambda: self._open_stream(replicas), f"stream {self.events}")
         for stream in (f"KV_{self.bucket}", f"KV_{self.lease_bucket}", self.events):
             await led(self._js, stream)  # (writable only once each has a leader)
+        for kv, name in ((self._kv, self.bucket), (self.lease, self.lease_bucket)):
+            await writable(kv, f"key-value bucket {name}")
 
     async def _open_stream(self, replicas: int) -> None:
         try:

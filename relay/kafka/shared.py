@@ -17,7 +17,7 @@ from nats.js.errors import KeyNotFoundError
 
 from storage_events.relay.dcache.lease import TTL, LeaseKeeper
 from storage_events.relay.kafka.checkpoint import CheckpointError, parse, render
-from storage_events.relay.log.jetstream import bucket, led, ready
+from storage_events.relay.log.jetstream import bucket, led, ready, writable
 from storage_events.relay.log.nats import NATSLog
 
 
@@ -53,8 +53,9 @@ async def open_shared(log: NATSLog, topic: str, me: str) -> tuple[KVCheckpoint, 
     state, lease = f"{log.stream}_KAFKA", f"{log.stream}_KAFKA_LEASE"
     kv = await ready(lambda: bucket(js, state, replicas), f"key-value bucket {state}")
     held = await ready(lambda: bucket(js, lease, replicas, TTL), f"key-value bucket {lease}")
-    for name in (state, lease):
+    for name, kv_ in ((state, kv), (lease, held)):
         await led(js, f"KV_{name}")
+        await writable(kv_, f"key-value bucket {name}")
     # One lease per topic: two topics are two sinks.
     # (A replica restarted is another holder.)
     who = f"{me}/{secrets.token_hex(4)}"

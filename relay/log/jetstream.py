@@ -14,7 +14,11 @@ from typing import Any
 from nats.errors import Error as NATSError
 from nats.errors import TimeoutError as NATSTimeout
 from nats.js import JetStreamContext, api
-from nats.js.errors import BucketNotFoundError, ServiceUnavailableError
+from nats.js.errors import (
+    BucketNotFoundError,
+    KeyWrongLastSequenceError,
+    ServiceUnavailableError,
+)
 
 from storage_events.relay.log.base import StoreError
 
@@ -49,6 +53,25 @@ async def bucket(js: JetStreamContext, name: str, replicas: int, ttl: float | No
                 bucket=name, history=1, ttl=ttl, replicas=replicas, storage=api.StorageType.FILE
             )
         )
+
+
+PROBE = "probe.writable"  # a key never written: probed with a write bound to fail
+
+
+async def writable(kv: Any, what: str) -> None:
+    """Wait until key-value bucket ``kv`` takes writes. A bucket just made may have a leader and
+    still answer a write with "no responders" for a moment, until its subjects' interest has
+    reached the server we are connected to. The probe is an update that must fail (it expects
+    a revision the key never had): the bucket's refusal says it listens, and nothing is
+    written."""
+
+    async def probe() -> None:
+        try:
+            await kv.update(PROBE, b"", last=2**62)
+        except KeyWrongLastSequenceError:
+            return
+
+    await ready(probe, what)
 
 
 async def led(js: JetStreamContext, stream: str) -> Any:
