@@ -15,7 +15,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from storage_events.relay.auth import Authenticator, Basic, basic
+from storage_events.relay.auth import Authenticator, Basic, bearer
 from storage_events.relay.config import RelayConfig, is_loopback, own_name
 from storage_events.relay.dcache.api import ChannelService
 from storage_events.relay.dcache.channels import Limits, Registry
@@ -61,10 +61,10 @@ class Relay(Starlette):
             return self._ingest(scope, receive, send)
         if scope["type"] == "http":
             for name, value in scope["headers"]:
-                if name == b"authorization" and value[:6].lower() == b"basic ":
-                    cred = basic(value[6:].strip().decode("latin-1"))
+                if name == b"authorization":
+                    cred = bearer(value.decode("latin-1"), None)
                     if self._auth.needs_check(cred):
-                        return self._checked(cred, scope, receive, send)
+                        return self._checked(cred, scope, receive, send)  # type: ignore[arg-type]
         return super().__call__(scope, receive, send)
 
     async def _checked(self, cred: Basic, scope: Scope, receive: Receive, send: Send) -> None:
@@ -98,7 +98,6 @@ def create_app(cfg: RelayConfig) -> Relay:
     if cfg.name is None:  # (relays started alike on one host must not share a name)
         cfg = msgspec.structs.replace(cfg, name=own_name(Path(cfg.data)))
     log = open_log(cfg)
-    servers = cfg.nats_servers()
     hub = Hub()
     auth = Authenticator(cfg.token, cfg.jwt, cfg.user)
     log.follow(hub.publish)  # whoever stored them: this relay, or another on a shared store
@@ -117,7 +116,9 @@ def create_app(cfg: RelayConfig) -> Relay:
         from storage_events.relay.kafka.sink import KafkaSink
 
         # On a NATS store the relays sharing it share one checkpoint, beside the log.
-        place = None if servers else FileCheckpoint(Path(cfg.data), cfg.kafka.topic)
+        place = None
+        if isinstance(log, SQLiteLog):
+            place = FileCheckpoint(Path(cfg.data), cfg.kafka.topic)
         sink = KafkaSink(cfg.kafka, log, cfg.name, place)
         hub.listeners.append(sink.notify)
     feed = Feed(

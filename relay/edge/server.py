@@ -23,6 +23,7 @@ from storage_events.relay.ingest.session import MAX_HELLO
 
 log = logging.getLogger("storage_events.relay")
 
+CHANNELS = b"/api/v1/events/channels"
 TOO_LARGE = b"the request head is larger than this relay takes (64 KiB)\n"
 BUSY = b"this relay is serving as many connections as it may (max_connections); retry later\n"
 
@@ -66,7 +67,12 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._disarm()  # before uvicorn hands an upgraded connection to the WebSocket protocol
         super().on_headers_complete()
         cycle = getattr(self, "cycle", None)
-        if cycle is not None and cycle.transport is self.transport:
+        # Only the dCache channel API writes Location: SSE feeds keep their writes direct.
+        if (
+            cycle is not None
+            and cycle.transport is self.transport
+            and self.url.startswith(CHANNELS)
+        ):
             cycle.transport = _Capitalized(self.transport)
 
     def on_response_complete(self) -> None:

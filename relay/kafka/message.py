@@ -27,7 +27,6 @@ TYPE_PREFIX = "storage-events."
 
 
 class Message(NamedTuple):  # (made per event: a tuple is the cheapest to make)
-    id: int  # the event's id in the relay's log
     key: bytes
     value: bytes
     headers: Headers
@@ -82,7 +81,7 @@ def _headers(ev: Event, kind: str, subject: bool = True) -> Headers:
 
 def message(record: Record) -> Message:
     ev = record.event()
-    return Message(record.id, ev.stream.encode(), record.data, _headers(ev, sse_type(record.flags)))
+    return Message(ev.stream.encode(), record.data, _headers(ev, sse_type(record.flags)))
 
 
 def oversize(record: Record, size: int) -> Message:
@@ -103,4 +102,4 @@ def oversize(record: Record, size: int) -> Message:
         },
         separators=(",", ":"),
     ).encode()
-    return Message(record.id, ev.stream.encode(), value, _headers(ev, "too_large", subject=False))
+    return Message(ev.stream.encode(), value, _headers(ev, "too_large", subject=False))

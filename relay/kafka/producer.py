@@ -149,7 +149,7 @@ class ProducerThread:
                     if generation != self._generation:
                         self._generation, self._produced = generation, None
                     for record in records:
-                        self._produce(producer, generation, record)
+                        self._produce(producer, record)
                     self._produced = records[-1].id
                     if time.monotonic() - self._drained_at > DRAIN_EVERY:
                         producer.flush(DRAIN_WAIT)  # (a moment of no backlog, for the checkpoint)
@@ -169,7 +169,7 @@ class ProducerThread:
         self._produced, self._failed = None, []
         return self._make()
 
-    def _produce(self, producer: Any, generation: int, record: Record) -> None:
+    def _produce(self, producer: Any, record: Record) -> None:
         msg = message(record)
         if record.id in self._oversize or (
             len(msg.value) > self.max_bytes // 2 and msg.size > self.max_bytes
@@ -181,11 +181,9 @@ class ProducerThread:
                 return
             except BufferError:  # librdkafka's queue is full: wait for room, here
                 producer.poll(0.05)
-            except Exception as e:  # KafkaException: refused before it was queued
-                from confluent_kafka import KafkaError
-
-                err = e.args[0] if e.args and isinstance(e.args[0], KafkaError) else None
-                if err is not None and err.code() == KafkaError.MSG_SIZE_TOO_LARGE:
+            except Exception as e:  # KafkaException (its KafkaError): refused before it was queued
+                err = e.args[0] if e.args and hasattr(e.args[0], "code") else None
+                if err is not None and err.code() == _size_error():
                     self._oversize.add(record.id)
                     msg = self._substitute(msg, record)
                     continue
