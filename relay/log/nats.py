@@ -161,9 +161,13 @@ class NATSLog(LogState):
         self._kv = await ready(self._open_bucket, f"state bucket {self.stream}_STATE")
         await led(self._js, f"KV_{self.stream}_STATE")
         self._delivered = self._head  # the last sequence handed to listeners
-        # Every relay hears every event, in stream order, from the next one on.
-        self._sub = await subscribe_after(
-            self._js, subjects(self.stream), self.stream, self._head, self._received
+        # Every relay hears every event, in stream order, from the next one on. (Asked again
+        # like every step above: a cluster just started may time out making the consumer.)
+        self._sub = await ready(
+            lambda: subscribe_after(
+                self._js, subjects(self.stream), self.stream, self._head, self._received
+            ),
+            f"a consumer of stream {self.stream}",
         )
         self._spawn(self._refresh())
 
