@@ -42,6 +42,12 @@ def main() -> None:
     type=click.Path(file_okay=False),
     help="Directory for unacknowledged events and the tree snapshot.",
 )
+@click.option(
+    "--announce-existing/--no-announce-existing",
+    default=None,
+    help="The first time a root is watched, publish what it holds as IN_CREATE events, so "
+    "that the relay's namespace view starts complete (the default: on).",
+)
 @click.option("-v", "--verbose", count=True, help="More log output.")
 @log_format_option
 @click.argument("paths", nargs=-1, type=click.Path(file_okay=False, path_type=Path))
@@ -53,6 +59,7 @@ def run(
     node: str | None,
     token: str | None,
     spool: str | None,
+    announce_existing: bool | None,
     verbose: int,
     log_format: str,
     paths: tuple[Path, ...],
@@ -63,7 +70,14 @@ def run(
     cfg = load_config(
         config_file,
         AgentConfig,
-        {"relay": relay, "site": site, "node": node, "token": token, "spool": spool},
+        {
+            "relay": relay,
+            "site": site,
+            "node": node,
+            "token": token,
+            "spool": spool,
+            "announce_existing": announce_existing,
+        },
     )
     cfg.root.extend(load_config(None, AgentConfig, {"root": roots}).root)
     try:

@@ -48,6 +48,9 @@ class AgentConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     shutdown_grace: float = 5.0
     retry_interval: Positive = 30.0  # seconds between retries of directories that could not be
     # watched (SIGHUP retries at once)
+    # The first time a root is watched (no snapshot of it in the spool), publish what it already
+    # holds as synthetic IN_CREATE events, so that the relay's namespace view starts complete.
+    announce_existing: bool = True
 
     def __post_init__(self) -> None:
         if self.spool:

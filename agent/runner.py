@@ -69,6 +69,7 @@ class Agent:
             node=cfg.node,
             sink=self.publish,
             retry_interval=cfg.retry_interval,
+            announce=cfg.announce_existing,
         )
         loop = asyncio.get_running_loop()  # built inside run_agent
         # While processing is paused, kernel events wait in the reader's memory: with a spool

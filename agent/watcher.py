@@ -230,8 +230,10 @@ class Watcher:
         node: str,
         sink: Callable[[Event], None],
         retry_interval: float = 30.0,
+        announce: bool = False,
     ) -> None:
         self.roots = roots
+        self.announce = announce  # a root watched for the first time: publish what it holds
         self.site = site
         self.node = node
         self.sink = sink  # takes every event to publish, in order
@@ -289,7 +291,11 @@ class Watcher:
             if unclean:
                 self._publish(Change(join_path(root.prefix, []), _Q_OVERFLOW, True))
             old = previous.get(root.path) if previous else None
-            if old is not None:
+            if old is None and self.announce:
+                # Compared with an empty directory of unknown inode, all it holds is new.
+                log.info("publishing what %s holds (watched for the first time)", root.path)
+                old = [0, {}]
+            elif old is not None:
                 log.info("publishing what changed under %s since the agent last stopped", root.path)
             troot, cmds = self.tree.add_root(root.path, root.prefix, old, root.select)
             if cmds:

@@ -19,6 +19,7 @@ from storage_events.relay.auth import Authenticator, Basic, bearer
 from storage_events.relay.config import RelayConfig, is_loopback, own_name
 from storage_events.relay.dcache.api import ChannelService
 from storage_events.relay.dcache.channels import Limits, Registry
+from storage_events.relay.dcache.namespace import namespace_endpoint
 from storage_events.relay.dcache.store import ChannelStore
 from storage_events.relay.dcache.user import user_endpoint
 from storage_events.relay.edge.guard import Guard, Policy
@@ -34,6 +35,8 @@ from storage_events.relay.log.sqlite import SQLiteLog
 from storage_events.relay.ops.health import health_endpoint
 from storage_events.relay.ops.metrics import metrics_endpoint
 from storage_events.relay.ops.sites import sites_endpoint
+from storage_events.relay.state.endpoint import state_endpoint
+from storage_events.relay.state.reader import View
 
 logger = logging.getLogger("storage_events.relay")
 
@@ -90,7 +93,11 @@ def open_log(cfg: RelayConfig) -> EventLog:
             retention=retention,
         )
     return SQLiteLog(
-        Path(cfg.data), synchronous=cfg.durability.upper(), name=cfg.name, retention=retention
+        Path(cfg.data),
+        synchronous=cfg.durability.upper(),
+        name=cfg.name,
+        retention=retention,
+        namespace=cfg.namespace,
     )
 
 
@@ -121,6 +128,9 @@ def create_app(cfg: RelayConfig) -> Relay:
             place = FileCheckpoint(Path(cfg.data), cfg.kafka.topic)
         sink = KafkaSink(cfg.kafka, log, cfg.name, place)
         hub.listeners.append(sink.notify)
+    view = None
+    if isinstance(log, SQLiteLog) and log.namespace is not None:
+        view = View(log.path)
     feed = Feed(
         log,
         hub,
@@ -128,6 +138,7 @@ def create_app(cfg: RelayConfig) -> Relay:
         buffer_bytes=cfg.subscriber_buffer,
         auth=auth,
         per_identity=cfg.max_subscribers_per_identity,
+        view=view,
     )
     registry = Registry(
         Limits(
@@ -214,7 +225,9 @@ def create_app(cfg: RelayConfig) -> Relay:
             Route("/events", feed.endpoint),
             Route("/healthz", health_endpoint(log, hub, ingest, auth)),
             Route("/sites", sites_endpoint(feed, ingest, pullers, pushers, sink)),
+            Route("/state", state_endpoint(view, feed)),
             Route("/api/v1/user", user_endpoint(auth)),
+            Route("/api/v1/namespace/{path:path}", namespace_endpoint(view, feed)),
             Route(
                 "/metrics",
                 metrics_endpoint(log, hub, ingest, feed, channels, pullers, pushers, auth, sink),

@@ -135,6 +135,9 @@ class RelayConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     subscriber_buffer: PositiveInt = 4 * 1024 * 1024  # bytes queued per subscriber before it
     # falls back to reading the log
     durability: Annotated[str, msgspec.Meta(pattern="^(normal|full)$")] = "normal"
+    # Keep the namespace view (GET /state, since=snapshot, dCache's namespace listing): every
+    # event also changes its tables, in the same transaction.
+    namespace: bool = True
     # Retention of the log; 0 means no limit of that kind. Clients resuming from an id that
     # was dropped get a `gap` event saying which ids they missed.
     retention_days: Annotated[float, msgspec.Meta(ge=0)] = 30.0

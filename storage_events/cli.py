@@ -24,7 +24,11 @@ def main() -> None:
 @click.option("--site", "sites", multiple=True, help="Only events of this site.")
 @click.option("--node", "nodes", multiple=True, help="Only events of this node.")
 @click.option("--type", "types", multiple=True, help="Only these inotify flags, e.g. IN_CREATE.")
-@click.option("--since", help="Start after this event id, or 'earliest', or 'now' (default).")
+@click.option(
+    "--since",
+    help="Start after this event id, or 'earliest', or 'now' (default), or 'snapshot': "
+    "first every entry that exists (as 'state' lines), then the events after them.",
+)
 @click.option("--count", type=click.IntRange(min=1), help="Exit after N events.")
 @click.option(
     "--format",

@@ -5,6 +5,10 @@ from storage_events.client import subscribe
 for item in subscribe("http://relay:8808", paths=["/data/run1"], since="earliest"):
     if item.type == "inotify":
         print(item.event.path, item.event.flags)
+
+With ``since="snapshot"`` the feed starts with a ``state`` item for every file and directory
+that exists under the filters, then one ``snapshot`` item, then the events after it: list and
+watch without a race. :class:`storage_events.namespace.Mirror` keeps the tree from them.
 """
 
 from __future__ import annotations
@@ -36,13 +40,17 @@ class FeedError(PeerError):
 
 @dataclass(slots=True)
 class Received:
-    type: str  # "inotify", "overflow" (the agent lost kernel events), ...
+    # "inotify", "overflow" (the agent lost kernel events), "gap", and with since="snapshot":
+    # "state" (an entry that exists), "snapshot" (all of them were sent), "reset" (the
+    # connection dropped before "snapshot": forget the state items, a new snapshot follows)
+    type: str
     id: int | None
     data: str  # the JSON text exactly as the relay sent it
 
     @property
     def event(self) -> Event:
-        """The typed :class:`~storage_events.wire.Event` (for ``inotify`` and ``overflow``)."""
+        """The typed :class:`~storage_events.wire.Event` (for ``inotify``, ``overflow`` and
+        ``state``)."""
         return event_from_json(self.data)
 
 
@@ -87,8 +95,12 @@ def subscribe(
         headers["Authorization"] = f"Bearer {token}"
     last_id: str | None = None
     backoff = 0.1
+    tried = False
     with httpx.Client(timeout=httpx.Timeout(10.0, read=None)) as http:
         while True:
+            if tried and last_id is None and since == "snapshot":
+                yield Received("reset", None, "")
+            tried = True
             query = list(params)
             if last_id is not None:
                 headers["Last-Event-ID"] = last_id

@@ -62,12 +62,15 @@ def text_line(item: Received) -> str:
 
 
 def _fields(item: Received) -> str:
-    if item.type not in ("inotify", "overflow"):
+    if item.type not in ("inotify", "overflow", "state"):
         return f"{item.id or '-'} {item.type} {item.data}"
     try:
         ev = item.event
     except msgspec.DecodeError:
         return f"{item.id or '-'} {item.type} {item.data}"
+    if item.type == "state":  # an entry of a snapshot: what exists, not a change
+        moving = " (being renamed)" if ev.cookie is not None else ""
+        return f"state {ev.site}/{ev.node} {ev.path}{'/' if ev.is_dir else ''}{moving}"
     line = f"{ev.id} {ev.site}/{ev.node} {'|'.join(ev.flags)} {ev.path}"
     if ev.old_path is not None:
         line += f" (from {ev.old_path})"

@@ -97,6 +97,14 @@ class Event(msgspec.Struct, kw_only=True):
     stream: _NAME
     seq: _SEQ
     synthetic: bool = False  # found by a directory scan rather than read from the kernel
+    # What the agent's one ``fstatat`` of the entry said, when it made one (None otherwise):
+    # bytes, mtime in nanoseconds since the epoch, st_mode, owner, group, inode number.
+    size: _U63 | None = None
+    mtime: Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)] | None = None
+    mode: Annotated[int, msgspec.Meta(ge=0, lt=2**32)] | None = None
+    uid: Annotated[int, msgspec.Meta(ge=0, lt=2**32)] | None = None
+    gid: Annotated[int, msgspec.Meta(ge=0, lt=2**32)] | None = None
+    ino: _U63 | None = None  # (a larger one is sent as None)
     raw_path: bytes | None = None
     raw_old_path: bytes | None = None
     # Federation: the id the first relay gave the event, and every relay that stored it, that

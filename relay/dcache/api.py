@@ -104,7 +104,7 @@ EVENT_SCHEMA = {
 }
 
 
-def _problem(status: int, detail: str, challenge: str = "Bearer") -> JSONResponse:
+def problem(status: int, detail: str, challenge: str = "Bearer") -> JSONResponse:
     headers = {"WWW-Authenticate": challenge} if status == 401 else None
     return JSONResponse(
         {"status": str(status), "title": _TITLES.get(status, "Error"), "detail": detail},
@@ -343,9 +343,9 @@ class ChannelService:
                 try:
                     return await fn(request)
                 except ChannelError as e:
-                    return _problem(e.status, e.detail)
+                    return problem(e.status, e.detail)
                 except AuthError as e:
-                    return _problem(e.status, str(e), self.auth.challenge)
+                    return problem(e.status, str(e), self.auth.challenge)
 
             return wrapped
 
@@ -370,8 +370,8 @@ class ChannelService:
         async def elsewhere(request: Request) -> Response:
             # Answer in the API's own error format, not the framework's plain text.
             if any(r.matches(request.scope)[0] is Match.PARTIAL for r in routes):
-                return _problem(405, f"{request.method} is not allowed on {request.url.path}")
-            return _problem(404, f"there is no {request.url.path} in this API")
+                return problem(405, f"{request.method} is not allowed on {request.url.path}")
+            return problem(404, f"there is no {request.url.path} in this API")
 
         return [
             *routes,

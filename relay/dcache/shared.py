@@ -35,7 +35,7 @@ from starlette.routing import Match, Route
 from storage_events import sse
 from storage_events.relay.auth import Authenticator, AuthError
 from storage_events.relay.dcache import forward
-from storage_events.relay.dcache.api import MAX_BODY, PREFIX, ChannelService, _problem
+from storage_events.relay.dcache.api import MAX_BODY, PREFIX, ChannelService, problem
 from storage_events.relay.dcache.channels import (
     Channel,
     Registry,
@@ -93,7 +93,7 @@ class Reader(Mailbox):
 
 
 def unavailable(detail: str) -> Response:
-    r = _problem(503, f"{detail}; another relay takes the channels over within about 15 s: retry")
+    r = problem(503, f"{detail}; another relay takes the channels over within about 15 s: retry")
     r.headers["Retry-After"] = "5"
     return r
 
@@ -313,7 +313,7 @@ class SharedChannels(ChannelService):
         try:
             return forward.decode_answer(reply.data)
         except msgspec.DecodeError as e:
-            return forward.answer(_problem(502, f"the holder's answer is not one ({e})"))
+            return forward.answer(problem(502, f"the holder's answer is not one ({e})"))
 
     async def _request(self, msg: Any) -> None:
         self._spawn(self._reply(msg))
@@ -322,10 +322,10 @@ class SharedChannels(ChannelService):
         try:
             answer = await self._dispatch(forward.decode_request(msg.data))
         except msgspec.DecodeError as e:
-            answer = forward.answer(_problem(400, f"a forwarded request that is not one ({e})"))
+            answer = forward.answer(problem(400, f"a forwarded request that is not one ({e})"))
         except Exception as e:
             log.exception("dCache channels: a request passed to this relay failed")
-            answer = forward.answer(_problem(500, f"the relay holding the channels failed: {e}"))
+            answer = forward.answer(problem(500, f"the relay holding the channels failed: {e}"))
         with contextlib.suppress(NATSError):
             await msg.respond(forward.encode(answer))
 
@@ -347,8 +347,8 @@ class SharedChannels(ChannelService):
                 return forward.answer(response)
             partial = partial or match is Match.PARTIAL
         if partial:
-            return forward.answer(_problem(405, f"{fwd.method} is not allowed on {fwd.path}"))
-        return forward.answer(_problem(404, f"there is no {fwd.path} in this API"))
+            return forward.answer(problem(405, f"{fwd.method} is not allowed on {fwd.path}"))
+        return forward.answer(problem(404, f"there is no {fwd.path} in this API"))
 
     # -- a channel's stream, on the replica its client reached -----------------------------
 
@@ -358,7 +358,7 @@ class SharedChannels(ChannelService):
         try:
             owner, scope = self._caller(request)
         except AuthError as e:
-            return _problem(e.status, str(e))
+            return problem(e.status, str(e))
         if not self.listening:
             return unavailable("this relay is still opening the dCache channels' stream")
         conn = secrets.token_hex(8)
@@ -368,7 +368,7 @@ class SharedChannels(ChannelService):
         try:
             grant = _grants.decode(answer.body)
         except msgspec.DecodeError as e:  # (a holder of another version)
-            return _problem(502, f"the relay holding the channels answered with no grant ({e})")
+            return problem(502, f"the relay holding the channels answered with no grant ({e})")
         cid = request.path_params["cid"]
         old = self.streams.get(cid)
         if old is not None:

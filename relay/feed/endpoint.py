@@ -17,6 +17,7 @@ from storage_events.relay.feed.filters import Filter, FilterError, Scope
 from storage_events.relay.feed.follow import follow
 from storage_events.relay.feed.hub import Hub, Subscription
 from storage_events.relay.log.base import EventLog
+from storage_events.relay.state.reader import Snapshot, View
 
 CATCH_UP_PAGE = 2000
 
@@ -71,7 +72,9 @@ class Feed:
         buffer_bytes: int,
         auth: Authenticator | None = None,
         per_identity: int = 64,
+        view: View | None = None,
     ) -> None:
+        self.view = view  # the namespace view, for since=snapshot
         self.auth = auth
         self.per_identity = per_identity
         self._open: Counter[str] = Counter()  # subscriptions per identity
@@ -114,31 +117,58 @@ class Feed:
             return PlainTextResponse(
                 f"{name!r} already has {self.per_identity} open subscriptions\n", status_code=429
             )
+        resume = request.headers.get("last-event-id")
+        # A reconnecting browser's Last-Event-ID wins: it had its snapshot, and events since.
+        wants_snapshot = resume is None and (q.get("since") or "").strip() == "snapshot"
         try:
             filter = Filter(
                 q.getlist("path"), q.getlist("site"), q.getlist("node"), q.getlist("type"), scope
             )
-            start = resume_point(
-                request.headers.get("last-event-id"), q.get("since"), self.log.head, self.log.first
-            )
+            if wants_snapshot:
+                if self.view is None:
+                    raise ResumeError(
+                        "since=snapshot needs the relay's namespace view, which this relay "
+                        "does not keep (namespace = false in its config)"
+                    )
+                start = 0
+            else:
+                start = resume_point(resume, q.get("since"), self.log.head, self.log.first)
         except (FilterError, ResumeError) as e:
             return PlainTextResponse(f"{e}\n", status_code=400)
-        # Subscribe before reading the log: whatever is published from now on is buffered, and
-        # whatever was published before is in the log.
+        # Subscribe before reading the log (or the view): whatever is published from now on is
+        # buffered, and whatever was published before is in the log (or the view).
         sub = self.hub.subscribe(filter, self.buffer_bytes)
+        snapshot = None
+        if wants_snapshot:
+            assert self.view is not None
+            try:
+                snapshot = await self.view.snapshot(filter)
+            except BaseException:
+                self.hub.unsubscribe(sub)
+                raise
+            start = snapshot.id
         if name is not None:
             self._open[name] += 1
         return StreamingResponse(
-            self._stream(sub, start, name),
+            self._stream(sub, start, name, snapshot),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
-    async def _stream(self, sub: Subscription, last: int, name: str | None) -> AsyncIterator[bytes]:
+    async def _stream(
+        self, sub: Subscription, last: int, name: str | None, snapshot: Snapshot | None = None
+    ) -> AsyncIterator[bytes]:
         try:
-            # The resume point first: a client that sees no event before a drop still knows
-            # where to pick up (an id-only block sets EventSource.lastEventId).
-            yield b"retry: 1000\nid: %d\n\n" % last
+            if snapshot is None:
+                # The resume point first: a client that sees no event before a drop still
+                # knows where to pick up (an id-only block sets EventSource.lastEventId).
+                yield b"retry: 1000\nid: %d\n\n" % last
+            else:
+                # No id before the snapshot's own: a client cut off within the state entries
+                # asks for a new snapshot, not for the events after one it never had whole.
+                yield b"retry: 1000\n\n"
+                async for data in snapshot.pages():
+                    yield data
             async for data in follow(
                 sub,
                 last,

@@ -41,7 +41,8 @@ from storage_events.relay.log.base import (
     StoreError,
     make_record,
 )
-from storage_events.wire import Event, event_json, flags_mask
+from storage_events.relay.state.tables import Tables
+from storage_events.wire import Event, event_from_json, event_json, flags_mask
 
 log = logging.getLogger("storage_events.relay")
 
@@ -96,6 +97,7 @@ class SQLiteLog(LogState):
         synchronous: str = "NORMAL",
         name: str = "relay",
         retention: Retention = KEEP_ALL,
+        namespace: bool = True,
     ) -> None:
         self.name = name  # this relay's name, stamped on every event it stores
         self.retention = retention
@@ -144,6 +146,10 @@ class SQLiteLog(LogState):
             if site
         }
         self._report = Reporter()
+        # The namespace view, changed in each commit's transaction (see relay/state).
+        self.namespace = Tables(self._writer) if namespace else None
+        if self.namespace is not None and self.namespace.applied < self._head:
+            self._build_namespace(self.namespace)
         if EPOCH not in self._positions:
             # Identifies this log: peers keep checkpoints per epoch, so a log that was deleted
             # and started again is read from its beginning, not from where the old one was.
@@ -153,6 +159,34 @@ class SQLiteLog(LogState):
             self._positions[EPOCH] = self._writer.execute(
                 "SELECT seq FROM streams WHERE stream = ?", (EPOCH,)
             ).fetchone()[0]
+
+    def _build_namespace(self, view: Tables) -> None:
+        """Bring the view up to the log's head from the events it holds (a log written before
+        the view existed, or by a relay that kept none)."""
+        (first,) = self._writer.execute(
+            "SELECT min(id) FROM events WHERE id > ?", (view.applied,)
+        ).fetchone()
+        if first is not None and first > view.applied + 1:
+            log.warning(
+                "namespace view of %s: events %d-%d were dropped by retention before the view "
+                "saw them; what they created is missing from it until the agents rescan",
+                self.path,
+                view.applied + 1,
+                first - 1,
+            )
+        log.info("namespace view of %s: applying events %d-%d", self.path, first, self._head)
+        after = view.applied
+        while True:
+            rows = self._writer.execute(
+                "SELECT data FROM events WHERE id > ? ORDER BY id LIMIT 10000", (after,)
+            ).fetchall()
+            if not rows:
+                break
+            events = [event_from_json(row[0]) for row in rows]
+            self._writer.execute("BEGIN IMMEDIATE")
+            view.apply(self._writer, events)
+            self._writer.execute("COMMIT")
+            after = events[-1].id
 
     @property
     def epoch(self) -> int:
@@ -250,6 +284,7 @@ class SQLiteLog(LogState):
         known = ChainMap(owners, self._owners) if several else self._owners
         rows: list[tuple[int, str, str, str, int, bytes, int]] = []
         stored: list[list[Record]] = []
+        numbered: list[Event] = []
         now = time.time_ns()
         head = self._head
         name = self.name
@@ -265,6 +300,7 @@ class SQLiteLog(LogState):
                 flags = flags_mask(ev.flags)
                 data = event_json(ev)
                 rows.append((head, ev.site, ev.node, ev.path, flags, data, now))
+                numbered.append(ev)
                 records.append(make_record(head, ev.site, ev.node, ev.path, flags, data, ev))
             stored.append(records)
             marks.update(taken.positions)
@@ -289,11 +325,16 @@ class SQLiteLog(LogState):
                 "direct = coalesce(excluded.direct, streams.direct)",
                 streams,
             )
+            if self.namespace is not None:
+                self.namespace.apply(w, numbered, now)
             w.execute("COMMIT")
         except sqlite3.Error as e:
             if w.in_transaction:  # (SQLite may have rolled back by itself: disk full, I/O)
                 with contextlib.suppress(sqlite3.Error):
                     w.execute("ROLLBACK")
+            if self.namespace is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    self.namespace.rolled_back(w)
             raise StoreError(self._cannot_write(e)) from None
         self._positions.update(marks)
         self._owners.update(owners)

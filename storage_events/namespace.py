@@ -1,0 +1,353 @@
+"""What a feed's events do to the tree they describe, defined once: for the relay's namespace
+view and for clients that keep a copy of the tree (:class:`Mirror`).
+
+An entry is keyed by its site and its path's exact bytes (a name need not be UTF-8: two names
+shown alike stay two entries). A rename arrives in two halves: ``IN_MOVED_FROM`` takes the
+entry and all below it out of the tree and sets it aside under its (stream, cookie); the
+``IN_MOVED_TO`` with that cookie puts it back at its new place. A half whose other half never
+comes (the entry left the watched tree) is dropped once its stream has moved on by
+:data:`MOVE_WAIT_NS` of event time, or after :data:`MOVE_WAIT_MAX_NS` of the holder's clock.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import msgspec
+
+from storage_events.wire import Event, Flag, display_path, flag_names, flags_mask
+
+# The agent pairs the halves of a rename within its move window (half a second by default);
+# a minute of the stream's own time is far beyond it, on the slowest machine.
+MOVE_WAIT_NS = 60 * 10**9
+# For a stream that sends nothing more (its agent restarted as a new stream).
+MOVE_WAIT_MAX_NS = 3600 * 10**9
+
+_CREATE, _MOVED_TO, _MOVED_FROM = int(Flag.CREATE), int(Flag.MOVED_TO), int(Flag.MOVED_FROM)
+_GONE = int(Flag.DELETE | Flag.DELETE_SELF | Flag.MOVE_SELF)
+_CHANGED = int(Flag.CLOSE_WRITE | Flag.MODIFY | Flag.ATTRIB)
+_OVERFLOW = int(Flag.Q_OVERFLOW)
+
+
+class Entry(msgspec.Struct, array_like=True, frozen=True):
+    """What the view holds of one path: the last event that made it what it is."""
+
+    id: int
+    node: str
+    flags: int
+    is_dir: bool
+    ts: int
+    stream: str
+    seq: int
+    size: int | None = None
+    mtime: int | None = None
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    ino: int | None = None
+
+
+def entry_of(ev: Event) -> Entry:
+    return Entry(
+        ev.id,
+        ev.node,
+        flags_mask(ev.flags),
+        ev.is_dir,
+        ev.ts,
+        ev.stream,
+        ev.seq,
+        ev.size,
+        ev.mtime,
+        ev.mode,
+        ev.uid,
+        ev.gid,
+        ev.ino,
+    )
+
+
+def key_of(path: str, raw: bytes | None) -> bytes:
+    return raw if raw is not None else path.encode()
+
+
+def path_of(key: bytes) -> tuple[str, bytes | None]:
+    """The display path and, for a name that is not UTF-8, its bytes (as events carry them)."""
+    return display_path(os.fsdecode(key))
+
+
+def below(key: bytes) -> tuple[bytes, bytes]:
+    """The range of keys strictly below ``key`` (``lo <= k < hi``): ``/`` sorts just before
+    ``0``, so these are exactly the keys that start with ``key/``."""
+    if key == b"/":
+        return b"/", b"0"
+    return key + b"/", key + b"0"
+
+
+def parent_of(key: bytes) -> bytes:
+    return key.rpartition(b"/")[0] or b"/"
+
+
+def as_event(site: str, key: bytes, e: Entry) -> Event:
+    """An entry as subscribers see it: the fields of an event, naming where it is now."""
+    path, raw = path_of(key)
+    return Event(
+        id=e.id,
+        site=site,
+        node=e.node,
+        path=path,
+        raw_path=raw,
+        flags=flag_names(e.flags),
+        is_dir=e.is_dir,
+        ts=e.ts,
+        stream=e.stream,
+        seq=e.seq,
+        size=e.size,
+        mtime=e.mtime,
+        mode=e.mode,
+        uid=e.uid,
+        gid=e.gid,
+        ino=e.ino,
+    )
+
+
+def as_moving(site: str, key: bytes, e: Entry, half: Entry, cookie: int) -> Event:
+    """An entry set aside by the ``IN_MOVED_FROM`` ``half``: shown as that half, at its path."""
+    path, raw = path_of(key)
+    return Event(
+        id=half.id,
+        site=site,
+        node=half.node,
+        path=path,
+        raw_path=raw,
+        flags=["IN_MOVED_FROM"],
+        is_dir=e.is_dir,
+        cookie=cookie,
+        ts=half.ts,
+        stream=half.stream,
+        seq=half.seq,
+        size=e.size,
+        mtime=e.mtime,
+        mode=e.mode,
+        uid=e.uid,
+        gid=e.gid,
+        ino=e.ino,
+    )
+
+
+# -- what one event does -------------------------------------------------------------------
+
+
+class Put(NamedTuple):
+    """The entry at ``key`` is now ``entry``. (What was below an older entry of that name went
+    with its own events: the agent reports the contents of what it replaces.)"""
+
+    site: str
+    key: bytes
+    entry: Entry
+
+
+class Remove(NamedTuple):
+    """``key`` and everything below it are gone."""
+
+    site: str
+    key: bytes
+
+
+class SetAside(NamedTuple):
+    """``key`` and everything below it leave the tree until the other half of ``half``'s
+    rename (``stream``, ``cookie``) comes."""
+
+    site: str
+    key: bytes
+    stream: str
+    cookie: int
+    half: Entry
+
+
+class PutBack(NamedTuple):
+    """What ``SetAside`` took under (``stream``, ``cookie``) from ``old`` is now at ``key``
+    (replacing whatever was there); ``entry``: the ``IN_MOVED_TO`` half. When nothing was set
+    aside, it is a :class:`Put`."""
+
+    site: str
+    key: bytes
+    old: bytes
+    stream: str
+    cookie: int
+    entry: Entry
+
+
+Op = Put | Remove | SetAside | PutBack
+
+
+def effect(ev: Event) -> Op | None:
+    """What ``ev`` does to the tree; None for what changes nothing there (an open, a read, a
+    loss notice: the agent's rescan after a loss sends what changed as events of their own)."""
+    mask = flags_mask(ev.flags)
+    if mask & _OVERFLOW:
+        return None
+    key = key_of(ev.path, ev.raw_path)
+    if mask & _GONE:
+        return Remove(ev.site, key)
+    if mask & _MOVED_FROM:
+        if ev.cookie is None:
+            return Remove(ev.site, key)
+        return SetAside(ev.site, key, ev.stream, ev.cookie, entry_of(ev))
+    if mask & _MOVED_TO:
+        if ev.cookie is not None and ev.old_path is not None:
+            old = key_of(ev.old_path, ev.raw_old_path)
+            return PutBack(ev.site, key, old, ev.stream, ev.cookie, entry_of(ev))
+        return Put(ev.site, key, entry_of(ev))
+    if mask & (_CREATE | _CHANGED):
+        return Put(ev.site, key, entry_of(ev))
+    return None
+
+
+def arrived(moved: Entry, half: Entry) -> Entry:
+    """The entry a rename put back: the ``IN_MOVED_TO`` half, with what it does not say (no
+    ``fstatat`` of its own) kept from before."""
+    if half.size is not None or half.mtime is not None or half.ino is not None:
+        return half
+    return msgspec.structs.replace(
+        half,
+        size=moved.size,
+        mtime=moved.mtime,
+        mode=moved.mode,
+        uid=moved.uid,
+        gid=moved.gid,
+        ino=moved.ino,
+    )
+
+
+def rebased(key: bytes, old: bytes, new: bytes) -> bytes:
+    return new + key[len(old) :]
+
+
+class Waiting:
+    """The halves of renames set aside and not yet put back, and which have waited too long."""
+
+    def __init__(self) -> None:
+        # stream → cookie → (the half's event time, the holder's clock when it was set aside)
+        self._by_stream: dict[str, dict[int, tuple[int, int]]] = {}
+        self._oldest_clock: int | None = None
+
+    def __len__(self) -> int:
+        return sum(len(c) for c in self._by_stream.values())
+
+    def add(self, stream: str, cookie: int, ts: int, now: int) -> None:
+        self._by_stream.setdefault(stream, {})[cookie] = (ts, now)
+        if self._oldest_clock is None or now < self._oldest_clock:
+            self._oldest_clock = now
+
+    def take(self, stream: str, cookie: int) -> bool:
+        cookies = self._by_stream.get(stream)
+        if cookies is None or cookies.pop(cookie, None) is None:
+            return False
+        if not cookies:
+            del self._by_stream[stream]
+        return True
+
+    def expired(self, stream: str, ts: int, now: int) -> Iterator[tuple[str, int]]:
+        """What an event of ``stream`` at ``ts``, seen at ``now``, shows will never be put
+        back; each is forgotten as it is yielded."""
+        cookies = self._by_stream.get(stream)
+        if cookies:
+            for cookie, (half_ts, _) in list(cookies.items()):
+                if ts - half_ts > MOVE_WAIT_NS:
+                    self.take(stream, cookie)
+                    yield stream, cookie
+        oldest = self._oldest_clock
+        if oldest is not None and now - oldest > MOVE_WAIT_MAX_NS:
+            self._oldest_clock = None
+            for other, cookies in list(self._by_stream.items()):
+                for cookie, (_, at) in list(cookies.items()):
+                    if now - at > MOVE_WAIT_MAX_NS:
+                        self.take(other, cookie)
+                        yield other, cookie
+                    elif self._oldest_clock is None or at < self._oldest_clock:
+                        self._oldest_clock = at
+
+
+class Mirror:
+    """A tree in memory, kept from a feed: what a client holds that applies a snapshot's
+    ``state`` entries (:meth:`apply_state`) and every event after it (:meth:`apply`)."""
+
+    def __init__(self) -> None:
+        self.entries: dict[tuple[str, bytes], Entry] = {}
+        self._children: dict[tuple[str, bytes], set[bytes]] = {}
+        self._aside: dict[tuple[str, int], tuple[Entry, list[tuple[str, bytes, Entry]]]] = {}
+        self._waiting = Waiting()
+
+    def paths(self, site: str | None = None) -> dict[str, bool]:
+        """Display path → is a directory, of every entry (of ``site``)."""
+        return {
+            path_of(key)[0]: e.is_dir
+            for (s, key), e in self.entries.items()
+            if site is None or s == site
+        }
+
+    def apply(self, ev: Event, now: int = 0) -> None:
+        for stream, cookie in self._waiting.expired(ev.stream, ev.ts, now):
+            self._aside.pop((stream, cookie), None)
+        op = effect(ev)
+        if isinstance(op, Put):
+            self._put(op.site, op.key, op.entry)
+        elif isinstance(op, Remove):
+            self._drop(op.site, op.key)
+        elif isinstance(op, SetAside):
+            taken = list(self._take(op.site, op.key))
+            if taken:
+                self._aside[op.stream, op.cookie] = (op.half, taken)
+                self._waiting.add(op.stream, op.cookie, op.half.ts, now)
+        elif isinstance(op, PutBack):
+            self._drop(op.site, op.key)
+            self._waiting.take(op.stream, op.cookie)
+            _, taken = self._aside.pop((op.stream, op.cookie), (op.entry, []))
+            top = op.entry
+            for site, key, e in taken:
+                if key == op.old:
+                    top = arrived(e, op.entry)
+                else:
+                    self._put(site, rebased(key, op.old, op.key), e)
+            self._put(op.site, op.key, top)
+
+    def apply_state(self, ev: Event, now: int = 0) -> None:
+        """One ``state`` entry of a snapshot: an entry, or one set aside by a rename's first
+        half (``IN_MOVED_FROM`` with its cookie) whose second half is among the live events."""
+        key = key_of(ev.path, ev.raw_path)
+        if ev.cookie is not None and "IN_MOVED_FROM" in ev.flags:
+            half = entry_of(ev)
+            _, taken = self._aside.setdefault((ev.stream, ev.cookie), (half, []))
+            taken.append((ev.site, key, half))
+            self._waiting.add(ev.stream, ev.cookie, ev.ts, now)
+        else:
+            self._put(ev.site, key, entry_of(ev))
+
+    def _put(self, site: str, key: bytes, e: Entry) -> None:
+        self.entries[site, key] = e
+        if key != b"/":
+            self._children.setdefault((site, parent_of(key)), set()).add(key)
+
+    def _take(self, site: str, key: bytes) -> Iterator[tuple[str, bytes, Entry]]:
+        """Remove ``key`` and all below it, yielding each (parents first)."""
+        e = self.entries.pop((site, key), None)
+        if e is not None:
+            yield site, key, e
+        if key != b"/":
+            siblings = self._children.get((site, parent_of(key)))
+            if siblings is not None:
+                siblings.discard(key)
+        for child in self._children.pop((site, key), ()):
+            yield from self._take_below(site, child)
+
+    def _take_below(self, site: str, key: bytes) -> Iterator[tuple[str, bytes, Entry]]:
+        e = self.entries.pop((site, key), None)
+        if e is not None:
+            yield site, key, e
+        for child in self._children.pop((site, key), ()):
+            yield from self._take_below(site, child)
+
+    def _drop(self, site: str, key: bytes) -> None:
+        for _ in self._take(site, key):
+            pass

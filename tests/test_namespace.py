@@ -1,0 +1,263 @@
+"""The namespace view without sockets: what events do to a tree (storage_events.namespace), in
+memory (Mirror) and in the relay's SQLite tables, checked against a model file system that
+random operations change as a real one would report them."""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+
+import pytest
+
+from storage_events.namespace import MOVE_WAIT_NS, Mirror, as_event, as_moving, path_of
+from storage_events.relay.state import tables
+from storage_events.relay.state.tables import Tables, decode_entry
+from storage_events.wire import Event
+
+ROOT = "/data"
+
+
+class Model:
+    """A file system under ROOT, and the events an agent publishes for each change."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self.rng = rng
+        self.tree: dict[str, bool] = {ROOT: True}  # path → is a directory
+        self.events: list[Event] = []
+        self.seq = 0
+        self.ts = 10**18
+        self.cookie = 0
+
+    def _emit(self, path: str, flag: str, is_dir: bool, **kw: object) -> None:
+        self.seq += 1
+        self.ts += 1000
+        self.events.append(
+            Event(
+                id=self.seq,
+                site="s",
+                node="n",
+                path=path,
+                flags=[flag],
+                is_dir=is_dir,
+                ts=self.ts,
+                stream="n:1",
+                seq=self.seq,
+                size=self.seq if not is_dir else None,
+                **kw,  # type: ignore[arg-type]
+            )
+        )
+
+    def dirs(self) -> list[str]:
+        return [p for p, d in self.tree.items() if d]
+
+    def below(self, path: str) -> list[str]:
+        return [p for p in self.tree if p.startswith(path + "/")]
+
+    def step(self) -> None:
+        rng = self.rng
+        kind = rng.choice(["file", "file", "dir", "write", "rename", "rename", "delete", "out"])
+        parent = rng.choice(self.dirs())
+        name = f"{parent}/{rng.choice('abcdefg')}{rng.randrange(4)}"
+        others = [p for p in self.tree if p != ROOT]
+        if kind in ("file", "dir") and name not in self.tree:
+            self.tree[name] = kind == "dir"
+            self._emit(name, "IN_CREATE", kind == "dir")
+            if kind == "file":
+                self._emit(name, "IN_CLOSE_WRITE", False)
+        elif kind == "write" and others:
+            path = rng.choice(others)
+            if not self.tree[path]:
+                self._emit(path, "IN_CLOSE_WRITE", False)
+        elif kind == "delete" and others:
+            path = rng.choice(others)
+            for p in [*sorted(self.below(path), key=len, reverse=True), path]:
+                self._emit(p, "IN_DELETE", self.tree.pop(p))
+        elif kind in ("rename", "out") and others:
+            path = rng.choice(others)
+            if name == path or name.startswith(path + "/"):
+                return
+            is_dir = self.tree[path]
+            self.cookie += 1
+            self._emit(path, "IN_MOVED_FROM", is_dir, cookie=self.cookie)
+            moved = {p: self.tree.pop(p) for p in [path, *self.below(path)]}
+            if kind == "out":  # out of the watched tree: no second half
+                return
+            if name in self.tree:  # onto an existing name: the agent reports what goes
+                for p in [*sorted(self.below(name), key=len, reverse=True), name]:
+                    self._emit(p, "IN_DELETE", self.tree.pop(p))
+            for p, d in moved.items():
+                self.tree[name + p[len(path) :]] = d
+            self._emit(name, "IN_MOVED_TO", is_dir, cookie=self.cookie, old_path=path)
+
+    def final(self) -> dict[str, bool]:
+        return {p: d for p, d in self.tree.items() if p != ROOT}
+
+
+def _db() -> tuple[sqlite3.Connection, Tables]:
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    return conn, Tables(conn)
+
+
+def _view(conn: sqlite3.Connection) -> dict[str, bool]:
+    out = {}
+    for site in tables.sites(conn):
+        for key, blob in tables.subtree(conn, site, b"/"):
+            out[path_of(key)[0]] = decode_entry(blob).is_dir
+    return out
+
+
+def _apply(conn: sqlite3.Connection, t: Tables, events: list[Event], now: int = 0) -> None:
+    conn.execute("BEGIN")
+    t.apply(conn, events, now)
+    conn.execute("COMMIT")
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_view_and_mirror_end_as_the_tree_is(seed: int) -> None:
+    rng = random.Random(seed)
+    model = Model(rng)
+    for _ in range(400):
+        model.step()
+    conn, t = _db()
+    events = model.events
+    i = 0
+    while i < len(events):  # in batches of every size, as commits group them
+        n = rng.randint(1, 40)
+        _apply(conn, t, events[i : i + n])
+        i += n
+    mirror = Mirror()
+    for ev in events:
+        mirror.apply(ev)
+    assert _view(conn) == model.final()
+    assert mirror.paths() == model.final()
+    assert t.applied == events[-1].id
+
+
+def _snapshot(conn: sqlite3.Connection) -> list[Event]:
+    """What a snapshot sends as ``state``: every entry, and what waits for a rename's second
+    half as that first half."""
+    out = [
+        as_event(site, key, decode_entry(blob))
+        for site in tables.sites(conn)
+        for key, blob in tables.subtree(conn, site, b"/")
+    ]
+    for _stream, cookie, half, site, key, blob in tables.moving(conn):
+        out.append(as_moving(site, key, decode_entry(blob), decode_entry(half), cookie))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_a_snapshot_at_any_point_then_the_events_after_it_make_the_tree(seed: int) -> None:
+    """Between the halves of a rename too: what was set aside comes with the snapshot."""
+    rng = random.Random(1000 + seed)
+    model = Model(rng)
+    for _ in range(300):
+        model.step()
+    events = model.events
+    # Cut between the halves of a directory's rename where there is one.
+    halves = [
+        i
+        for i, ev in enumerate(events)
+        if ev.flags == ["IN_MOVED_FROM"] and ev.is_dir and i + 1 < len(events)
+    ]
+    cut = rng.choice(halves) + 1 if halves and seed % 2 else rng.randrange(len(events))
+    conn, t = _db()
+    _apply(conn, t, events[:cut])
+    mirror = Mirror()
+    for ev in _snapshot(conn):
+        mirror.apply_state(ev)
+    for ev in events[cut:]:
+        mirror.apply(ev)
+    assert mirror.paths() == model.final()
+
+
+def test_a_directory_moved_out_of_the_tree_is_forgotten_once_its_stream_moves_on() -> None:
+    conn, t = _db()
+    ev = dict(site="s", node="n", stream="n:1", is_dir=True)
+    first = [
+        Event(id=1, path="/d", flags=["IN_CREATE"], ts=1, seq=1, **ev),  # type: ignore[arg-type]
+        Event(id=2, path="/d/f", flags=["IN_CREATE"], ts=2, seq=2, **ev),  # type: ignore[arg-type]
+        Event(id=3, path="/d", flags=["IN_MOVED_FROM"], cookie=7, ts=3, seq=3, **ev),  # type: ignore[arg-type]
+    ]
+    _apply(conn, t, first)
+    assert _view(conn) == {}
+    assert len(list(tables.moving(conn))) == 2  # set aside: its second half may come
+    later = Event(id=4, path="/e", flags=["IN_CREATE"], ts=3 + MOVE_WAIT_NS + 1, seq=4, **ev)  # type: ignore[arg-type]
+    _apply(conn, t, [later])
+    assert list(tables.moving(conn)) == []
+    assert _view(conn) == {"/e": True}
+    # Reloaded from the tables, as a restarted relay would: nothing waits any more.
+    assert len(Tables(conn)._waiting) == 0
+
+
+def test_what_waits_for_a_second_half_survives_a_restart() -> None:
+    conn, t = _db()
+    ev = dict(site="s", node="n", stream="n:1", is_dir=True)
+    _apply(
+        conn,
+        t,
+        [
+            Event(id=1, path="/d", flags=["IN_CREATE"], ts=1, seq=1, **ev),  # type: ignore[arg-type]
+            Event(id=2, path="/d/x", flags=["IN_CREATE"], ts=2, seq=2, **ev),  # type: ignore[arg-type]
+            Event(id=3, path="/d", flags=["IN_MOVED_FROM"], cookie=9, ts=3, seq=3, **ev),  # type: ignore[arg-type]
+        ],
+    )
+    again = Tables(conn)
+    to = Event(id=4, path="/e", flags=["IN_MOVED_TO"], cookie=9, old_path="/d", ts=4, seq=4, **ev)  # type: ignore[arg-type]
+    _apply(conn, again, [to])
+    assert _view(conn) == {"/e": True, "/e/x": True}
+
+
+def test_names_that_are_not_utf8_stay_apart() -> None:
+    conn, t = _db()
+    evs = [
+        Event(
+            id=i,
+            site="s",
+            node="n",
+            path="/d/\ufffd",
+            raw_path=raw,
+            flags=["IN_CREATE"],
+            ts=i,
+            stream="n:1",
+            seq=i,
+        )
+        for i, raw in ((1, b"/d/\xff"), (2, b"/d/\xfe"))
+    ]
+    _apply(conn, t, evs)
+    keys = [key for key, _ in tables.subtree(conn, "s", b"/d")]
+    assert keys == [b"/d/\xfe", b"/d/\xff"]
+    shown = [as_event("s", k, decode_entry(b)) for k, b in tables.subtree(conn, "s", b"/d")]
+    assert [e.raw_path for e in shown] == [b"/d/\xfe", b"/d/\xff"]
+
+
+def test_a_failed_commit_leaves_no_rename_waiting_in_memory() -> None:
+    conn, t = _db()
+    ev = dict(site="s", node="n", stream="n:1", is_dir=True)
+    _apply(conn, t, [Event(id=1, path="/d", flags=["IN_CREATE"], ts=1, seq=1, **ev)])  # type: ignore[arg-type]
+    conn.execute("BEGIN")
+    t.apply(conn, [Event(id=2, path="/d", flags=["IN_MOVED_FROM"], cookie=5, ts=2, seq=2, **ev)])  # type: ignore[arg-type]
+    conn.execute("ROLLBACK")
+    t.rolled_back(conn)
+    assert len(t._waiting) == 0 and t.applied == 1
+    assert _view(conn) == {"/d": True}
+
+
+def test_directories_above_the_roots_are_listed_from_what_is_below_them() -> None:
+    conn, t = _db()
+    ev = dict(site="s", node="n", stream="n:1", is_dir=False)
+    paths = ["/data/run1/a", "/data/run1/b/c", "/data/run1-x/d", "/other/e"]
+    _apply(
+        conn,
+        t,
+        [
+            Event(id=i + 1, path=p, flags=["IN_CREATE"], ts=1, seq=i + 1, **ev)
+            for i, p in enumerate(paths)
+        ],  # type: ignore[arg-type]
+    )
+    assert sorted(tables.names_below(conn, "s", b"/")) == [b"/data", b"/other"]
+    assert sorted(tables.names_below(conn, "s", b"/data")) == [b"/data/run1", b"/data/run1-x"]
+    assert sorted(tables.names_below(conn, "s", b"/data/run1")) == [
+        b"/data/run1/a",
+        b"/data/run1/b",
+    ]
