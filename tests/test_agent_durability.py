@@ -100,7 +100,12 @@ def test_agent_restart_publishes_what_changed_while_it_was_down(tmp_path, procs,
 
     start_agent(tmp_path, procs, relay.url, root, extra=spool, name="agent2")
     events = feed(tmp_path, procs, relay)
-    after = [e for e in events if e["synthetic"]]
+    first = next(e["stream"] for e in events if e["path"] == str(root / "live"))
+    # The first start announced what the root held (for the relay's namespace view) ...
+    announced = {e["path"]: e["is_dir"] for e in events if e["stream"] == first and e["synthetic"]}
+    assert announced == initial
+    # ... and the restart publishes only what changed while it was down.
+    after = [e for e in events if e["synthetic"] and e["stream"] != first]
     got = sorted((e["path"][len(str(root)) :], e["flags"][0]) for e in after)
     assert got == sorted(
         [

@@ -4,25 +4,15 @@ a real relay fed by a real agent while a writer keeps the tree changing."""
 from __future__ import annotations
 
 import json
-import os
 import random
 import subprocess
 import sys
 from pathlib import Path
 
 from conftest import agents_connected, start_agent, wait_for
+from test_model import on_disk
 
 HERE = Path(__file__).parent
-
-
-def on_disk(root: Path) -> dict[str, bool]:
-    out = {}
-    for top, dirs, files in os.walk(root):
-        for name in dirs:
-            out[os.path.join(top, name)] = True
-        for name in files:
-            out[os.path.join(top, name)] = False
-    return out
 
 
 def _below(tree: dict[str, bool], root: Path) -> dict[str, bool]:

@@ -128,7 +128,8 @@ class Feed:
                 if self.view is None:
                     raise ResumeError(
                         "since=snapshot needs the relay's namespace view, which this relay "
-                        "does not keep (namespace = false in its config)"
+                        "does not keep (namespace = false in its config, or a --store nats:// "
+                        "relay: those keep none yet)"
                     )
                 start = 0
             else:

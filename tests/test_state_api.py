@@ -1,0 +1,191 @@
+"""The namespace view over HTTP, against a real relay and agent: ``GET /state`` page by page,
+``since=snapshot`` through ``storage-events tail``, dCache's namespace listing driven by
+dcacheclient unchanged (as panoptes walks a tree before it watches), and a reader's scope
+holding in all three."""
+
+from __future__ import annotations
+
+import os
+
+import httpx
+from conftest import Relay, Tail, agents_connected, start_agent, wait_for
+
+from storage_events.relay.auth import hash_token
+
+AGENT, ALL, PUBLIC = "agent-secret-0123456789", "reader-all-0123456789", "reader-pub-0123456789"
+
+
+def _tree(root):
+    for d in ("public/run1", "public/run2/deep", "private/keys"):
+        (root / d).mkdir(parents=True)
+    for f in ("public/run1/a.h5", "public/run2/deep/b.h5", "private/keys/secret", "top.txt"):
+        (root / f).write_bytes(b"0123456789")
+
+
+def _relay(tmp_path, procs, root):
+    config = tmp_path / "relay.toml"
+    config.write_text(
+        f"""
+[[token]]
+name = "agent"
+role = "agent"
+site = "test"
+hash = "{hash_token(AGENT)}"
+
+[[token]]
+name = "all"
+role = "reader"
+hash = "{hash_token(ALL)}"
+
+[[token]]
+name = "pub"
+role = "reader"
+paths = ["{root}/public"]
+hash = "{hash_token(PUBLIC)}"
+"""
+    )
+    relay = Relay(tmp_path, procs, extra=("--config", str(config)), token=ALL)
+    start_agent(tmp_path, procs, relay.url, root, extra=("--token", AGENT))
+    wait_for(lambda: agents_connected(relay), 10, "agent connection")
+    return relay
+
+
+def _state(relay, token, **params):
+    r = httpx.get(relay.url + "/state", params=params, headers={"Authorization": f"Bearer {token}"})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _all_pages(relay, token, path, limit):
+    entries, after, pages = [], None, 0
+    while True:
+        page = _state(relay, token, path=path, limit=limit, **({"after": after} if after else {}))
+        entries += page["entries"]
+        pages += 1
+        after = page["next"]
+        if after is None:
+            return entries, pages
+
+
+def test_state_lists_what_a_root_held_before_the_agent_started_page_by_page(tmp_path, procs):
+    root = tmp_path / "w"
+    _tree(root)
+    relay = _relay(tmp_path, procs, root)
+    expected = {
+        os.path.join(top, n): n in dirs for top, dirs, files in os.walk(root) for n in dirs + files
+    }
+    wait_for(lambda: len(_all_pages(relay, ALL, str(root), 1000)[0]) == len(expected), 20, "view")
+    entries, pages = _all_pages(relay, ALL, str(root), 3)
+    assert pages == -(-len(expected) // 3) or pages == -(-len(expected) // 3) + 1
+    assert {e["path"]: e["is_dir"] for e in entries} == expected
+    assert [e["path"] for e in entries] == sorted(e["path"] for e in entries)
+
+    (root / "public" / "run1" / "a.h5").rename(root / "public" / "a.h5")
+    (root / "private" / "keys" / "secret").unlink()
+    wait_for(
+        lambda: (
+            {e["path"] for e in _all_pages(relay, ALL, str(root), 1000)[0]}
+            == (set(expected) - {f"{root}/public/run1/a.h5", f"{root}/private/keys/secret"})
+            | {f"{root}/public/a.h5"}
+        ),
+        20,
+        "the view after a rename and a delete",
+    )
+
+    # Bad input: a clear 400, and the relay goes on.
+    for params in ({"limit": "0"}, {"limit": "many"}, {"after": "!!"}, {"path": "rel/x"}):
+        r = httpx.get(relay.url + "/state", params=params, headers=relay.headers)
+        assert r.status_code == 400 and r.text.strip(), params
+    assert httpx.get(relay.url + "/state").status_code == 401  # no token, no view
+
+
+def test_a_scoped_reader_sees_only_its_part_in_every_view(tmp_path, procs):
+    root = tmp_path / "w"
+    _tree(root)
+    relay = _relay(tmp_path, procs, root)
+    wait_for(lambda: len(_all_pages(relay, ALL, str(root), 100)[0]) == 10, 20, "view")
+    public = f"{root}/public"
+
+    seen = {e["path"] for e in _all_pages(relay, PUBLIC, "/", 2)[0]}
+    assert seen == {
+        public,
+        f"{public}/run1",
+        f"{public}/run1/a.h5",
+        f"{public}/run2",
+        f"{public}/run2/deep",
+        f"{public}/run2/deep/b.h5",
+    }
+
+    tail = Tail(
+        tmp_path, procs, relay.url, "--since", "snapshot", "--token", PUBLIC, name="tail-pub"
+    )
+    try:
+        got = tail.wait_count(7)
+        assert {e["path"] for e in got[:6]} == seen
+        assert got[6] == {"id": got[6]["id"], "entries": 6}  # the snapshot: 6 entries, then live
+        (root / "private" / "leak").write_bytes(b"x")
+        (root / "public" / "new").write_bytes(b"x")
+        live = tail.wait_count(9)[7:]
+        assert [(e["path"], e["flags"]) for e in live] == [
+            (f"{public}/new", ["IN_CREATE"]),
+            (f"{public}/new", ["IN_CLOSE_WRITE"]),
+        ]
+        assert all(e["id"] > got[6]["id"] for e in live)
+    finally:
+        tail.proc.stop()
+
+    # dCache's listing: the way down to what it may read, and nothing beside it.
+    ns = relay.url + "/api/v1/namespace"
+    auth = {"Authorization": f"Bearer {PUBLIC}"}
+    top = httpx.get(f"{ns}{root}", params={"children": "true"}, headers=auth).json()
+    assert [c["fileName"] for c in top["children"]] == ["public"]
+    secret = httpx.get(f"{ns}{root}/private/keys", params={"children": "true"}, headers=auth)
+    assert secret.status_code == 404
+
+
+def test_dcacheclient_walks_the_tree_as_panoptes_does(tmp_path, procs):
+    """panoptes (``dcache-admin sync --recursive``) lists every directory with
+    ``get_file_attributes(path, children=True)`` and descends into each ``fileType == "DIR"``
+    by ``fileName`` before it subscribes."""
+    from dcacheclient.client import Client
+
+    root = tmp_path / "w"
+    _tree(root)
+    relay = _relay(tmp_path, procs, root)
+    wait_for(lambda: len(_all_pages(relay, ALL, str(root), 100)[0]) == 10, 20, "view")
+    dcache = Client(relay.url, username="anyone", password=ALL)  # a token as the password
+    try:
+        found, todo = [], [str(root)]
+        while todo:
+            prefix = todo.pop()
+            response = dcache.namespace.get_file_attributes(path=prefix, children=True)
+            assert response["fileType"] == "DIR"
+            for entry in response["children"]:
+                if entry["fileType"] == "DIR":
+                    directory = os.path.normpath(prefix + "/" + entry["fileName"])
+                    found.append(directory)
+                    todo.append(directory)
+        assert sorted(found) == sorted(
+            f"{root}/{d}"
+            for d in (
+                "public",
+                "public/run1",
+                "public/run2",
+                "public/run2/deep",
+                "private",
+                "private/keys",
+            )
+        )
+        # Above the agent's root: directories known from what is below them.
+        above = dcache.namespace.get_file_attributes(path=str(root.parent), children=True)
+        assert [c["fileName"] for c in above["children"]] == [root.name]
+        files = dcache.namespace.get_file_attributes(path=f"{root}/public/run1", children=True)
+        (a,) = files["children"]
+        assert (a["fileName"], a["fileType"], a["fileMimeType"]) == (
+            "a.h5",
+            "REGULAR",
+            "application/octet-stream",
+        )
+        assert dcache.namespace.get_file_attributes(path=f"{root}/nothing") is False  # (404)
+    finally:
+        dcache.close()
