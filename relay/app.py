@@ -36,6 +36,7 @@ from storage_events.relay.ops.health import health_endpoint
 from storage_events.relay.ops.metrics import metrics_endpoint
 from storage_events.relay.ops.sites import sites_endpoint
 from storage_events.relay.state.endpoint import state_endpoint
+from storage_events.relay.state.follower import Follower
 from storage_events.relay.state.reader import View
 
 logger = logging.getLogger("storage_events.relay")
@@ -128,9 +129,13 @@ def create_app(cfg: RelayConfig) -> Relay:
             place = FileCheckpoint(Path(cfg.data), cfg.kafka.topic)
         sink = KafkaSink(cfg.kafka, log, cfg.name, place)
         hub.listeners.append(sink.notify)
-    view = None
-    if isinstance(log, SQLiteLog) and log.namespace is not None:
-        view = View(log.path)
+    view = follower = None
+    if isinstance(log, SQLiteLog):
+        if log.namespace is not None:
+            view = View(log.path)
+    elif cfg.namespace:  # a shared log: this replica keeps a view of its own
+        follower = Follower(Path(cfg.data), log)
+        view = View(follower.path)
     feed = Feed(
         log,
         hub,
@@ -197,6 +202,8 @@ def create_app(cfg: RelayConfig) -> Relay:
             if sink is not None:
                 await sink.close()
             await log.close()
+            if follower is not None:
+                follower.close()
 
     policy = Policy.make(
         cfg.allowed_hosts,
@@ -241,4 +248,5 @@ def create_app(cfg: RelayConfig) -> Relay:
     app.state.log = log  # started by the server, on its loop
     app.state.channels = channels
     app.state.sink = sink  # started by the server once the log has (it reads the checkpoint)
+    app.state.follower = follower  # started by the server once the log has (it catches up)
     return app

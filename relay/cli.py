@@ -146,6 +146,8 @@ def serve(
         # The log opens on the server's loop (a shared store's connection lives there), and
         # before anything listens: a store that cannot be used is an error, not a 503.
         await app.state.log.start()
+        if app.state.follower is not None:
+            await app.state.follower.start()
         if app.state.sink is not None:
             try:
                 await app.state.sink.start()

@@ -169,7 +169,7 @@ def test_basic_logins_read_what_their_scope_allows(tmp_path, procs):
     write(public / "a")
     write(private / "b")
     every = Tail(tmp_path, procs, relay.url, "--since", "earliest", "--token", token)
-    every.wait_count(4)
+    every.wait_count(6)  # (public and private, announced by the agent's first start, first)
 
     # alice reads only her prefix, in catch-up.
     got = []
@@ -180,9 +180,9 @@ def test_basic_logins_read_what_their_scope_allows(tmp_path, procs):
         for line in r.iter_lines():
             if line.startswith("data: "):
                 got.append(json.loads(line[6:])["path"])
-                if len(got) == 2:
+                if len(got) == 3:
                     break
-    assert got == [str(public / "a")] * 2
+    assert got == [str(public)] + [str(public / "a")] * 2
 
     # Wrong ones are refused, a token as the password works; a refusal offers Basic.
     r = httpx.get(relay.url + "/events", auth=("alice", "nope"), timeout=5)

@@ -101,8 +101,9 @@ def _db() -> tuple[sqlite3.Connection, Tables]:
 def _view(conn: sqlite3.Connection) -> dict[str, bool]:
     out = {}
     for site in tables.sites(conn):
-        for key, blob in tables.subtree(conn, site, b"/"):
-            out[path_of(key)[0]] = decode_entry(blob).is_dir
+        for key, blob in tables.walk(conn, site, b"/"):
+            if blob is not None:
+                out[path_of(key)[0]] = decode_entry(blob).is_dir
     return out
 
 
@@ -139,10 +140,12 @@ def _snapshot(conn: sqlite3.Connection) -> list[Event]:
     out = [
         as_event(site, key, decode_entry(blob))
         for site in tables.sites(conn)
-        for key, blob in tables.subtree(conn, site, b"/")
+        for key, blob in tables.walk(conn, site, b"/")
+        if blob is not None
     ]
-    for _stream, cookie, half, site, key, blob in tables.moving(conn):
-        out.append(as_moving(site, key, decode_entry(blob), decode_entry(half), cookie))
+    for cookie, half, site, key, blob in tables.moving(conn):
+        if blob is not None:
+            out.append(as_moving(site, key, decode_entry(blob), decode_entry(half), cookie))
     return out
 
 
@@ -225,9 +228,9 @@ def test_names_that_are_not_utf8_stay_apart() -> None:
         for i, raw in ((1, b"/d/\xff"), (2, b"/d/\xfe"))
     ]
     _apply(conn, t, evs)
-    keys = [key for key, _ in tables.subtree(conn, "s", b"/d")]
-    assert keys == [b"/d/\xfe", b"/d/\xff"]
-    shown = [as_event("s", k, decode_entry(b)) for k, b in tables.subtree(conn, "s", b"/d")]
+    keys = [key for key, _ in tables.walk(conn, "s", b"/d")]
+    assert keys == [b"/d", b"/d/\xfe", b"/d/\xff"]  # (/d: known from what is below it)
+    shown = [as_event("s", k, decode_entry(b)) for k, b in tables.walk(conn, "s", b"/d") if b]
     assert [e.raw_path for e in shown] == [b"/d/\xfe", b"/d/\xff"]
 
 
@@ -243,21 +246,101 @@ def test_a_failed_commit_leaves_no_rename_waiting_in_memory() -> None:
     assert _view(conn) == {"/d": True}
 
 
-def test_directories_above_the_roots_are_listed_from_what_is_below_them() -> None:
-    conn, t = _db()
-    ev = dict(site="s", node="n", stream="n:1", is_dir=False)
-    paths = ["/data/run1/a", "/data/run1/b/c", "/data/run1-x/d", "/other/e"]
-    _apply(
-        conn,
-        t,
-        [
-            Event(id=i + 1, path=p, flags=["IN_CREATE"], ts=1, seq=i + 1, **ev)
-            for i, p in enumerate(paths)
-        ],  # type: ignore[arg-type]
-    )
-    assert sorted(tables.names_below(conn, "s", b"/")) == [b"/data", b"/other"]
-    assert sorted(tables.names_below(conn, "s", b"/data")) == [b"/data/run1", b"/data/run1-x"]
-    assert sorted(tables.names_below(conn, "s", b"/data/run1")) == [
-        b"/data/run1/a",
-        b"/data/run1/b",
+def _files(paths: list[str]) -> list[Event]:
+    return [
+        Event(
+            id=i + 1, site="s", node="n", path=p, flags=["IN_CREATE"], ts=1, stream="n:1", seq=i + 1
+        )
+        for i, p in enumerate(paths)
     ]
+
+
+def test_directories_above_the_roots_are_known_from_what_is_below_them_until_it_goes() -> None:
+    conn, t = _db()
+    _apply(conn, t, _files(["/data/run1/a", "/data/run1-x/d", "/other/e"]))
+    top = tables.find(conn, "s", b"/data")
+    assert top is not None and top[1] is None  # a directory without an entry of its own
+    assert [n for n, _ in tables.children(conn, "s", top[0])] == [b"run1", b"run1-x"]
+    rm = Event(
+        id=9,
+        site="s",
+        node="n",
+        path="/data/run1-x/d",
+        flags=["IN_DELETE"],
+        ts=2,
+        stream="n:1",
+        seq=9,
+    )
+    _apply(conn, t, [rm])
+    assert [n for n, _ in tables.children(conn, "s", top[0])] == [b"run1"]
+    assert tables.find(conn, "s", b"/data/run1-x") is None  # nothing below it any more
+
+
+def test_a_listing_resumes_after_its_last_key_whatever_changed_meanwhile() -> None:
+    conn, t = _db()
+    paths = [f"/r/d{i}/f{j}" for i in range(5) for j in range(5)]
+    _apply(conn, t, _files(paths))
+    every = [k for k, b in tables.walk(conn, "s", b"/r") if b]
+    pages, after = [], None
+    while True:
+        page = []
+        for k, b in tables.walk(conn, "s", b"/r", after):
+            if b:
+                page.append(k)
+                if len(page) == 4:
+                    break
+        if not page:
+            break
+        pages.append(page)
+        after = page[-1]
+        if len(pages) == 2:  # the entry a page ended at is deleted before the next page
+            gone = Event(
+                id=99,
+                site="s",
+                node="n",
+                path=after.decode(),
+                flags=["IN_DELETE"],
+                ts=2,
+                stream="n:1",
+                seq=99,
+            )
+            _apply(conn, t, [gone])
+    assert [k for page in pages for k in page] == every
+
+
+def test_renaming_a_directory_changes_a_few_rows_whatever_it_holds() -> None:
+    """A writer renaming a large directory back and forth must not cost the relay a row per
+    file it holds (that would stall every agent's commits)."""
+    conn, t = _db()
+    _apply(conn, t, _files([f"/big/d/f{i}" for i in range(5000)]))
+    before = conn.total_changes
+    ev = dict(site="s", node="n", stream="n:1", is_dir=True)
+    for i in range(10):
+        old, new = ("/big/d", "/big/e") if i % 2 == 0 else ("/big/e", "/big/d")
+        _apply(
+            conn,
+            t,
+            [
+                Event(
+                    id=10_000 + 2 * i,
+                    path=old,
+                    flags=["IN_MOVED_FROM"],
+                    cookie=i + 1,
+                    ts=5,
+                    seq=10_000 + 2 * i,
+                    **ev,
+                ),  # type: ignore[arg-type]
+                Event(
+                    id=10_001 + 2 * i,
+                    path=new,
+                    flags=["IN_MOVED_TO"],
+                    cookie=i + 1,
+                    old_path=old,
+                    ts=5,
+                    seq=10_001 + 2 * i,
+                    **ev,
+                ),  # type: ignore[arg-type]
+            ],
+        )
+    assert conn.total_changes - before < 10 * 12
+    assert len([k for k, b in tables.walk(conn, "s", b"/big/d") if b]) == 5001  # d and its files

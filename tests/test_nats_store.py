@@ -21,6 +21,7 @@ from conftest import (
     wait_for,
 )
 from test_end_to_end import assert_stream_order, write
+from test_model import on_disk
 
 
 @pytest.fixture
@@ -123,3 +124,35 @@ def test_a_batch_jetstream_failed_part_way_is_resent_through_another_relay(
         *(f"g{i:03d}" for i in range(100)),
     }
     assert all(e["origin_id"] == e["id"] for e in events)
+
+
+def test_each_replica_keeps_its_own_namespace_view_and_catches_up_after_a_restart(
+    tmp_path, procs, cluster
+):
+    """With a shared log each relay keeps a view of its own: a snapshot from the relay the
+    agent does not publish to lists what exists, and a replica that was down catches up."""
+    root = tmp_path / "w"
+    (root / "d").mkdir(parents=True)
+    (root / "d" / "old").write_bytes(b"x")
+    a = relay_on(tmp_path, procs, cluster, "a")
+    b = relay_on(tmp_path, procs, cluster, "b")
+    start_agent(tmp_path, procs, a.url, root)
+    wait_for(lambda: agents_connected(a), 10, "agent connection")
+
+    def listed(relay: Relay) -> dict[str, bool]:
+        page = httpx.get(relay.url + "/state", params={"path": str(root)}).json()
+        return {e["path"]: e["is_dir"] for e in page["entries"]}
+
+    wait_for(lambda: listed(b) == on_disk(root), 20, "b's view")
+    b.kill()
+    (root / "d" / "old").rename(root / "d" / "new")
+    (root / "e").mkdir()
+    (root / "e" / "f").write_bytes(b"y")
+    wait_for(lambda: listed(a) == on_disk(root), 20, "a's view")
+    b.start()
+    assert listed(b) == on_disk(root)  # caught up before it served
+
+    tail = Tail(tmp_path, procs, b.url, "--since", "snapshot", "--path", str(root), name="tb")
+    got = tail.wait_count(5)
+    assert {e["path"] for e in got[:4]} == set(on_disk(root))
+    assert got[4]["entries"] == 4

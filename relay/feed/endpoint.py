@@ -128,8 +128,7 @@ class Feed:
                 if self.view is None:
                     raise ResumeError(
                         "since=snapshot needs the relay's namespace view, which this relay "
-                        "does not keep (namespace = false in its config, or a --store nats:// "
-                        "relay: those keep none yet)"
+                        "does not keep (namespace = false in its config)"
                     )
                 start = 0
             else:

@@ -41,8 +41,7 @@ def state_endpoint(view: View | None, feed: Feed) -> Callable[[Request], Awaitab
     async def endpoint(request: Request) -> Response:
         if view is None:
             return PlainTextResponse(
-                "this relay keeps no namespace view (namespace = false in its config, or a "
-                "--store nats:// relay: those keep none yet)\n",
+                "this relay keeps no namespace view (namespace = false in its config)\n",
                 status_code=404,
             )
         try:

@@ -112,11 +112,12 @@ class Snapshot:
         roots = [key_of(p, None) for p in f.prefixes] or [b"/"]
         for site in wanted:
             for root in roots:
-                for key, blob in tables.subtree(self._conn, site, root):
-                    yield site, key, decode_entry(blob), None, 0
+                for key, blob in tables.walk(self._conn, site, root):
+                    if blob is not None:  # (a directory known only from what is below it)
+                        yield site, key, decode_entry(blob), None, 0
         prefixes = f.prefixes
-        for _stream, cookie, half, site, key, blob in tables.moving(self._conn):
-            if f.sites and site not in f.sites:
+        for cookie, half, site, key, blob in tables.moving(self._conn):
+            if blob is None or (f.sites and site not in f.sites):
                 continue
             if prefixes and not any(_under(key, key_of(p, None)) for p in prefixes):
                 continue
@@ -147,23 +148,21 @@ class View:
         try:
             conn.execute("BEGIN")
             found = Directory(tables.applied(conn), None, key == b"/", {})
+            base = key.rstrip(b"/")
             for site in sorted(sites) if sites is not None else tables.sites(conn):
-                here = tables.entry(conn, site, key)
-                if here is not None:
+                node = tables.find(conn, site, key)
+                if node is None:
+                    continue
+                here = decode_entry(node[1]) if node[1] is not None else None
+                if here is None:  # a directory known from what is below it
+                    found.implied = True
+                else:
                     found.entry = found.entry or (site, here)
                     if not here.is_dir:
                         continue
-                    rows: Iterator[tuple[bytes, Entry | None]] = (
-                        (k, decode_entry(b)) for k, b in tables.children(conn, site, key)
-                    )
-                else:  # a directory above the agents' roots, if anything is below it
-                    rows = (
-                        (k, tables.entry(conn, site, k))
-                        for k in tables.names_below(conn, site, key)
-                    )
-                for k, e in rows:
-                    found.implied = True
-                    found.children.setdefault(k, (site, e))
+                for name, blob in tables.children(conn, site, node[0]):
+                    child = decode_entry(blob) if blob is not None else None
+                    found.children.setdefault(base + b"/" + name, (site, child))
             conn.execute("COMMIT")
         finally:
             conn.close()
@@ -188,10 +187,12 @@ class View:
                 if after is not None and site < after[0]:
                     continue
                 start = after[1] if after is not None and site == after[0] else None
-                rows = tables.subtree_after(conn, site, key, start, limit - len(out))
-                out.extend((site, k, decode_entry(b)) for k, b in rows)
-                if len(out) >= limit:
-                    return Listed(at, out, (out[-1][0], out[-1][1]))
+                for k, blob in tables.walk(conn, site, key, start):
+                    if blob is None:
+                        continue
+                    out.append((site, k, decode_entry(blob)))
+                    if len(out) >= limit:
+                        return Listed(at, out, (site, k))
             conn.execute("COMMIT")
         finally:
             conn.close()

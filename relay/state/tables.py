@@ -3,11 +3,16 @@ events changing it, so a reader's transaction sees the view exactly as of one ev
 
 What each event does is :func:`storage_events.namespace.effect`'s; this module only carries it
 out in SQL (and :class:`~storage_events.namespace.Mirror` in memory, for clients and tests).
+
+The tree is stored as nodes under their parent node, one name each, so that renaming a
+directory changes one row whatever it holds: a writer renaming a directory of a million files
+back and forth costs the relay two row updates per rename, not two million. A directory known
+only as the way to entries (above an agent's root) is a node without an entry; it goes when
+nothing is left below it.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import sqlite3
 import time
@@ -17,46 +22,39 @@ import msgspec
 
 from storage_events.namespace import (
     Entry,
-    Op,
     Put,
     PutBack,
     Remove,
     SetAside,
     Waiting,
     arrived,
-    below,
     effect,
-    parent_of,
-    rebased,
 )
 from storage_events.wire import Event
 
 log = logging.getLogger("storage_events.relay")
 
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS ns_entries (
+CREATE TABLE IF NOT EXISTS ns_nodes (
+    id     INTEGER PRIMARY KEY,
+    parent INTEGER NOT NULL,     -- its directory's node; 0: in "/"; -N: set aside (ns_halves N)
     site   TEXT NOT NULL,
-    key    BLOB NOT NULL,        -- the path's exact bytes
-    parent BLOB NOT NULL,        -- its directory's: listings of one directory
-    entry  BLOB NOT NULL,        -- storage_events.namespace.Entry, msgpack
-    PRIMARY KEY (site, key)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS ns_children ON ns_entries (site, parent);
-CREATE TABLE IF NOT EXISTS ns_moving (  -- set aside by a rename's first half
+    name   BLOB NOT NULL,        -- one component of the path, its exact bytes
+    entry  BLOB                  -- storage_events.namespace.Entry, msgpack; NULL: a directory
+                                 -- known only from what is below it
+);
+CREATE UNIQUE INDEX IF NOT EXISTS ns_names ON ns_nodes (parent, site, name);
+CREATE TABLE IF NOT EXISTS ns_halves (  -- first halves of renames, waiting for their second
+    id     INTEGER PRIMARY KEY,
     stream TEXT NOT NULL,
     cookie INTEGER NOT NULL,
     site   TEXT NOT NULL,
-    key    BLOB NOT NULL,        -- where it was
-    entry  BLOB NOT NULL,
-    PRIMARY KEY (stream, cookie, site, key)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS ns_halves (  -- those first halves, waiting for their second
-    stream TEXT NOT NULL,
-    cookie INTEGER NOT NULL,
+    key    BLOB NOT NULL,        -- the path it left
+    node   INTEGER NOT NULL,     -- what it took out of the tree (parent = -id)
     half   BLOB NOT NULL,        -- the IN_MOVED_FROM, as an Entry
     at     INTEGER NOT NULL,     -- when this relay set it aside (ns since the epoch)
-    PRIMARY KEY (stream, cookie)
-) WITHOUT ROWID;
+    UNIQUE (stream, cookie)
+);
 CREATE TABLE IF NOT EXISTS ns_applied (
     one INTEGER PRIMARY KEY CHECK (one = 1),
     id  INTEGER NOT NULL         -- the view is of the log up to and including this id
@@ -67,14 +65,17 @@ _encode = msgspec.msgpack.Encoder().encode
 _entry = msgspec.msgpack.Decoder(Entry).decode
 
 _UPSERT = (
-    "INSERT INTO ns_entries VALUES (?, ?, ?, ?) "
-    "ON CONFLICT(site, key) DO UPDATE SET entry = excluded.entry"
+    "INSERT INTO ns_nodes (parent, site, name, entry) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT (parent, site, name) DO UPDATE SET entry = excluded.entry"
 )
-_DELETE = "DELETE FROM ns_entries WHERE site = ? AND key = ?"
-_DELETE_BELOW = "DELETE FROM ns_entries WHERE site = ? AND key >= ? AND key < ?"
-_SUBTREE = (
-    "SELECT key, entry FROM ns_entries WHERE site = ?1 AND key = ?2 "
-    "UNION ALL SELECT key, entry FROM ns_entries WHERE site = ?1 AND key >= ?3 AND key < ?4"
+_FIND = "SELECT id, entry FROM ns_nodes WHERE parent = ? AND site = ? AND name = ?"
+_SUBTREE_IDS = (
+    "WITH RECURSIVE sub(id) AS (VALUES (?) UNION ALL "
+    "SELECT n.id FROM ns_nodes n JOIN sub ON n.parent = sub.id) "
+)
+_CHILDREN = (
+    "SELECT id, name, entry FROM ns_nodes WHERE parent = ? AND site = ? AND name > ? "
+    "ORDER BY name LIMIT ?"
 )
 
 
@@ -82,27 +83,42 @@ def decode_entry(blob: bytes) -> Entry:
     return _entry(blob)
 
 
+def split(key: bytes) -> list[bytes]:
+    """``b"/data/run1"`` → ``[b"data", b"run1"]`` (``b"/"`` → ``[]``)."""
+    return [part for part in key.split(b"/") if part]
+
+
+def find(conn: sqlite3.Connection, site: str, key: bytes) -> tuple[int, bytes | None] | None:
+    """(node id, its entry blob) at ``key``, or None; ``/`` is node 0 (no entry)."""
+    node: tuple[int, bytes | None] = (0, None)
+    for name in split(key):
+        row = conn.execute(_FIND, (node[0], site, name)).fetchone()
+        if row is None:
+            return None
+        node = row
+    return node
+
+
 class Tables:
     """The view's tables in one database; :meth:`apply` runs inside the caller's transaction.
-    Keeps in memory only which renames wait for their second half (loaded at start)."""
+    Keeps in memory which renames wait for their second half (loaded at start), and the node
+    ids of directories lately used (any directory leaving its place empties it)."""
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         conn.executescript(SCHEMA)
+        self._dirs: dict[tuple[str, bytes], int] = {}
         self._waiting = Waiting()
-        self._load_waiting(conn)
-        row = conn.execute("SELECT id FROM ns_applied").fetchone()
-        self.applied = row[0] if row else 0
+        self.rolled_back(conn)
 
-    def _load_waiting(self, conn: sqlite3.Connection) -> None:
+    def rolled_back(self, conn: sqlite3.Connection) -> None:
+        """(Re)load what is kept in memory: at start, and when the transaction :meth:`apply`
+        ran in did not commit."""
+        self._dirs.clear()
         self._waiting = Waiting()
         for stream, cookie, half, at in conn.execute(
             "SELECT stream, cookie, half, at FROM ns_halves"
         ):
             self._waiting.add(stream, cookie, _entry(half).ts, at)
-
-    def rolled_back(self, conn: sqlite3.Connection) -> None:
-        """The transaction :meth:`apply` ran in did not commit: forget what it changed here."""
-        self._load_waiting(conn)
         row = conn.execute("SELECT id FROM ns_applied").fetchone()
         self.applied = row[0] if row else 0
 
@@ -111,92 +127,150 @@ class Tables:
         if not events:
             return
         now = time.time_ns() if now is None else now
-        puts: list[tuple[str, bytes, bytes, bytes]] = []
-        removes: list[tuple[str, bytes]] = []
+        puts: list[tuple[int, str, bytes, bytes]] = []
         waiting = self._waiting
         for ev in events:
             for stream, cookie in waiting.expired(ev.stream, ev.ts, now):
-                self._flush(conn, puts, removes)
-                self._forget(conn, stream, cookie)
+                self._flush(conn, puts)
+                self._expire(conn, stream, cookie)
             op = effect(ev)
             if op is None:
                 continue
             if isinstance(op, Put):
-                if removes:
-                    self._flush(conn, puts, removes)
-                puts.append((op.site, op.key, parent_of(op.key), _encode(op.entry)))
-            elif isinstance(op, Remove):
-                if puts:
-                    self._flush(conn, puts, removes)
-                removes.append((op.site, op.key))
-            else:
-                self._flush(conn, puts, removes)
-                self._move(conn, op, now)
-        self._flush(conn, puts, removes)
+                parts = split(op.key)
+                if parts:  # ("/" itself holds no entry)
+                    parent = self._directory(conn, op.site, op.key.rpartition(b"/")[0], parts)
+                    # A run of puts goes in together: within it only the order of the puts to
+                    # one name matters, and executemany keeps it.
+                    puts.append((parent, op.site, parts[-1], _encode(op.entry)))
+                continue
+            self._flush(conn, puts)
+            if isinstance(op, Remove):
+                node = find(conn, op.site, op.key)
+                if node is not None:
+                    self._delete(conn, op.site, op.key, node[0])
+            elif isinstance(op, SetAside):
+                self._set_aside(conn, op, now)
+            elif isinstance(op, PutBack):
+                self._put_back(conn, op)
+        self._flush(conn, puts)
         self.applied = events[-1].id
         conn.execute("INSERT OR REPLACE INTO ns_applied VALUES (1, ?)", (self.applied,))
 
     @staticmethod
-    def _flush(
-        conn: sqlite3.Connection,
-        puts: list[tuple[str, bytes, bytes, bytes]],
-        removes: list[tuple[str, bytes]],
-    ) -> None:
-        # A run of puts, or of removes, is applied together: within a run order only matters
-        # for one key, and executemany keeps it.
+    def _flush(conn: sqlite3.Connection, puts: list[tuple[int, str, bytes, bytes]]) -> None:
         if puts:
             conn.executemany(_UPSERT, puts)
             puts.clear()
-        if removes:
-            conn.executemany(_DELETE, removes)
-            conn.executemany(_DELETE_BELOW, [(site, *below(key)) for site, key in removes])
-            removes.clear()
 
-    def _move(self, conn: sqlite3.Connection, op: Op, now: int) -> None:
-        if isinstance(op, SetAside):
-            rows = conn.execute(_SUBTREE, (op.site, op.key, *below(op.key))).fetchall()
-            if not rows:
-                return  # never in the view: nothing to put back later
-            conn.executemany(
-                "INSERT OR REPLACE INTO ns_moving VALUES (?, ?, ?, ?, ?)",
-                [(op.stream, op.cookie, op.site, key, entry) for key, entry in rows],
-            )
-            self._drop(conn, op.site, op.key)
-            conn.execute(
-                "INSERT OR REPLACE INTO ns_halves VALUES (?, ?, ?, ?)",
-                (op.stream, op.cookie, _encode(op.half), now),
-            )
-            self._waiting.add(op.stream, op.cookie, op.half.ts, now)
+    def _directory(
+        self, conn: sqlite3.Connection, site: str, key: bytes, parts: list[bytes] | None = None
+    ) -> int:
+        """The node id of directory ``key`` (made, without an entry, if missing)."""
+        if not key or key == b"/":
+            return 0
+        cached = self._dirs.get((site, key))
+        if cached is not None:
+            return cached
+        names = split(key) if parts is None else parts[:-1]
+        node, at = 0, b""
+        for name in names:
+            at += b"/" + name
+            cached = self._dirs.get((site, at))
+            if cached is None:
+                row = conn.execute(_FIND, (node, site, name)).fetchone()
+                if row is None:
+                    cur = conn.execute(
+                        "INSERT INTO ns_nodes (parent, site, name, entry) VALUES (?, ?, ?, NULL)",
+                        (node, site, name),
+                    )
+                    cached = cur.lastrowid
+                    assert cached is not None
+                else:
+                    cached = row[0]
+                self._dirs[site, at] = cached
+            node = cached
+        return node
+
+    def _delete(self, conn: sqlite3.Connection, site: str, key: bytes, node: int) -> None:
+        """Node ``node`` at ``key`` and all below it go; so do directories above it that were
+        there only for it."""
+        conn.execute(
+            _SUBTREE_IDS + "DELETE FROM ns_nodes WHERE id IN (SELECT id FROM sub)", (node,)
+        )
+        self._dirs.clear()  # (paths of cached directories may have run through it)
+        self._prune(conn, site, key)
+
+    def _prune(self, conn: sqlite3.Connection, site: str, key: bytes) -> None:
+        """Remove the entry-less directories above ``key`` that nothing is below any more."""
+        parts = split(key)[:-1]
+        while parts:
+            node = find(conn, site, b"/" + b"/".join(parts))
+            if node is None or node[1] is not None:
+                return
+            if conn.execute(
+                "SELECT 1 FROM ns_nodes WHERE parent = ? LIMIT 1", (node[0],)
+            ).fetchone():
+                return
+            conn.execute("DELETE FROM ns_nodes WHERE id = ?", (node[0],))
+            self._dirs.clear()
+            parts.pop()
+
+    def _set_aside(self, conn: sqlite3.Connection, op: SetAside, now: int) -> None:
+        node = find(conn, op.site, op.key)
+        if node is None or not split(op.key):
+            return  # never in the view: nothing to put back later
+        self._expire(conn, op.stream, op.cookie)  # (a cookie used again: the old one is gone)
+        cur = conn.execute(
+            "INSERT INTO ns_halves (stream, cookie, site, key, node, half, at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (op.stream, op.cookie, op.site, op.key, node[0], _encode(op.half), now),
+        )
+        conn.execute(
+            "UPDATE ns_nodes SET parent = ? WHERE id = ?", (-(cur.lastrowid or 0), node[0])
+        )
+        self._dirs.clear()
+        self._prune(conn, op.site, op.key)
+        self._waiting.add(op.stream, op.cookie, op.half.ts, now)
+
+    def _put_back(self, conn: sqlite3.Connection, op: PutBack) -> None:
+        parts = split(op.key)
+        if not parts:
             return
-        assert isinstance(op, PutBack)
-        self._drop(conn, op.site, op.key)  # a rename onto an existing name replaces it
-        rows: list[tuple[str, bytes, bytes]] = []
+        there = find(conn, op.site, op.key)
+        if there is not None:  # a rename onto an existing name replaces it
+            self._delete(conn, op.site, op.key, there[0])
+        parent = self._directory(conn, op.site, op.key.rpartition(b"/")[0], parts)
+        row = None
         if self._waiting.take(op.stream, op.cookie):
-            rows = conn.execute(
-                "SELECT site, key, entry FROM ns_moving WHERE stream = ? AND cookie = ?",
+            row = conn.execute(
+                "SELECT ns_halves.id, node, entry FROM ns_halves JOIN ns_nodes "
+                "ON ns_nodes.id = ns_halves.node WHERE stream = ? AND cookie = ?",
                 (op.stream, op.cookie),
-            ).fetchall()
-            self._forget(conn, op.stream, op.cookie)
-        top = op.entry
-        moved = []
-        for site, key, blob in rows:
-            if key == op.old:
-                top = arrived(_entry(blob), op.entry)
-            else:
-                new = rebased(key, op.old, op.key)
-                moved.append((site, new, parent_of(new), blob))
-        moved.append((op.site, op.key, parent_of(op.key), _encode(top)))
-        conn.executemany(_UPSERT, moved)
+            ).fetchone()
+        if row is None:
+            conn.execute(_UPSERT, (parent, op.site, parts[-1], _encode(op.entry)))
+            return
+        half, node, moved = row
+        top = arrived(_entry(moved), op.entry) if moved is not None else op.entry
+        conn.execute(
+            "UPDATE ns_nodes SET parent = ?, site = ?, name = ?, entry = ? WHERE id = ?",
+            (parent, op.site, parts[-1], _encode(top), node),
+        )
+        conn.execute("DELETE FROM ns_halves WHERE id = ?", (half,))
 
-    @staticmethod
-    def _drop(conn: sqlite3.Connection, site: str, key: bytes) -> None:
-        conn.execute(_DELETE, (site, key))
-        conn.execute(_DELETE_BELOW, (site, *below(key)))
-
-    def _forget(self, conn: sqlite3.Connection, stream: str, cookie: int) -> None:
-        conn.execute("DELETE FROM ns_moving WHERE stream = ? AND cookie = ?", (stream, cookie))
-        conn.execute("DELETE FROM ns_halves WHERE stream = ? AND cookie = ?", (stream, cookie))
+    def _expire(self, conn: sqlite3.Connection, stream: str, cookie: int) -> None:
+        """The first half (``stream``, ``cookie``) will get no second: what it set aside goes."""
+        row = conn.execute(
+            "SELECT id, node FROM ns_halves WHERE stream = ? AND cookie = ?", (stream, cookie)
+        ).fetchone()
         self._waiting.take(stream, cookie)
+        if row is None:
+            return
+        conn.execute(
+            _SUBTREE_IDS + "DELETE FROM ns_nodes WHERE id IN (SELECT id FROM sub)", (row[1],)
+        )
+        conn.execute("DELETE FROM ns_halves WHERE id = ?", (row[0],))
 
 
 # -- reading: each in a read transaction of its own connection -------------------------------
@@ -208,76 +282,82 @@ def applied(conn: sqlite3.Connection) -> int:
 
 
 def sites(conn: sqlite3.Connection) -> list[str]:
-    """The sites with entries, found by seeking from one to the next (a few sites, a million
-    entries: DISTINCT would read them all)."""
+    """The sites with entries: those of the top-level names (a few rows)."""
     return [
         row[0]
-        for row in conn.execute(
-            "WITH RECURSIVE s(site) AS (SELECT min(site) FROM ns_entries UNION ALL "
-            "SELECT (SELECT min(site) FROM ns_entries WHERE site > s.site) FROM s "
-            "WHERE s.site IS NOT NULL) SELECT site FROM s WHERE site IS NOT NULL"
-        )
+        for row in conn.execute("SELECT DISTINCT site FROM ns_nodes WHERE parent = 0 ORDER BY site")
     ]
 
 
-def subtree(conn: sqlite3.Connection, site: str, key: bytes) -> Iterator[tuple[bytes, bytes]]:
-    """(key, entry) of ``key`` and all below it, in key order (a directory before its
-    contents)."""
-    yield from conn.execute(_SUBTREE, (site, key, *below(key)))
+def walk(
+    conn: sqlite3.Connection,
+    site: str,
+    key: bytes,
+    after: bytes | None = None,
+    node: tuple[int, bytes | None] | None = None,
+) -> Iterator[tuple[bytes, bytes | None]]:
+    """(key, entry blob or None) of ``key`` and everything below it, depth first, each
+    directory's names in byte order, so a directory comes before what it holds; from after
+    key ``after`` (a page's last) when given. ``node``: where ``key`` is, if not in the tree
+    (a subtree set aside)."""
+    top = node if node is not None else find(conn, site, key)
+    if top is None:
+        return
+    base = key.rstrip(b"/")
+    # The stack: (directory node, its key, the last name taken in it, names fetched, not taken)
+    stack: list[tuple[int, bytes, bytes, list[tuple[int, bytes, bytes | None]]]] = []
+    if after is None or not after.startswith(base + b"/"):
+        if after is not None and after != key:
+            return
+        if after is None:
+            yield key, top[1]
+        stack.append((top[0], base, b"", []))
+    else:
+        # Rebuild where the page ended: in each directory on the way to ``after``, its names
+        # after the one on the way; then, if ``after`` is still there, what is below it.
+        at, where = top[0], base
+        for name in split(after[len(base) :]):
+            stack.append((at, where, name, []))
+            row = conn.execute(_FIND, (at, site, name)).fetchone()
+            if row is None:
+                break
+            at, where = row[0], where + b"/" + name
+        else:
+            stack.append((at, where, b"", []))
+    while stack:
+        parent, where, last, fetched = stack[-1]
+        if not fetched:
+            fetched = [tuple(r) for r in conn.execute(_CHILDREN, (parent, site, last, 256))]  # type: ignore[misc]
+            if not fetched:
+                stack.pop()
+                continue
+            fetched.reverse()
+        child, name, blob = fetched.pop()
+        stack[-1] = (parent, where, name, fetched)
+        child_key = where + b"/" + name
+        yield child_key, blob
+        if blob is None or _entry(blob).is_dir:
+            stack.append((child, child_key, b"", []))
 
 
-def moving(conn: sqlite3.Connection) -> Iterator[tuple[str, int, bytes, str, bytes, bytes]]:
-    """(stream, cookie, half, site, key, entry) of everything set aside by a rename's first
-    half."""
-    yield from conn.execute(
-        "SELECT m.stream, m.cookie, h.half, m.site, m.key, m.entry FROM ns_moving m "
-        "JOIN ns_halves h USING (stream, cookie) ORDER BY m.stream, m.cookie, m.site, m.key"
-    )
-
-
-def subtree_after(
-    conn: sqlite3.Connection, site: str, key: bytes, after: bytes | None, limit: int
-) -> list[tuple[bytes, bytes]]:
-    """Up to ``limit`` of :func:`subtree`'s rows, from the first key after ``after``."""
-    lo, hi = below(key)
-    if after is None:
-        return list(itertools.islice(subtree(conn, site, key), limit))
-    return conn.execute(
-        "SELECT key, entry FROM ns_entries WHERE site = ? AND key > ? AND key >= ? AND key < ? "
-        "ORDER BY key LIMIT ?",
-        (site, after, lo, hi, limit),
+def moving(conn: sqlite3.Connection) -> Iterator[tuple[int, bytes, str, bytes, bytes | None]]:
+    """(cookie, half, site, key, entry) of everything set aside by a rename's first half."""
+    halves = conn.execute(
+        "SELECT cookie, half, site, key, node FROM ns_halves ORDER BY stream, cookie"
     ).fetchall()
+    for cookie, half, site, key, node in halves:
+        row = conn.execute("SELECT id, entry FROM ns_nodes WHERE id = ?", (node,)).fetchone()
+        if row is None:
+            continue
+        for k, blob in walk(conn, site, key, node=(row[0], row[1])):
+            yield cookie, half, site, k, blob
 
 
-def children(conn: sqlite3.Connection, site: str, key: bytes) -> Iterator[tuple[bytes, bytes]]:
-    """(key, entry) of the entries directly in directory ``key``, in key order."""
+def children(
+    conn: sqlite3.Connection, site: str, node: int
+) -> Iterator[tuple[bytes, bytes | None]]:
+    """(name, entry blob or None) of what is directly in directory ``node``, by name."""
     yield from conn.execute(
-        "SELECT key, entry FROM ns_entries WHERE site = ? AND parent = ? ORDER BY key",
-        (site, key),
+        "SELECT name, entry FROM ns_nodes WHERE parent = ? AND site = ? ORDER BY name",
+        (node, site),
     )
-
-
-def names_below(conn: sqlite3.Connection, site: str, key: bytes) -> Iterator[bytes]:
-    """The keys directly below ``key`` that have an entry or entries below them: the
-    directories above the agents' roots hold no entry of their own. One seek per name, or past
-    one name's subtree (keys sort by bytes, not by component: ``b``, ``b-x``, ``b-x/d``,
-    ``b/c``)."""
-    lo, hi = below(key)
-    seek = "SELECT key FROM ns_entries WHERE site = ? AND key >= ? AND key < ? ORDER BY key LIMIT 1"
-    seen: set[bytes] = set()
-    start = lo
-    while (row := conn.execute(seek, (site, start, hi)).fetchone()) is not None:
-        found: bytes = row[0]
-        child = lo + found[len(lo) :].split(b"/", 1)[0]
-        if child not in seen:
-            seen.add(child)
-            yield child
-        # Past the entry itself, or past all of the subtree it is in.
-        start = found + b"\0" if found == child else child + b"0"
-
-
-def entry(conn: sqlite3.Connection, site: str, key: bytes) -> Entry | None:
-    row = conn.execute(
-        "SELECT entry FROM ns_entries WHERE site = ? AND key = ?", (site, key)
-    ).fetchone()
-    return _entry(row[0]) if row else None
