@@ -51,6 +51,9 @@ class AgentConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # The first time a root is watched (no snapshot of it in the spool), publish what it already
     # holds as synthetic IN_CREATE events, so that the relay's namespace view starts complete.
     announce_existing: bool = True
+    # Add size, mtime, mode, uid, gid and ino to events that name an entry still there (one
+    # fstatat each, in the directory's own descriptor).
+    stat: bool = True
 
     def __post_init__(self) -> None:
         if self.spool:

@@ -70,6 +70,7 @@ class Agent:
             sink=self.publish,
             retry_interval=cfg.retry_interval,
             announce=cfg.announce_existing,
+            stat=cfg.stat,
         )
         loop = asyncio.get_running_loop()  # built inside run_agent
         # While processing is paused, kernel events wait in the reader's memory: with a spool

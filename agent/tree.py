@@ -196,6 +196,11 @@ class Tree:
         self._changed_now = (0, ns, -1)
 
     @property
+    def generation(self) -> int:
+        """Changes whenever a directory is re-linked or detached (paths of the model change)."""
+        return self._gen
+
+    @property
     def watch_count(self) -> int:
         return len(self._wds)
 
@@ -231,6 +236,21 @@ class Tree:
         old.root = root
         root.node = old
         return root, [WatchDir(old)]
+
+    def announce(self, root: _Root) -> Iterator[Change]:
+        """What a root watched for the first time holds, as synthetic ``IN_CREATE`` events
+        (directories before what they hold), from the model the start-up walk built."""
+        if root.node is None:
+            return
+        stack: list[tuple[_Dir, str]] = [(root.node, root.published)]
+        while stack:
+            node, path = stack.pop()
+            for name, entry in node.entries.items():
+                child = join_path(path, [name])
+                is_dir = isinstance(entry, _Dir)
+                yield Change(child, _CREATE, is_dir, synthetic=True)
+                if is_dir:
+                    stack.append((entry, child))  # type: ignore[arg-type]
 
     # -- start-up, where nothing is published ---------------------------------------------------
 

@@ -33,6 +33,7 @@ from inotify_simple import INotify
 
 from storage_events.wire import Event, Flag, display_path, flag_names
 
+from .facts import STAT_FLAGS, Facts, Stats
 from .kernel_reader import read_available
 from .select import Selector
 from .tree import (
@@ -231,6 +232,7 @@ class Watcher:
         sink: Callable[[Event], None],
         retry_interval: float = 30.0,
         announce: bool = False,
+        stat: bool = False,
     ) -> None:
         self.roots = roots
         self.announce = announce  # a root watched for the first time: publish what it holds
@@ -239,6 +241,14 @@ class Watcher:
         self.sink = sink  # takes every event to publish, in order
         self.retry_interval = retry_interval
         self.tree = Tree()
+        # size, mtime, mode, owner and inode of what events name (see agent/facts.py)
+        self.stats = Stats(open_beneath, lambda: self.tree.generation) if stat else None
+        # (published prefix, local path) of each root, longest prefix first: where a published
+        # path is on disk
+        self._places = sorted(
+            ((r.prefix.rstrip("/"), r.path.rstrip("/") or "/") for r in roots),
+            key=lambda t: -len(t[0]),
+        )
         # Longest prefix first, so a root published inside another's prefix wins.
         self._typed = sorted(
             ((r.prefix.rstrip("/"), r.types) for r in roots if r.types), key=lambda t: -len(t[0])
@@ -274,6 +284,8 @@ class Watcher:
     def close(self) -> None:
         self.inotify.close()
         self._mounts.close()
+        if self.stats is not None:
+            self.stats.close()
 
     # -- start-up ----------------------------------------------------------------------------
 
@@ -291,11 +303,7 @@ class Watcher:
             if unclean:
                 self._publish(Change(join_path(root.prefix, []), _Q_OVERFLOW, True))
             old = previous.get(root.path) if previous else None
-            if old is None and self.announce:
-                # Compared with an empty directory of unknown inode, all it holds is new.
-                log.info("publishing what %s holds (watched for the first time)", root.path)
-                old = [0, {}]
-            elif old is not None:
+            if old is not None:
                 log.info("publishing what changed under %s since the agent last stopped", root.path)
             troot, cmds = self.tree.add_root(root.path, root.prefix, old, root.select)
             if cmds:
@@ -303,6 +311,10 @@ class Watcher:
                 self._settle(limit=None)
             else:
                 self._build(troot)
+                if self.announce:
+                    log.info("publishing what %s holds (watched for the first time)", root.path)
+                    for change in self.tree.announce(troot):
+                        self._publish(change)
             if troot.node is not None and troot.node.wd >= 0:
                 watched += 1
         log.info(
@@ -850,6 +862,9 @@ class Watcher:
         flags = self._flags.get(change.flags)
         if flags is None:  # one list per mask, shared by every event (nothing changes them)
             flags = self._flags[change.flags] = flag_names(change.flags)
+        facts = None
+        if self.stats is not None and change.flags & STAT_FLAGS:
+            facts = self._facts(change)
         self.sink(
             Event(
                 site=self.site,
@@ -865,8 +880,17 @@ class Watcher:
                 synthetic=change.synthetic,
                 raw_path=raw,
                 raw_old_path=raw_old,
+                **(facts._asdict() if facts is not None else {}),
             )
         )
+
+    def _facts(self, change: Change) -> Facts | None:
+        assert self.stats is not None
+        path = change.path
+        for prefix, local in self._places:
+            if path == prefix or path.startswith(prefix + "/") or prefix == "":
+                return self.stats.of(local, path[len(prefix) :].strip("/"), change.is_dir)
+        return None
 
 
 def _reason(err: int) -> str:

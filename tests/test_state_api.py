@@ -6,6 +6,7 @@ holding in all three."""
 from __future__ import annotations
 
 import os
+import subprocess
 
 import httpx
 from conftest import Relay, Tail, agents_connected, start_agent, wait_for
@@ -189,3 +190,69 @@ def test_dcacheclient_walks_the_tree_as_panoptes_does(tmp_path, procs):
         assert dcache.namespace.get_file_attributes(path=f"{root}/nothing") is False  # (404)
     finally:
         dcache.close()
+
+
+def test_ada_and_the_reference_client_list_directories_as_they_parse_them(tmp_path, procs):
+    """Neither is on a registry (they were run unchanged by hand: docs/namespace.md); their
+    requests and parsing, exactly: ada pipes curl with a netrc login into jq, the reference
+    client (dcache-sse simple-client.py ``-r``) indexes the JSON with requests."""
+    import requests
+
+    root = tmp_path / "w"
+    _tree(root)
+    relay = _relay(tmp_path, procs, root)
+    wait_for(lambda: len(_all_pages(relay, ALL, str(root), 100)[0]) == 10, 20, "view")
+    api = relay.url + "/api/v1"
+    netrc = tmp_path / "netrc"
+    netrc.write_text(f"machine 127.0.0.1 login ada-user password {ALL}\n")
+    netrc.chmod(0o600)
+
+    def ada(path: str, jq: str) -> str:
+        listing = subprocess.run(
+            [
+                "curl",
+                "-s",
+                "--netrc-file",
+                str(netrc),
+                "-X",
+                "GET",
+                f"{api}/namespace/{path}?children=true",
+            ],
+            capture_output=True,
+            check=True,
+        ).stdout
+        return subprocess.run(
+            ["jq", "-r", jq], input=listing, capture_output=True, check=True
+        ).stdout.decode()
+
+    # get_subdirs, and how ada tells that a path exists
+    subdirs = '.children | .[] | if .fileType == "DIR" then .fileName else empty end'
+    assert ada(f"{root}/public", subdirs).split() == ["run1", "run2"]
+    assert ada(f"{root}/public/run1", 'has("fileType")').strip() == "true"
+    assert ada(f"{root}/nothing", 'has("fileType")').strip() == "false"
+
+    # recursive_watch → watch_subdirectories, as simple-client.py builds the URL (not encoded)
+    s = requests.Session()
+    s.auth = ("reader", ALL)
+    seen = []
+
+    def walk(path: str) -> None:
+        r = s.get(api + "/namespace" + path + "?children=true")
+        r.raise_for_status()
+        for item in r.json()["children"]:
+            if item["fileType"] == "DIR":
+                seen.append(path + "/" + item["fileName"])
+                walk(path + "/" + item["fileName"])
+
+    walk(str(root))
+    assert sorted(seen) == sorted(
+        f"{root}/{d}"
+        for d in (
+            "public",
+            "public/run1",
+            "public/run2",
+            "public/run2/deep",
+            "private",
+            "private/keys",
+        )
+    )
