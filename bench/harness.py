@@ -222,6 +222,7 @@ class Stack:
         *,
         agent_args: tuple[str, ...] = (),
         relay_args: tuple[str, ...] = (),
+        agent_config: str = "",
     ) -> None:
         self.base = base
         port = free_port()
@@ -237,7 +238,7 @@ class Stack:
         )
         wait_http(self.url + "/healthz")
         config = base / "agent.toml"
-        config.write_text(f'metrics = "127.0.0.1:{self.metrics_port}"\n')
+        config.write_text(f'metrics = "127.0.0.1:{self.metrics_port}"\n{agent_config}')
         self.agent = subprocess.Popen(
             [
                 BIN / "storage-events-agent",
