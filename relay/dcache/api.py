@@ -518,7 +518,9 @@ class ChannelService:
         return StreamingResponse(
             self._stream(ch, box, last, start is not None, loss),
             media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            # Its body ends where the connection does (relay/edge/server.py unframes it): see
+            # _AsDCache there.
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Connection": "close"},
         )
 
     async def _stream(

@@ -73,7 +73,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             and cycle.transport is self.transport
             and self.url.startswith(CHANNELS)
         ):
-            cycle.transport = _Capitalized(self.transport)
+            cycle.transport = _AsDCache(self.transport)
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -118,24 +118,45 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self.transport.close()
 
 
-class _Capitalized:
-    """The response's transport, writing ``Location`` as dCache does. uvicorn writes every header
-    name in lower case, which HTTP allows; but dCache's own clients find the new channel's URL
-    with a case-sensitive match (SURF's ``ada``: ``awk '/Location:/'``). Only the response's
-    first write is the head (the status line, then the headers), and only it is changed."""
+class _AsDCache:
+    """The transport of a response of the dCache channel API, writing it as dCache's own
+    clients read it.
 
-    __slots__ = ("_head", "_transport")
+    - ``Location`` capitalized: uvicorn writes every header name in lower case, which HTTP
+      allows; but SURF's ``ada`` finds the new channel's URL with ``awk '/Location:/'``.
+    - A channel's event stream without chunked framing, its end being the connection's
+      (HTTP/1.1 allows it: a response with neither length nor chunking ends at the close):
+      sseclient 0.0.27, which the reference client and panoptes read streams with, reads the
+      socket beneath the HTTP parser, so it takes chunk sizes for stream lines; the final
+      ``0\r\n\r\n`` then makes an event with empty data, which they ``json.loads`` and crash
+      on, whenever a stream ends (COMPETING_CLIENT, a relay's SHUTDOWN).
+
+    uvicorn writes the head first, on its own, then each body part as one chunk frame."""
+
+    __slots__ = ("_head", "_transport", "_unframe")
 
     def __init__(self, transport: asyncio.Transport) -> None:
         self._transport = transport
         self._head = True
+        self._unframe = False
 
     def write(self, data: bytes) -> None:
         if self._head:
             self._head = False
             if data.startswith(b"HTTP/1.1 3") or data.startswith(b"HTTP/1.1 2"):
                 head, sep, body = data.partition(b"\r\n\r\n")
-                data = head.replace(b"\r\nlocation: ", b"\r\nLocation: ", 1) + sep + body
+                head = head.replace(b"\r\nlocation: ", b"\r\nLocation: ", 1)
+                if b"\r\ncontent-type: text/event-stream" in head and (
+                    b"\r\nconnection: close" in head.lower()
+                ):
+                    head = head.replace(b"\r\ntransfer-encoding: chunked", b"", 1)
+                    self._unframe = True
+                data = head + sep + body
+        elif self._unframe:
+            size, _, rest = data.partition(b"\r\n")  # b"%x\r\n" body b"\r\n" [b"0\r\n\r\n"]
+            data = rest[: int(size, 16)]
+            if not data:
+                return
         self._transport.write(data)
 
     def __getattr__(self, name: str) -> object:
