@@ -23,7 +23,9 @@ def _tree(root):
         (root / f).write_bytes(b"0123456789")
 
 
-def _relay(tmp_path, procs, root):
+def _relay(tmp_path, procs, root, tls=None):
+    """``tls``: pytest's monkeypatch, for a relay on https:// whose agent trusts its
+    certificate (a test's, self-signed)."""
     config = tmp_path / "relay.toml"
     config.write_text(
         f"""
@@ -45,7 +47,21 @@ paths = ["{root}/public"]
 hash = "{hash_token(PUBLIC)}"
 """
     )
-    relay = Relay(tmp_path, procs, extra=("--config", str(config)), token=ALL)
+    extra: tuple[str, ...] = ("--config", str(config))
+    if tls is not None:
+        key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+        subprocess.run(
+            [
+                *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+                *("-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"),
+                *("-keyout", str(key), "-out", str(cert)),
+            ],
+            check=True,
+            capture_output=True,
+        )
+        extra += ("--certfile", str(cert), "--keyfile", str(key))
+        tls.setenv("SSL_CERT_FILE", str(cert))  # (what the agent started below trusts)
+    relay = Relay(tmp_path, procs, extra=extra, token=ALL, scheme="https" if tls else "http")
     start_agent(tmp_path, procs, relay.url, root, extra=("--token", AGENT))
     wait_for(lambda: agents_connected(relay), 10, "agent connection")
     return relay
@@ -256,3 +272,31 @@ def test_ada_and_the_reference_client_list_directories_as_they_parse_them(tmp_pa
             "private/keys",
         )
     )
+
+
+def test_dcache_pyclient_lists_and_describes_unchanged(tmp_path, procs, monkeypatch):
+    """SURF's ada rewritten in Python (dcache-pyclient, installed by tests/run without its
+    pinned httpx): whoami, list, longlist and stat through the namespace endpoint, with a
+    token and with a netrc login."""
+    from ada.client import AdaClient
+
+    root = tmp_path / "w"
+    _tree(root)
+    relay = _relay(tmp_path, procs, root, tls=monkeypatch)  # (it takes https:// only)
+    wait_for(lambda: len(_all_pages(relay, ALL, str(root), 100)[0]) == 10, 20, "view")
+    api = relay.url + "/api/v1"
+    netrc = tmp_path / "netrc"
+    netrc.write_text(f"machine 127.0.0.1 login someone password {PUBLIC}\n")
+    netrc.chmod(0o600)
+    clients = (
+        AdaClient(api=api, token=ALL, igtf=False),
+        AdaClient(api=api, netrc=str(netrc), igtf=False),
+    )
+    for client in clients:
+        with client:
+            assert client.whoami().status == "AUTHENTICATED"
+            assert client.list(f"{root}/public") == ["run1/", "run2/"]
+            info = client.stat(f"{root}/public/run1/a.h5")
+            assert (info.size, info.file_type.value) == (10, "REGULAR")
+            assert info.mtime is not None
+            assert client.list(f"{root}/public/run2/deep") == ["b.h5"]

@@ -1,7 +1,9 @@
 """``GET /api/v1/user``: who the caller is, as dCache's frontend answers it (its UserResource):
 ``AUTHENTICATED`` with the user name for valid credentials, ``ANONYMOUS`` without any; wrong
 credentials are refused (401). dCache's clients ask it first (SURF's ``ada`` stops unless it is
-``AUTHENTICATED``). There are no Unix ids here: ``uid`` and ``gids`` are null."""
+``AUTHENTICATED``). There are no Unix ids here: ``uid`` and ``gids`` are left out, as dCache's
+JSON leaves out every null field (clients read them with defaults: dcache-pyclient takes
+``tuple(data.get("gids", []))``, which a null breaks)."""
 
 from __future__ import annotations
 
@@ -12,14 +14,7 @@ from starlette.responses import JSONResponse, Response
 
 from storage_events.relay.auth import Authenticator, AuthError, bearer
 
-NOBODY = {
-    "status": "ANONYMOUS",
-    "uid": None,
-    "gids": None,
-    "homeDirectory": None,
-    "rootDirectory": None,
-    "username": None,
-}
+NOBODY = {"status": "ANONYMOUS"}
 
 
 def user_endpoint(auth: Authenticator) -> Callable[[Request], Awaitable[Response]]:
@@ -40,8 +35,6 @@ def user_endpoint(auth: Authenticator) -> Callable[[Request], Awaitable[Response
         return JSONResponse(
             {
                 "status": "AUTHENTICATED",
-                "uid": None,
-                "gids": None,
                 # Where it may read: the first of its path prefixes, else everything.
                 "homeDirectory": prefixes[0] if prefixes else "/",
                 "rootDirectory": "/",
