@@ -300,3 +300,5 @@ def test_dcache_pyclient_lists_and_describes_unchanged(tmp_path, procs, monkeypa
             assert (info.size, info.file_type.value) == (10, "REGULAR")
             assert info.mtime is not None
             assert client.list(f"{root}/public/run2/deep") == ["b.h5"]
+            long = client.longlist(f"{root}/public/run1")
+            assert [(i.path, i.size) for i in long] == [(f"{root}/public/run1/a.h5", 10)]
