@@ -4,13 +4,21 @@ a real relay fed by a real agent while a writer keeps the tree changing."""
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
-from conftest import agents_connected, start_agent, wait_for
-from test_model import on_disk
+import httpx
+import msgspec
+from conftest import Tail, agents_connected, start_agent, wait_for
+from test_end_to_end import settled_head
+from test_model import kernel_queue, on_disk
+
+from storage_events.namespace import Mirror
+from storage_events.wire import Event
 
 HERE = Path(__file__).parent
 
@@ -73,3 +81,46 @@ def test_snapshots_taken_at_random_moments_of_a_churning_tree_end_as_the_tree_on
     for r in results:
         assert r["out_of_order"] == [], f"snapshot at {r['snapshot']}: duplicates or disorder"
         assert _below(r["tree"], root) == disk, f"snapshot at {r['snapshot']}"
+
+
+def test_the_view_stays_exact_through_a_kernel_queue_overflow_and_its_rescan(
+    tmp_path, procs, relay
+):
+    """An agent stopped while the tree changes far beyond its kernel queue loses events: it
+    announces the loss and rescans; the view follows the rescan's events back to the tree."""
+    root = tmp_path / "w"
+    (root / "keep").mkdir(parents=True)
+    for i in range(200):
+        (root / "keep" / f"old{i}").write_bytes(b"x")
+    with kernel_queue(64):
+        agent = start_agent(tmp_path, procs, relay.url, root)
+    wait_for(lambda: agents_connected(relay), 10, "agent connection")
+    wait_for(lambda: relay.healthy()["head"] >= 201, 10, "the announcement")
+    snapshot = Tail(tmp_path, procs, relay.url, "--since", "snapshot", name="snap")
+    wait_for(lambda: any("entries" in e for e in snapshot.events()), 20, "the snapshot")
+    agent.send(signal.SIGSTOP)
+    try:
+        for i in range(100):
+            (root / "keep" / f"old{i}").unlink()
+        for i in range(100, 150):
+            os.rename(root / "keep" / f"old{i}", root / f"moved{i}")
+        (root / "new" / "deep").mkdir(parents=True)
+        for i in range(500):
+            (root / "new" / "deep" / f"n{i}").write_bytes(b"y")
+    finally:
+        agent.send(signal.SIGCONT)
+    settled_head(relay)
+    page = httpx.get(relay.url + "/state", params={"path": str(root), "limit": 10000}).json()
+    assert page["next"] is None
+    assert {e["path"]: e["is_dir"] for e in page["entries"]} == on_disk(root)
+    # And a subscriber that took its snapshot before it all ends with the same tree.
+    lines = snapshot.events()
+    (marker,) = [i for i, e in enumerate(lines) if "entries" in e]
+    assert lines[marker]["entries"] == marker == 201  # (keep and its files, announced)
+    mirror = Mirror()
+    for e in lines[:marker]:
+        mirror.apply_state(msgspec.convert(e, Event))
+    for e in lines[marker + 1 :]:
+        mirror.apply(msgspec.convert(e, Event))
+    assert any(e["flags"] == ["IN_Q_OVERFLOW"] for e in lines[marker + 1 :])  # loss was told
+    assert _below(mirror.paths(), root) == on_disk(root)
