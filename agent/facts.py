@@ -3,11 +3,11 @@ directory's own descriptor, never through a symlink.
 
 The path an event names is where the model has the entry; a plain ``lstat`` of that path would
 follow a symlink planted in place of one of the directories above it (while the agent is
-behind a rename, say) and describe a file outside the tree. So the directory is opened beneath
-its root with :func:`~.watcher.open_beneath` (no symlink followed, never leaving it), and its
-descriptor is kept for the events that follow in it, until any directory of the model moves or
-goes (the tree's generation changes): then all of them are closed, since a descriptor follows
-its directory wherever it went.
+behind a rename, say) and describe a file outside the tree. So the directory is opened with
+:func:`~.watcher.open_beneath` from ``/`` along the root's real path (no symlink followed),
+and closed at once: a descriptor held on a directory would keep it alive after its removal,
+and with it the kernel's ``IN_DELETE_SELF`` and ``IN_IGNORED``, which the agent's model waits
+for.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from storage_events.wire import Flag
 
 # The events after which the entry is there to describe.
 STAT_FLAGS = int(Flag.CREATE | Flag.CLOSE_WRITE | Flag.MOVED_TO | Flag.ATTRIB)
-_MAX_OPEN = 64  # directory descriptors kept
 _U63 = 2**63 - 1
 
 
@@ -46,26 +45,30 @@ class Stats:
         self._open_beneath = open_beneath
         self._generation = generation
         self._gen = -1
-        self._roots: dict[str, int] = {}
-        self._dirs: dict[tuple[str, str], int] = {}
-        self.errors = 0  # descriptors that could not be opened (the events go without facts)
+        self._top = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._real: dict[str, list[str]] = {}  # a root → the names of its real path
+        self.errors = 0  # directories that could not be opened (the events go without facts)
 
     def of(self, root: str, rel: str, is_dir: bool) -> Facts | None:
         gen = self._generation()
-        if gen != self._gen:
-            self.close()
+        if gen != self._gen:  # (a root may have gone and come back elsewhere)
+            self._real.clear()
             self._gen = gen
-        parent, _, name = rel.rpartition("/")
+        parts = self._real.get(root)
+        if parts is None:
+            parts = self._real[root] = [p for p in os.path.realpath(root).split("/") if p]
+        *above, name = [*parts, *(p for p in rel.split("/") if p)] or [""]
         try:
-            if not name:  # the root itself
-                s = os.stat(self._root(root))
-            else:
-                fd = self._dirs.get((root, parent))
-                if fd is None:
-                    fd = self._open(root, parent)
-                s = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            fd = self._open_beneath(self._top, above) if above else os.dup(self._top)
+        except OSError:
+            self.errors += 1
+            return None
+        try:
+            s = os.stat(name or ".", dir_fd=fd, follow_symlinks=False)
         except OSError:
             return None
+        finally:
+            os.close(fd)
         if st.S_ISDIR(s.st_mode) != is_dir:
             return None  # replaced since the event: these facts are another entry's
         ino = s.st_ino
@@ -73,27 +76,5 @@ class Stats:
             s.st_size, s.st_mtime_ns, s.st_mode, s.st_uid, s.st_gid, ino if ino <= _U63 else None
         )
 
-    def _root(self, root: str) -> int:
-        fd = self._roots.get(root)
-        if fd is None:
-            fd = self._roots[root] = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        return fd
-
-    def _open(self, root: str, parent: str) -> int:
-        top = self._root(root)
-        try:
-            fd = self._open_beneath(top, parent.split("/")) if parent else os.dup(top)
-        except OSError:
-            self.errors += 1
-            raise
-        if len(self._dirs) >= _MAX_OPEN:
-            oldest = next(iter(self._dirs))
-            os.close(self._dirs.pop(oldest))
-        self._dirs[root, parent] = fd
-        return fd
-
     def close(self) -> None:
-        for fd in (*self._dirs.values(), *self._roots.values()):
-            os.close(fd)
-        self._dirs.clear()
-        self._roots.clear()
+        os.close(self._top)

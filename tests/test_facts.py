@@ -4,6 +4,7 @@ the directory's own descriptor, never through a symlink planted in the tree."""
 from __future__ import annotations
 
 import os
+import stat
 
 from storage_events.agent.facts import Stats
 from storage_events.agent.watcher import open_beneath
@@ -38,15 +39,28 @@ def test_a_symlink_planted_for_a_directory_never_yields_facts_from_outside(tmp_p
     outside.mkdir()
     (outside / "f").write_bytes(b"secret, and long: 1234567890")
     (root / "d" / "f").write_bytes(b"x")
-    generation = [0]
-    stats = Stats(open_beneath, lambda: generation[0])
+    stats = Stats(open_beneath, lambda: 0)
     assert stats.of(str(root), "d/f", False).size == 1  # type: ignore[union-attr]
     # The directory moves away and a symlink to outside takes its name, while the agent's
     # model still has the old path.
     os.rename(root / "d", root / "moved")
     os.symlink(outside, root / "d")
-    warm = stats.of(str(root), "d/f", False)  # the descriptor followed its directory
-    assert warm is not None and warm.size == 1
-    generation[0] += 1  # the model saw a directory move: descriptors are opened again
-    assert stats.of(str(root), "d/f", False) is None  # through the symlink: refused
+    assert stats.of(str(root), "d/f", False) is None
+    link = stats.of(str(root), "d", False)  # the symlink itself, never what it points to
+    assert link is not None and stat.S_ISLNK(link.mode)
+    stats.close()
+
+
+def test_no_directory_is_held_open(tmp_path):
+    """A descriptor kept on a directory would keep it alive after its removal, and the
+    kernel's IN_DELETE_SELF with it."""
+    root = tmp_path / "w"
+    (root / "d").mkdir(parents=True)
+    (root / "d" / "f").write_bytes(b"x")
+    stats = Stats(open_beneath, lambda: 0)
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(10):
+        assert stats.of(str(root), "d/f", False) is not None
+        assert stats.of(str(root), "d", True) is not None
+    assert len(os.listdir("/proc/self/fd")) == before
     stats.close()
