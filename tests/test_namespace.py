@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 import sqlite3
 
+import msgspec
 import pytest
 
 from storage_events.namespace import MOVE_WAIT_NS, Mirror, as_event, as_moving, path_of
@@ -344,3 +345,58 @@ def test_renaming_a_directory_changes_a_few_rows_whatever_it_holds() -> None:
         )
     assert conn.total_changes - before < 10 * 12
     assert len([k for k, b in tables.walk(conn, "s", b"/big/d") if b]) == 5001  # d and its files
+
+
+def test_removing_one_sites_root_leaves_the_other_sites_alone() -> None:
+    """Every site's "/" is node 0: an IN_DELETE_SELF of "/" (a hostile agent's, say) must
+    remove only its own site's tree."""
+    conn, t = _db()
+    a = _files(["/data/x", "/data/y"])
+    b = [msgspec.structs.replace(e, site="other", stream="n:2", id=e.id + 10) for e in a]
+    _apply(conn, t, a + b)
+    gone = Event(
+        id=30,
+        site="s",
+        node="n",
+        path="/",
+        flags=["IN_DELETE_SELF"],
+        is_dir=True,
+        ts=3,
+        stream="n:1",
+        seq=30,
+    )
+    _apply(conn, t, [gone])
+    assert [k for k, blob in tables.walk(conn, "s", b"/") if blob] == []
+    assert [k for k, blob in tables.walk(conn, "other", b"/") if blob] == [b"/data/x", b"/data/y"]
+
+
+def test_a_view_that_cannot_apply_an_event_stops_there_and_the_events_are_stored(
+    tmp_path, monkeypatch
+) -> None:
+    """Whatever goes wrong in the view (a bug, an event no agent should send) must not fail the
+    commit that stores every connection's events: the view stays as of its last id."""
+    import asyncio
+
+    from storage_events.relay.log.sqlite import SQLiteLog
+
+    real = tables.effect
+
+    def effect(ev: Event):  # type: ignore[no-untyped-def]
+        if ev.path == "/boom":
+            raise ValueError("a bug")
+        return real(ev)
+
+    monkeypatch.setattr(tables, "effect", effect)
+
+    async def run() -> tuple[int, int, bool, int]:
+        log = SQLiteLog(tmp_path / "data")
+        ev = dict(site="s", node="n", stream="n:1", flags=["IN_CREATE"], ts=1)
+        await log.append([Event(path="/a", seq=1, **ev)])  # type: ignore[arg-type]
+        stored = await log.append([Event(path="/boom", seq=2, **ev), Event(path="/c", seq=3, **ev)])  # type: ignore[arg-type]
+        await log.append([Event(path="/d", seq=4, **ev)])  # type: ignore[arg-type]
+        assert log.namespace is not None
+        result = (len(stored), log.head, log.namespace.stalled, log.namespace.applied)
+        await log.close()
+        return result
+
+    assert asyncio.run(run()) == (2, 4, True, 1)

@@ -184,8 +184,10 @@ class SQLiteLog(LogState):
                 break
             events = [event_from_json(row[0]) for row in rows]
             self._writer.execute("BEGIN IMMEDIATE")
-            view.apply(self._writer, events)
+            view.apply_or_stall(self._writer, events)
             self._writer.execute("COMMIT")
+            if view.stalled:
+                break
             after = events[-1].id
 
     @property
@@ -326,7 +328,7 @@ class SQLiteLog(LogState):
                 streams,
             )
             if self.namespace is not None:
-                self.namespace.apply(w, numbered, now)
+                self.namespace.apply_or_stall(w, numbered, now)
             w.execute("COMMIT")
         except sqlite3.Error as e:
             if w.in_transaction:  # (SQLite may have rolled back by itself: disk full, I/O)

@@ -33,7 +33,6 @@ class Follower:
         self._log = events
         self._early: list[Record] = []  # handed over before start() caught up
         self._started = False
-        self._stalled = False  # a write failed: the view stays as of its last id
         events.follow(self._stored)
 
     async def start(self) -> None:
@@ -54,7 +53,7 @@ class Follower:
                 applied + 1,
                 self._log.first - 1,
             )
-        while self.tables.applied < self._log.head:
+        while self.tables.applied < self._log.head and not self.tables.stalled:
             records = await self._log.read(self.tables.applied, PAGE)
             if not records:
                 break
@@ -64,7 +63,7 @@ class Follower:
         self._apply(early)
 
     def _stored(self, records: list[Record]) -> None:
-        if self._stalled:
+        if self.tables.stalled:
             return
         if self._started:
             self._apply(records)
@@ -78,7 +77,7 @@ class Follower:
         conn = self._conn
         try:
             conn.execute("BEGIN IMMEDIATE")
-            self.tables.apply(conn, fresh)
+            self.tables.apply_or_stall(conn, fresh)
             conn.execute("COMMIT")
         except sqlite3.Error as e:
             if conn.in_transaction:
@@ -89,9 +88,9 @@ class Follower:
             # Applying later records would leave these out: the view stays as it was. A
             # snapshot of it is still exact as of its id (the events after it come from the
             # log), only older and older; a restart catches it up.
-            self._stalled = True
+            self.tables.stalled = True
             log.error(
-                "namespace view %s could not apply events %d-%d: %s; it stays as of event %d "
+                "namespace view %s could not store events %d-%d: %s; it stays as of event %d "
                 "(free space there, then restart the relay: it catches up from the log)",
                 self.path,
                 fresh[0].id,

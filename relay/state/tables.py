@@ -106,6 +106,7 @@ class Tables:
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         conn.executescript(SCHEMA)
+        self.stalled = False  # applying failed once: the view stays as of self.applied
         self._dirs: dict[tuple[str, bytes], int] = {}
         self._waiting = Waiting()
         self.rolled_back(conn)
@@ -121,6 +122,39 @@ class Tables:
             self._waiting.add(stream, cookie, _entry(half).ts, at)
         row = conn.execute("SELECT id FROM ns_applied").fetchone()
         self.applied = row[0] if row else 0
+
+    def apply_or_stall(
+        self, conn: sqlite3.Connection, events: list[Event], now: int | None = None
+    ) -> None:
+        """:meth:`apply` inside the caller's transaction, which must commit whatever becomes of
+        the view: should applying fail (a bug, an event no agent should send), the view's part
+        is undone and the view stays as of its last id from then on. A snapshot of it is still
+        exact as of that id (the events after it come from the log); it only grows older."""
+        if self.stalled or not events:
+            return
+        conn.execute("SAVEPOINT ns_view")
+        try:
+            self.apply(conn, events, now)
+        except Exception as e:
+            try:
+                conn.execute("ROLLBACK TO ns_view")
+            except sqlite3.Error:
+                raise e from None  # the whole transaction is gone: the caller's to handle
+            self.rolled_back(conn)
+            self.stalled = True
+            log.error(
+                "the namespace view stops at event %d: applying events %d-%d failed (%s: %s); "
+                "snapshots and listings stay as of event %d until the relay is restarted "
+                "(it then tries again from there)",
+                self.applied,
+                events[0].id,
+                events[-1].id,
+                type(e).__name__,
+                e,
+                self.applied,
+            )
+        finally:
+            conn.execute("RELEASE ns_view")
 
     def apply(self, conn: sqlite3.Connection, events: list[Event], now: int | None = None) -> None:
         """Carry out ``events`` (stored, with their ids, in id order) on the view."""
@@ -195,6 +229,13 @@ class Tables:
     def _delete(self, conn: sqlite3.Connection, site: str, key: bytes, node: int) -> None:
         """Node ``node`` at ``key`` and all below it go; so do directories above it that were
         there only for it."""
+        if node == 0:  # "/" of this site: what is in it (node 0 is every site's "/")
+            tops = conn.execute(
+                "SELECT id FROM ns_nodes WHERE parent = 0 AND site = ?", (site,)
+            ).fetchall()
+            for (top,) in tops:
+                self._delete(conn, site, b"/", top)
+            return
         conn.execute(
             _SUBTREE_IDS + "DELETE FROM ns_nodes WHERE id IN (SELECT id FROM sub)", (node,)
         )
