@@ -225,20 +225,25 @@ def rebased(key: bytes, old: bytes, new: bytes) -> bytes:
 
 
 class Waiting:
-    """The halves of renames set aside and not yet put back, and which have waited too long."""
+    """The halves of renames set aside and not yet put back, and which have waited too long.
+    Both kinds of expiry look at the oldest first and stop at the first one still in time, so
+    an event costs nothing here however many halves wait (``mv dir/* /elsewhere`` leaves one
+    per file)."""
 
     def __init__(self) -> None:
-        # stream → cookie → (the half's event time, the holder's clock when it was set aside)
-        self._by_stream: dict[str, dict[int, tuple[int, int]]] = {}
-        self._oldest_clock: int | None = None
+        # stream → cookie → the half's event time, in the order they were set aside (a
+        # stream's events come in order: oldest first)
+        self._by_stream: dict[str, dict[int, int]] = {}
+        # (stream, cookie) → the holder's clock when it was set aside, oldest first
+        self._by_clock: dict[tuple[str, int], int] = {}
 
     def __len__(self) -> int:
-        return sum(len(c) for c in self._by_stream.values())
+        return len(self._by_clock)
 
     def add(self, stream: str, cookie: int, ts: int, now: int) -> None:
-        self._by_stream.setdefault(stream, {})[cookie] = (ts, now)
-        if self._oldest_clock is None or now < self._oldest_clock:
-            self._oldest_clock = now
+        self.take(stream, cookie)  # (a cookie used again goes to the end)
+        self._by_stream.setdefault(stream, {})[cookie] = ts
+        self._by_clock[stream, cookie] = now
 
     def take(self, stream: str, cookie: int) -> bool:
         cookies = self._by_stream.get(stream)
@@ -246,37 +251,42 @@ class Waiting:
             return False
         if not cookies:
             del self._by_stream[stream]
+        del self._by_clock[stream, cookie]
         return True
 
     def expired(self, stream: str, ts: int, now: int) -> Iterator[tuple[str, int]]:
         """What an event of ``stream`` at ``ts``, seen at ``now``, shows will never be put
-        back; each is forgotten as it is yielded."""
+        back; each is forgotten as it is yielded. By the holder's clock only other streams'
+        halves: this event may be the second half of one of its own stream's."""
+        gone = []
         cookies = self._by_stream.get(stream)
         if cookies:
-            for cookie, (half_ts, _) in list(cookies.items()):
-                if ts - half_ts > MOVE_WAIT_NS:
-                    self.take(stream, cookie)
-                    yield stream, cookie
-        oldest = self._oldest_clock
-        if oldest is not None and now - oldest > MOVE_WAIT_MAX_NS:
-            self._oldest_clock = None
-            for other, cookies in list(self._by_stream.items()):
-                for cookie, (_, at) in list(cookies.items()):
-                    if now - at > MOVE_WAIT_MAX_NS:
-                        self.take(other, cookie)
-                        yield other, cookie
-                    elif self._oldest_clock is None or at < self._oldest_clock:
-                        self._oldest_clock = at
+            for cookie, half_ts in cookies.items():
+                if ts - half_ts <= MOVE_WAIT_NS:
+                    break
+                gone.append((stream, cookie))
+        for (other, cookie), at in self._by_clock.items():
+            if now - at <= MOVE_WAIT_MAX_NS:
+                break
+            if other != stream:
+                gone.append((other, cookie))
+        for key in gone:
+            if self.take(*key):
+                yield key
 
 
 class Mirror:
     """A tree in memory, kept from a feed: what a client holds that applies a snapshot's
-    ``state`` entries (:meth:`apply_state`) and every event after it (:meth:`apply`)."""
+    ``state`` entries (:meth:`apply_state`) and every event after it (:meth:`apply`). The same
+    rules as the relay's view: ``/`` itself holds no entry (its removal empties the site), and
+    a directory known only from what is below it holds none either."""
 
     def __init__(self) -> None:
         self.entries: dict[tuple[str, bytes], Entry] = {}
+        # (site, directory key) → the keys directly in it, entries or the way to entries
         self._children: dict[tuple[str, bytes], set[bytes]] = {}
-        self._aside: dict[tuple[str, int], tuple[Entry, list[tuple[str, bytes, Entry]]]] = {}
+        # (stream, cookie) → (the key it left, [(site, key, entry) set aside])
+        self._aside: dict[tuple[str, int], tuple[bytes, list[tuple[str, bytes, Entry]]]] = {}
         self._waiting = Waiting()
 
     def paths(self, site: str | None = None) -> dict[str, bool]:
@@ -291,63 +301,73 @@ class Mirror:
         for stream, cookie in self._waiting.expired(ev.stream, ev.ts, now):
             self._aside.pop((stream, cookie), None)
         op = effect(ev)
+        if op is None or (op.key == b"/" and not isinstance(op, Remove)):
+            return
         if isinstance(op, Put):
             self._put(op.site, op.key, op.entry)
         elif isinstance(op, Remove):
-            self._drop(op.site, op.key)
+            self._take(op.site, op.key)
         elif isinstance(op, SetAside):
-            taken = list(self._take(op.site, op.key))
+            taken = self._take(op.site, op.key)
             if taken:
-                self._aside[op.stream, op.cookie] = (op.half, taken)
                 self._waiting.add(op.stream, op.cookie, op.half.ts, now)
+                self._aside[op.stream, op.cookie] = (op.key, taken)
         elif isinstance(op, PutBack):
-            self._drop(op.site, op.key)
-            self._waiting.take(op.stream, op.cookie)
-            _, taken = self._aside.pop((op.stream, op.cookie), (op.entry, []))
+            self._take(op.site, op.key)
             top = op.entry
-            for site, key, e in taken:
-                if key == op.old:
-                    top = arrived(e, op.entry)
-                else:
-                    self._put(site, rebased(key, op.old, op.key), e)
+            if self._waiting.take(op.stream, op.cookie):
+                old, taken = self._aside.pop((op.stream, op.cookie))
+                for site, key, e in taken:
+                    if key == old:
+                        top = arrived(e, op.entry)
+                    else:
+                        self._put(site, rebased(key, old, op.key), e)
             self._put(op.site, op.key, top)
 
     def apply_state(self, ev: Event, now: int = 0) -> None:
         """One ``state`` entry of a snapshot: an entry, or one set aside by a rename's first
-        half (``IN_MOVED_FROM`` with its cookie) whose second half is among the live events."""
+        half (``IN_MOVED_FROM`` with its cookie, the first of them at the path it left) whose
+        second half is among the live events."""
         key = key_of(ev.path, ev.raw_path)
         if ev.cookie is not None and "IN_MOVED_FROM" in ev.flags:
-            half = entry_of(ev)
-            _, taken = self._aside.setdefault((ev.stream, ev.cookie), (half, []))
-            taken.append((ev.site, key, half))
-            self._waiting.add(ev.stream, ev.cookie, ev.ts, now)
-        else:
+            aside = self._aside.get((ev.stream, ev.cookie))
+            if aside is None:
+                aside = self._aside[ev.stream, ev.cookie] = (key, [])
+                self._waiting.add(ev.stream, ev.cookie, ev.ts, now)
+            aside[1].append((ev.site, key, entry_of(ev)))
+        elif key != b"/":
             self._put(ev.site, key, entry_of(ev))
 
     def _put(self, site: str, key: bytes, e: Entry) -> None:
         self.entries[site, key] = e
-        if key != b"/":
-            self._children.setdefault((site, parent_of(key)), set()).add(key)
+        # Linked into each directory above it, up to one that has it already.
+        while key != b"/":
+            parent = parent_of(key)
+            siblings = self._children.setdefault((site, parent), set())
+            if key in siblings:
+                break
+            siblings.add(key)
+            key = parent
 
-    def _take(self, site: str, key: bytes) -> Iterator[tuple[str, bytes, Entry]]:
-        """Remove ``key`` and all below it, yielding each (parents first)."""
-        e = self.entries.pop((site, key), None)
-        if e is not None:
-            yield site, key, e
-        if key != b"/":
-            siblings = self._children.get((site, parent_of(key)))
-            if siblings is not None:
-                siblings.discard(key)
-        for child in self._children.pop((site, key), ()):
-            yield from self._take_below(site, child)
-
-    def _take_below(self, site: str, key: bytes) -> Iterator[tuple[str, bytes, Entry]]:
-        e = self.entries.pop((site, key), None)
-        if e is not None:
-            yield site, key, e
-        for child in self._children.pop((site, key), ()):
-            yield from self._take_below(site, child)
-
-    def _drop(self, site: str, key: bytes) -> None:
-        for _ in self._take(site, key):
-            pass
+    def _take(self, site: str, key: bytes) -> list[tuple[str, bytes, Entry]]:
+        """Remove ``key`` and all below it; what had an entry, parents first."""
+        out: list[tuple[str, bytes, Entry]] = []
+        stack = [key]
+        while stack:
+            k = stack.pop()
+            e = self.entries.pop((site, k), None)
+            if e is not None:
+                out.append((site, k, e))
+            stack.extend(sorted(self._children.pop((site, k), ()), reverse=True))
+        # Directories above it that were there only for it go too, as in the relay's view.
+        while key != b"/":
+            parent = parent_of(key)
+            siblings = self._children.get((site, parent))
+            if siblings is None:
+                break
+            siblings.discard(key)
+            if siblings or (site, parent) in self.entries:
+                break
+            del self._children[site, parent]
+            key = parent
+        return out

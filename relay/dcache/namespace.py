@@ -89,7 +89,7 @@ def namespace_endpoint(view: View | None, feed: Feed) -> Callable[[Request], Awa
         if found.entry is not None:
             site, here = found.entry
         else:
-            site, here = "", None
+            site, here = found.site, None
         if (found.entry is None and not found.implied) or not _visible(scope, site, path):
             return problem(404, f"No such file or directory {path}")
         body = attributes(site, os.fsencode(path), here)

@@ -74,9 +74,18 @@ class Filter:
         if len(prefixes) > MAX_PREFIXES:
             raise FilterError(f"at most {MAX_PREFIXES} path filters per subscription")
         normalized = {normalize_prefix(p) for p in prefixes}
-        # "/" covers everything; a prefix under another one adds nothing.
+        # "/" covers everything; a prefix under another one adds nothing (and would make a
+        # snapshot list its entries twice).
         self.prefixes = (
-            tuple(sorted(p for p in normalized if p != "/")) if "/" not in normalized else ()
+            tuple(
+                sorted(
+                    p
+                    for p in normalized
+                    if p != "/" and not any(q != p and under(p, q) for q in normalized)
+                )
+            )
+            if "/" not in normalized
+            else ()
         )
         self.sites = _names("site", sites)
         self.nodes = _names("node", nodes)

@@ -1,6 +1,6 @@
 """``GET /state?path=P[&site=S][&limit=N][&after=CURSOR]``: the namespace view as JSON, page by
 page: the entry at ``P`` and everything below it that the reader may see, in the fields of an
-event, by site and then path (a directory before its contents)."""
+event, by site and then depth first (a directory before its contents)."""
 
 from __future__ import annotations
 

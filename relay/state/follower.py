@@ -36,7 +36,27 @@ class Follower:
         events.follow(self._stored)
 
     async def start(self) -> None:
-        """Catch up with the log (the view may be far behind it: new, or the relay was down)."""
+        """Catch up with the log (the view may be far behind it: new, or the relay was down);
+        a view of another log (the stream was made anew) is started again from this one."""
+        conn = self._conn
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS ns_log (one INTEGER PRIMARY KEY CHECK (one = 1), "
+            "epoch INTEGER NOT NULL)"
+        )
+        row = conn.execute("SELECT epoch FROM ns_log").fetchone()
+        epoch = self._log.epoch
+        if row is not None and (row[0] != epoch or self.tables.applied > self._log.head):
+            log.warning(
+                "namespace view %s was kept from another event log (the stream was made "
+                "anew): building it again from this one",
+                self.path,
+            )
+            conn.execute("BEGIN IMMEDIATE")
+            for table in ("ns_nodes", "ns_halves", "ns_applied"):
+                conn.execute(f"DELETE FROM {table}")
+            conn.execute("COMMIT")
+            self.tables.rolled_back(conn)
+        conn.execute("INSERT OR REPLACE INTO ns_log VALUES (1, ?)", (epoch,))
         applied = self.tables.applied
         if applied < self._log.head:
             log.info(

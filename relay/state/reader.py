@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,9 @@ from storage_events.relay.state.tables import decode_entry
 from storage_events.wire import event_json
 
 PAGE = 2000  # rows read per step
+MAX_SECONDS = 600  # a snapshot must be read within this (1,000,000 entries take seconds)
+
+log = logging.getLogger("storage_events.relay")
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -52,6 +57,7 @@ class Directory:
     entry: tuple[str, Entry] | None
     implied: bool  # a directory: "/", or something is below it
     children: dict[bytes, tuple[str, Entry | None]]
+    site: str = ""  # the first site where the path is, entry or not
 
 
 class Snapshot:
@@ -68,8 +74,21 @@ class Snapshot:
 
     async def pages(self) -> AsyncIterator[bytes]:
         steps = self._steps()
+        started = time.monotonic()
         try:
             while True:
+                if time.monotonic() - started > MAX_SECONDS:
+                    # Its read transaction holds back the log's checkpoints (the WAL grows):
+                    # a reader this slow is cut off, and asks again (without the snapshot's
+                    # own message, it knows it has no whole one).
+                    log.warning(
+                        "a snapshot (as of event %d) was not read within %d s: ended after "
+                        "%d entries",
+                        self.id,
+                        MAX_SECONDS,
+                        self.entries,
+                    )
+                    return
                 chunk = await asyncio.to_thread(next, steps, None)
                 if chunk is None:
                     break
@@ -154,6 +173,7 @@ class View:
                 if node is None:
                     continue
                 here = decode_entry(node[1]) if node[1] is not None else None
+                found.site = found.site or site
                 if here is None:  # a directory known from what is below it
                     found.implied = True
                 else:
@@ -172,7 +192,8 @@ class View:
         self, sites: list[str] | None, key: bytes, after: tuple[str, bytes] | None, limit: int
     ) -> Listed:
         """The entry at ``key`` and all below it, of ``sites`` (None: every site), by site then
-        key, from after ``after``; the caller checks each against the reader's scope."""
+        depth first (see :func:`tables.walk`), from after ``after``; the caller checks each
+        against the reader's scope."""
         return await asyncio.to_thread(self._listing, sites, key, after, limit)
 
     def _listing(

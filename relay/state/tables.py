@@ -73,6 +73,7 @@ _SUBTREE_IDS = (
     "WITH RECURSIVE sub(id) AS (VALUES (?) UNION ALL "
     "SELECT n.id FROM ns_nodes n JOIN sub ON n.parent = sub.id) "
 )
+_REMEMBERED = 4096  # directory node ids kept by key, at most
 _CHILDREN = (
     "SELECT id, name, entry FROM ns_nodes WHERE parent = ? AND site = ? AND name > ? "
     "ORDER BY name LIMIT ?"
@@ -88,15 +89,27 @@ def split(key: bytes) -> list[bytes]:
     return [part for part in key.split(b"/") if part]
 
 
+def chain(conn: sqlite3.Connection, site: str, key: bytes) -> list[tuple[int, bytes | None]]:
+    """(node id, entry blob) of each directory on the way to ``key`` and of ``key`` itself,
+    as far as they exist (``/``, node 0, not included)."""
+    out: list[tuple[int, bytes | None]] = []
+    node = 0
+    for name in split(key):
+        row = conn.execute(_FIND, (node, site, name)).fetchone()
+        if row is None:
+            break
+        out.append(row)
+        node = row[0]
+    return out
+
+
 def find(conn: sqlite3.Connection, site: str, key: bytes) -> tuple[int, bytes | None] | None:
     """(node id, its entry blob) at ``key``, or None; ``/`` is node 0 (no entry)."""
-    node: tuple[int, bytes | None] = (0, None)
-    for name in split(key):
-        row = conn.execute(_FIND, (node[0], site, name)).fetchone()
-        if row is None:
-            return None
-        node = row
-    return node
+    parts = split(key)
+    if not parts:
+        return 0, None
+    found = chain(conn, site, key)
+    return found[-1] if len(found) == len(parts) else None
 
 
 class Tables:
@@ -116,10 +129,13 @@ class Tables:
         ran in did not commit."""
         self._dirs.clear()
         self._waiting = Waiting()
-        for stream, cookie, half, at in conn.execute(
-            "SELECT stream, cookie, half, at FROM ns_halves"
+        # The relay's clock starts again now for what waits: it may have been down for longer
+        # than a half is kept for, with the second half still on its way.
+        now = time.time_ns()
+        for stream, cookie, half in conn.execute(
+            "SELECT stream, cookie, half FROM ns_halves ORDER BY id"
         ):
-            self._waiting.add(stream, cookie, _entry(half).ts, at)
+            self._waiting.add(stream, cookie, _entry(half).ts, now)
         row = conn.execute("SELECT id FROM ns_applied").fetchone()
         self.applied = row[0] if row else 0
 
@@ -200,30 +216,28 @@ class Tables:
     def _directory(
         self, conn: sqlite3.Connection, site: str, key: bytes, parts: list[bytes] | None = None
     ) -> int:
-        """The node id of directory ``key`` (made, without an entry, if missing)."""
+        """The node id of directory ``key`` (made, without an entry, if missing, with those
+        above it). Directories lately used are remembered by key, a few thousand at most."""
         if not key or key == b"/":
             return 0
         cached = self._dirs.get((site, key))
         if cached is not None:
             return cached
-        names = split(key) if parts is None else parts[:-1]
-        node, at = 0, b""
-        for name in names:
-            at += b"/" + name
-            cached = self._dirs.get((site, at))
-            if cached is None:
-                row = conn.execute(_FIND, (node, site, name)).fetchone()
-                if row is None:
-                    cur = conn.execute(
-                        "INSERT INTO ns_nodes (parent, site, name, entry) VALUES (?, ?, ?, NULL)",
-                        (node, site, name),
-                    )
-                    cached = cur.lastrowid
-                    assert cached is not None
-                else:
-                    cached = row[0]
-                self._dirs[site, at] = cached
-            node = cached
+        node = 0
+        for name in split(key) if parts is None else parts[:-1]:
+            row = conn.execute(_FIND, (node, site, name)).fetchone()
+            if row is None:
+                cur = conn.execute(
+                    "INSERT INTO ns_nodes (parent, site, name, entry) VALUES (?, ?, ?, NULL)",
+                    (node, site, name),
+                )
+                assert cur.lastrowid is not None
+                node = cur.lastrowid
+            else:
+                node = row[0]
+        if len(self._dirs) >= _REMEMBERED:
+            self._dirs.clear()
+        self._dirs[site, key] = node
         return node
 
     def _delete(self, conn: sqlite3.Connection, site: str, key: bytes, node: int) -> None:
@@ -243,19 +257,15 @@ class Tables:
         self._prune(conn, site, key)
 
     def _prune(self, conn: sqlite3.Connection, site: str, key: bytes) -> None:
-        """Remove the entry-less directories above ``key`` that nothing is below any more."""
-        parts = split(key)[:-1]
-        while parts:
-            node = find(conn, site, b"/" + b"/".join(parts))
-            if node is None or node[1] is not None:
+        """Remove the entry-less directories above ``key`` that nothing is below any more,
+        from the nearest up."""
+        above = chain(conn, site, key.rpartition(b"/")[0])
+        below = "SELECT 1 FROM ns_nodes WHERE parent = ? LIMIT 1"
+        for node, entry in reversed(above):
+            if entry is not None or conn.execute(below, (node,)).fetchone():
                 return
-            if conn.execute(
-                "SELECT 1 FROM ns_nodes WHERE parent = ? LIMIT 1", (node[0],)
-            ).fetchone():
-                return
-            conn.execute("DELETE FROM ns_nodes WHERE id = ?", (node[0],))
+            conn.execute("DELETE FROM ns_nodes WHERE id = ?", (node,))
             self._dirs.clear()
-            parts.pop()
 
     def _set_aside(self, conn: sqlite3.Connection, op: SetAside, now: int) -> None:
         node = find(conn, op.site, op.key)
@@ -363,6 +373,8 @@ def walk(
             if row is None:
                 break
             at, where = row[0], where + b"/" + name
+            if row[1] is not None and not _entry(row[1]).is_dir:
+                break  # (a walk goes into directories only, resumed or not)
         else:
             stack.append((at, where, b"", []))
     while stack:
