@@ -7,6 +7,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
+from urllib.parse import parse_qs
 
 import msgspec
 from starlette.applications import Starlette
@@ -15,7 +16,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from storage_events.relay.auth import Authenticator, Basic, bearer
+from storage_events.relay.auth import Authenticator, Credential, bearer
 from storage_events.relay.config import RelayConfig, is_loopback, own_name
 from storage_events.relay.dcache.api import ChannelService
 from storage_events.relay.dcache.channels import Limits, Registry
@@ -64,18 +65,23 @@ class Relay(Starlette):
         if scope["type"] == "websocket" and scope["path"] == "/ingest":
             return self._ingest(scope, receive, send)
         if scope["type"] == "http":
+            cred: Credential | None = None
             for name, value in scope["headers"]:
                 if name == b"authorization":
                     cred = bearer(value.decode("latin-1"), None)
-                    if self._auth.needs_check(cred):
-                        return self._checked(cred, scope, receive, send)  # type: ignore[arg-type]
+            if cred is None and b"access_token=" in scope["query_string"]:
+                cred = parse_qs(scope["query_string"].decode("latin-1")).get(
+                    "access_token", [None]
+                )[0]
+            if self._auth.needs_check(cred):
+                return self._checked(cred, scope, receive, send)  # type: ignore[arg-type]
         return super().__call__(scope, receive, send)
 
-    async def _checked(self, cred: Basic, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _checked(self, cred: Credential, scope: Scope, receive: Receive, send: Send) -> None:
         # One check at a time: a flood of guesses takes at most one core, never the loop.
         async with self._checking:
             if self._auth.needs_check(cred):  # (the same login may have been checked meanwhile)
-                await asyncio.to_thread(self._auth.check_login, cred)
+                await asyncio.to_thread(self._auth.check, cred)
         await super().__call__(scope, receive, send)
 
 

@@ -2,8 +2,10 @@
 
 Tokens are random strings handed out by ``storage-events-relay token``; the config keeps only
 their SHA-256 (they carry 256 bits of entropy, so a fast hash is enough). Readers may instead
-present a JWT (HS256 with a shared secret, or RS256/ES256 checked with a public key) whose
-``sites`` and ``paths`` claims say what they may read; it must expire, within ``max_lifetime``.
+present a JWT (HS256 with a shared secret, or RS256/ES256 checked with a public key or the
+issuer's JWKS) whose ``sites`` and ``paths`` claims say what they may read, or, as WLCG and
+SciTokens tokens do, whose ``scope`` holds ``storage.read:PATH`` entries; it must expire,
+within ``max_lifetime``.
 Readers may also log in with HTTP Basic, as dCache's own clients do: a user name and password
 of a ``[[user]]`` entry (``storage-events-relay user add``; the config keeps a salted scrypt
 hash, slow on purpose, so it is checked off the event loop and remembered for a while), or any
@@ -21,7 +23,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -148,6 +150,9 @@ class JWTConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     )
     secret: str | None = None  # HS256
     public_key_file: str | None = None  # RS256 / ES256, PEM
+    # RS256 / ES256: the issuer's keys, fetched from its JWKS URL (WLCG, SciTokens) and fetched
+    # again when a token names a key not among them (the issuer rotated its keys)
+    jwks_url: str | None = None
     audience: str | None = None
     issuer: str | None = None
     # Longest lifetime accepted (exp - iat, or exp - now without iat): a leaked token is
@@ -214,6 +219,7 @@ BAD_LOGIN = (
 )
 REMEMBERED = 4096  # logins checked, kept for a while: right ones and wrong ones
 REMEMBER_FOR = 300.0  # seconds
+JWKS_REFETCH = 10.0  # seconds between fetches of the issuer's keys, at least
 
 
 class Authenticator:
@@ -230,14 +236,22 @@ class Authenticator:
         self._lock = threading.Lock()
         self._jwt = jwt_config
         self._jwt_key: str | None = None
+        self._jwks: Any = None  # PyJWKClient, with jwks_url
+        self._keys: dict[str, Any] = {}  # key id → key, from the JWKS
+        self._keys_fetched = -JWKS_REFETCH
+        self._fetching = False
         if jwt_config is not None:
-            if jwt_config.public_key_file:
+            if jwt_config.jwks_url:
+                from jwt import PyJWKClient
+
+                self._jwks = PyJWKClient(jwt_config.jwks_url, cache_keys=False, timeout=10)
+            elif jwt_config.public_key_file:
                 with open(jwt_config.public_key_file) as f:
                     self._jwt_key = f.read()
             else:
                 self._jwt_key = jwt_config.secret
-            if not self._jwt_key:
-                raise ValueError("[jwt] needs `secret` (HS256) or `public_key_file`")
+            if not self._jwt_key and self._jwks is None:
+                raise ValueError("[jwt] needs `secret` (HS256), `public_key_file` or `jwks_url`")
         # Scopes are immutable and shared by every connection of an identity.
         self._identities = {
             t.hash: Identity(t.name, t.role, t.site, t.scope(), t.node) for t in tokens
@@ -273,12 +287,52 @@ class Authenticator:
         raise AuthError("the token is not valid for this relay")
 
     def needs_check(self, cred: Credential | None) -> bool:
-        """Whether identifying ``cred`` would run the slow password check (then do it first,
-        off the event loop, with :meth:`check_login`)."""
-        if not isinstance(cred, Basic) or cred.user not in self._users:
+        """Whether identifying ``cred`` would block: the slow password check, or fetching the
+        issuer's keys for a JWT naming one not known yet (then do it first, off the event
+        loop, with :meth:`check`)."""
+        if cred is None:
             return False
+        if isinstance(cred, Basic) and cred.user not in self._users:
+            cred = cred.password  # (a token or JWT as the password)
+        if isinstance(cred, str):
+            return self._jwks is not None and cred.count(".") == 2 and self._unknown_key(cred)
         seen = self._logins.get(cred.key())
         return seen is None or time.monotonic() - seen[0] > REMEMBER_FOR
+
+    def check(self, cred: Credential) -> None:
+        """Blocking: what :meth:`needs_check` asked for."""
+        if isinstance(cred, Basic) and cred.user in self._users:
+            self.check_login(cred)
+        else:
+            self.fetch_keys()
+
+    def _unknown_key(self, token: str) -> bool:
+        kid = _key_id(token)
+        # (Fetched again at most every JWKS_REFETCH seconds: made-up key ids cost nothing.)
+        return (
+            kid is not None
+            and kid not in self._keys
+            # (a request arriving while the keys are being fetched waits for them)
+            and (self._fetching or time.monotonic() - self._keys_fetched > JWKS_REFETCH)
+        )
+
+    def fetch_keys(self) -> None:
+        """Blocking: the issuer's keys, from its JWKS URL."""
+        import jwt
+
+        assert self._jwks is not None
+        with self._lock:
+            if time.monotonic() - self._keys_fetched <= JWKS_REFETCH:
+                return
+            self._fetching = True
+            try:
+                keys = self._jwks.get_signing_keys(refresh=True)
+                self._keys = {k.key_id: k.key for k in keys if k.key_id}
+            except jwt.PyJWKClientError:
+                pass  # (the refusal that follows says which key was not found)
+            finally:
+                self._keys_fetched = time.monotonic()
+                self._fetching = False
 
     def check_login(self, cred: Basic) -> None:
         """Blocking: check a user's password and remember the outcome."""
@@ -321,11 +375,21 @@ class Authenticator:
     def _from_jwt(self, token: str) -> Identity:
         import jwt  # PyJWT, only where JWTs are configured
 
-        assert self._jwt is not None and self._jwt_key is not None
+        assert self._jwt is not None
+        key: Any = self._jwt_key
+        if self._jwks is not None:
+            kid = _key_id(token)
+            key = self._keys.get(kid) if kid is not None else None
+            if key is None:
+                raise AuthError(
+                    f"the JWT was refused: its key id {kid!r} is not among the keys of "
+                    f"{self._jwt.jwks_url} (if the issuer just rotated its keys, try again in "
+                    f"{JWKS_REFETCH:.0f} s)"
+                )
         try:
             claims = jwt.decode(
                 token,
-                self._jwt_key,
+                key,
                 algorithms=list(self._jwt.algorithms),
                 audience=self._jwt.audience,
                 issuer=self._jwt.issuer,
@@ -346,9 +410,35 @@ class Authenticator:
         if not isinstance(sub, str) or not sub:
             raise AuthError("the JWT has no `sub` claim: it must say who the reader is")
         name = f"jwt:{sub}"  # never the same owner as a configured token's name
-        return Identity(
-            name, "reader", None, _scope(name, claims.get("sites"), claims.get("paths"))
+        paths = claims.get("paths")
+        if "scope" in claims and paths is None:
+            paths = _storage_read(name, claims["scope"])
+        return Identity(name, "reader", None, _scope(name, claims.get("sites"), paths))
+
+
+def _key_id(token: str) -> str | None:
+    import jwt
+
+    try:
+        kid = jwt.get_unverified_header(token).get("kid")
+    except jwt.PyJWTError:
+        return None
+    return kid if isinstance(kid, str) else None
+
+
+def _storage_read(name: str, scope: object) -> list[str]:
+    """The path prefixes a WLCG token's ``scope`` lets it read: each ``storage.read:PATH``
+    (``storage.read:/`` everything). One without any reads nothing here."""
+    if not isinstance(scope, str):
+        raise AuthError(f"{name}: the JWT's 'scope' must be a string of space-separated scopes")
+    paths = [
+        s.removeprefix("storage.read:") for s in scope.split() if s.startswith("storage.read:")
+    ]
+    if not paths:
+        raise AuthError(
+            f"{name}: the JWT's scope grants no storage.read (it has: {scope[:200]!r})", 403
         )
+    return [p or "/" for p in paths]
 
 
 def _check_lifetime(claims: dict, limit: int) -> None:
