@@ -4,7 +4,7 @@ directory's own descriptor, never through a symlink.
 The path an event names is where the model has the entry; a plain ``lstat`` of that path would
 follow a symlink planted in place of one of the directories above it (while the agent is
 behind a rename, say) and describe a file outside the tree. So the directory is opened with
-:func:`~.watcher.open_beneath` from ``/`` along the root's real path (no symlink followed),
+:func:`~.watcher.open_path_beneath` from ``/`` along the root's real path (no symlink followed),
 and closed at once: a descriptor held on a directory would keep it alive after its removal,
 and with it the kernel's ``IN_DELETE_SELF`` and ``IN_IGNORED``, which the agent's model waits
 for.
@@ -39,14 +39,14 @@ class Stats:
 
     def __init__(
         self,
-        open_beneath: Callable[[int, list[str]], int],
+        open_beneath: Callable[[int, bytes], int],
         generation: Callable[[], int],
     ) -> None:
-        self._open_beneath = open_beneath
+        self._open_beneath = open_beneath  # (a directory fd, a relative path) → a new fd
         self._generation = generation
         self._gen = -1
         self._top = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        self._real: dict[str, list[str]] = {}  # a root → the names of its real path
+        self._real: dict[str, bytes] = {}  # a root → its real path, without the leading /
         self.errors = 0  # directories that could not be opened (the events go without facts)
 
     def of(self, root: str, rel: str, is_dir: bool) -> Facts | None:
@@ -54,17 +54,18 @@ class Stats:
         if gen != self._gen:  # (a root may have gone and come back elsewhere)
             self._real.clear()
             self._gen = gen
-        parts = self._real.get(root)
-        if parts is None:
-            parts = self._real[root] = [p for p in os.path.realpath(root).split("/") if p]
-        *above, name = [*parts, *(p for p in rel.split("/") if p)] or [""]
+        real = self._real.get(root)
+        if real is None:
+            real = self._real[root] = os.fsencode(os.path.realpath(root)).strip(b"/")
+        parent, _, name = os.fsencode(rel).rpartition(b"/")
+        where = real + b"/" + parent if parent else real
         try:
-            fd = self._open_beneath(self._top, above) if above else os.dup(self._top)
+            fd = self._open_beneath(self._top, where) if where else os.dup(self._top)
         except OSError:
             self.errors += 1
             return None
         try:
-            s = os.stat(name or ".", dir_fd=fd, follow_symlinks=False)
+            s = os.stat(name or b".", dir_fd=fd, follow_symlinks=False)
         except OSError:
             return None
         finally:

@@ -104,6 +104,22 @@ _HOW = _OpenHow(
 _openat2_works = True
 
 
+_HOW_REF, _HOW_SIZE = ctypes.byref(_HOW), ctypes.sizeof(_HOW)
+
+
+def open_path_beneath(dirfd: int, path: bytes) -> int:
+    """:func:`open_beneath` for a relative path given whole (``b"a/b/c"``): one system call
+    where the kernel has openat2 and the path is short enough for it."""
+    if _openat2_works and len(path) < _OPENAT2_CHUNK:
+        fd = _LIBC.syscall(_SYS_OPENAT2, dirfd, path, _HOW_REF, _HOW_SIZE)
+        if fd >= 0:
+            return fd
+        err = ctypes.get_errno()
+        if err not in (errno.ENOSYS, errno.EPERM):
+            raise OSError(err, os.strerror(err), os.fsdecode(path))
+    return open_beneath(dirfd, os.fsdecode(path).split("/"))
+
+
 def open_beneath(dirfd: int, parts: list[str]) -> int:
     """Open the directory ``parts`` beneath ``dirfd`` without following any symlink or leaving
     it; no limit on depth. Raises OSError."""
@@ -242,7 +258,7 @@ class Watcher:
         self.retry_interval = retry_interval
         self.tree = Tree()
         # size, mtime, mode, owner and inode of what events name (see agent/facts.py)
-        self.stats = Stats(open_beneath, lambda: self.tree.generation) if stat else None
+        self.stats = Stats(open_path_beneath, lambda: self.tree.generation) if stat else None
         # (published prefix, local path) of each root, longest prefix first: where a published
         # path is on disk
         self._places = sorted(

@@ -7,7 +7,7 @@ import os
 import stat
 
 from storage_events.agent.facts import Stats
-from storage_events.agent.watcher import open_beneath
+from storage_events.agent.watcher import open_path_beneath as open_beneath
 
 
 def test_facts_describe_the_entry_in_its_directory(tmp_path):
