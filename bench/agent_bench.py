@@ -316,7 +316,7 @@ def latency(base: Path, tool: str, rate: int = 1000, secs: float = 10) -> dict:
     time.sleep(2)
     cpu = {name: cpu_seconds(pid) - cpu0[name] for name, pid in procs.items()}
     stop(p)
-    if tool == "storage-events":
+    if tool not in ("inotifywait", "watchdog"):  # (storage-events and its variants)
         stack.close()
     lat = sorted((seen[p] - t) * 1000 for p, t in closes.items() if p in seen)
     events = 2 * len(closes)

@@ -113,25 +113,15 @@ def as_event(site: str, key: bytes, e: Entry) -> Event:
 
 def as_moving(site: str, key: bytes, e: Entry, half: Entry, cookie: int) -> Event:
     """An entry set aside by the ``IN_MOVED_FROM`` ``half``: shown as that half, at its path."""
-    path, raw = path_of(key)
-    return Event(
+    return msgspec.structs.replace(
+        as_event(site, key, e),
         id=half.id,
-        site=site,
         node=half.node,
-        path=path,
-        raw_path=raw,
         flags=["IN_MOVED_FROM"],
-        is_dir=e.is_dir,
         cookie=cookie,
         ts=half.ts,
         stream=half.stream,
         seq=half.seq,
-        size=e.size,
-        mtime=e.mtime,
-        mode=e.mode,
-        uid=e.uid,
-        gid=e.gid,
-        ino=e.ino,
     )
 
 

@@ -4,6 +4,7 @@ visitor's token may read, and paths as text."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 from browser import Browser
 from conftest import Relay, wait_for
@@ -57,5 +58,67 @@ def test_web_page_shows_the_feed_a_token_may_read(tmp_path, procs):
             "the page to report the refused feed",
         )
         assert browser.js(ROWS) == []
+    finally:
+        browser.close()
+
+
+def test_web_page_charts_pauses_and_resumes_where_it_was(tmp_path, procs):
+    """Filters kept in the URL, the chart drawn, pause and resume, and after a reload the
+    page catching up from the id it showed last. The screenshot is kept in test-artifacts/."""
+    import base64
+    import os
+    from pathlib import Path
+
+    from conftest import agents_connected, start_agent
+    from test_dcache_api import write
+
+    relay = Relay(tmp_path, procs)
+    root = tmp_path / "w"
+    (root / "a").mkdir(parents=True)
+    (root / "b").mkdir()
+    start_agent(tmp_path, procs, relay.url, root)
+    wait_for(lambda: agents_connected(relay), 10, "agent connection")
+    browser = Browser(tmp_path, procs)
+    page = f"{relay.url}/?path={root}/a&type=IN_CLOSE_WRITE"
+    try:
+        browser.goto(page)
+        wait_for(
+            lambda: browser.js("document.getElementById('status')?.textContent") == "live",
+            20,
+            "live",
+        )
+        for i in range(5):
+            write(root / "a" / f"x{i}")
+            write(root / "b" / f"y{i}")
+        wait_for(lambda: len(browser.js(ROWS) or []) == 5, 20, "five rows")
+        assert sorted(browser.js(ROWS)) == [str(root / "a" / f"x{i}") for i in range(5)]
+        assert browser.js("document.querySelector('[name=path]').value") == f"{root}/a"
+        wait_for(lambda: browser.js("window.chartPoints") > 0, 10, "the chart drawn")
+
+        browser.js("document.getElementById('pause').click()")
+        assert browser.js("document.getElementById('status').textContent") == "paused"
+        write(root / "a" / "while-paused")
+        time.sleep(1.5)
+        assert len(browser.js(ROWS)) == 5  # nothing shown while paused
+        browser.js("document.getElementById('pause').click()")
+        wait_for(lambda: len(browser.js(ROWS)) == 6, 20, "the paused event after resuming")
+        assert browser.js(ROWS)[0] == str(root / "a" / "while-paused")
+        resume = browser.js("document.getElementById('resume').textContent")
+        assert resume.startswith("resume after id ")
+
+        shot = base64.b64decode(browser.call("Page.captureScreenshot", format="png")["data"])
+        artifacts = Path(
+            os.environ.get("TEST_ARTIFACTS", Path(__file__).parent.parent / "test-artifacts")
+        )
+        artifacts.mkdir(parents=True, exist_ok=True)
+        (artifacts / "web-page.png").write_bytes(shot)
+        assert shot.startswith(b"\x89PNG") and len(shot) > 10_000
+
+        # Away, then back: only what came after the last id shown.
+        browser.goto("about:blank")
+        write(root / "a" / "while-away")
+        time.sleep(1.0)
+        browser.goto(page)
+        wait_for(lambda: browser.js(ROWS) == [str(root / "a" / "while-away")], 20, "the catch-up")
     finally:
         browser.close()

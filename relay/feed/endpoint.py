@@ -103,16 +103,20 @@ class Feed:
             )
         return who.name, who.scope
 
+    def refusal(self, e: AuthError) -> Response:
+        """A reader refused: what for, and how to log in."""
+        return PlainTextResponse(
+            f"{e}\n",
+            status_code=e.status,
+            headers={"WWW-Authenticate": self.auth.challenge if self.auth else "Bearer"},
+        )
+
     async def endpoint(self, request: Request) -> Response:
         q = request.query_params
         try:
             name, scope = self.authorize(request)
         except AuthError as e:
-            return PlainTextResponse(
-                f"{e}\n",
-                status_code=e.status,
-                headers={"WWW-Authenticate": self.auth.challenge if self.auth else "Bearer"},
-            )
+            return self.refusal(e)
         if name is not None and self._open[name] >= self.per_identity:
             return PlainTextResponse(
                 f"{name!r} already has {self.per_identity} open subscriptions\n", status_code=429

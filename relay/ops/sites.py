@@ -10,7 +10,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, Response
 
 from storage_events.relay.auth import EVERYTHING, AuthError
 from storage_events.relay.federation.pull import Puller
@@ -78,11 +78,7 @@ def sites_endpoint(
         try:
             _, scope = feed.authorize(request)
         except AuthError as e:
-            return PlainTextResponse(
-                f"{e}\n",
-                status_code=e.status,
-                headers={"WWW-Authenticate": feed.auth.challenge if feed.auth else "Bearer"},
-            )
+            return feed.refusal(e)
         # No scope: anonymous where no authentication is configured, which sees everything.
         return JSONResponse(
             summary(ingest, pullers, pushers, scope or EVERYTHING, time.time(), sink)

@@ -47,11 +47,7 @@ def state_endpoint(view: View | None, feed: Feed) -> Callable[[Request], Awaitab
         try:
             _, scope = feed.authorize(request)
         except AuthError as e:
-            return PlainTextResponse(
-                f"{e}\n",
-                status_code=e.status,
-                headers={"WWW-Authenticate": feed.auth.challenge if feed.auth else "Bearer"},
-            )
+            return feed.refusal(e)
         q = request.query_params
         try:
             path = normalize_prefix(q.get("path", "/"))
