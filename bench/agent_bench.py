@@ -217,7 +217,7 @@ def drain(base: Path, tool: str) -> dict:
             while stack.metric("events_published") < 2 * FILES:
                 time.sleep(0.02)
             end, got = time.monotonic(), int(stack.metric("events_published")) // 2
-        (stack.close() if tool == "storage-events" else stop(p))
+        (stop(p) if tool in ("inotifywait", "watchdog") else stack.close())
     return {"seconds": end - t0, "files": got, "files_per_s": got / (end - t0)}
 
 
