@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .client import FeedError, asubscribe
+from .errors import StorageEventsError
 from .wire import Event, event_json
 
 log = logging.getLogger("storage_events.exec")
@@ -149,8 +150,9 @@ class State:
         self._db.close()
 
 
-class ExecError(Exception):
-    """The runner cannot go on; the message says why and what to do."""
+class ExecError(StorageEventsError):
+    """The runner cannot go on (its state directory, the relay's refusal); the message says why
+    and what to do."""
 
 
 @dataclass

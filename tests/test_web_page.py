@@ -116,9 +116,14 @@ def test_web_page_charts_pauses_and_resumes_where_it_was(tmp_path, procs):
 
         # Away, then back: only what came after the last id shown.
         browser.goto("about:blank")
+        wait_for(lambda: browser.js("location.href") == "about:blank", 10, "the page left")
         write(root / "a" / "while-away")
         time.sleep(1.0)
         browser.goto(page)
-        wait_for(lambda: browser.js(ROWS) == [str(root / "a" / "while-away")], 20, "the catch-up")
+        wait_for(
+            lambda: browser.js(ROWS) == [str(root / "a" / "while-away")],
+            20,
+            "the catch-up",
+        )
     finally:
         browser.close()
