@@ -6,19 +6,21 @@ as a process of its own (ten at once would share one interpreter's lock otherwis
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from storage_events.client import subscribe
 from storage_events.namespace import Mirror
 
 
-def main(url: str, prefix: str, stop: str, token: str | None = None) -> None:
+def main(url: str, prefix: str, stop: str, said: str) -> None:
+    """``said``: a file to write the snapshot's id to as soon as it is known."""
     mirror = Mirror()
     snapshot = None
     states = 0
     last = 0  # id of the snapshot, then of each event after it
     out_of_order = []  # ids not after the one before: a duplicate, or a hand-over gone wrong
-    for item in subscribe(url, paths=[prefix], since="snapshot", token=token):
+    for item in subscribe(url, paths=[prefix], since="snapshot"):
         if item.type == "reset":
             mirror, states = Mirror(), 0
         elif item.type == "state":
@@ -27,6 +29,9 @@ def main(url: str, prefix: str, stop: str, token: str | None = None) -> None:
         elif item.type == "snapshot":
             snapshot = json.loads(item.data)
             last = snapshot["id"]
+            with open(said + ".part", "w") as f:
+                f.write(str(last))
+            os.rename(said + ".part", said)
         elif item.type in ("inotify", "overflow"):
             ev = item.event
             if snapshot is None or ev.id <= last:
